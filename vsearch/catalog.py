@@ -1,0 +1,253 @@
+"""The catalog: products and their images in SQLite (WAL), through sqlite-utils.
+
+The catalog is the source of truth. Each image row holds its FAISS id (the row's
+integer primary key, never reused thanks to AUTOINCREMENT) and its raw embedding,
+so the FAISS index can always be rebuilt from here without any model work. Every
+write transaction bumps ``generation``; the index manifest records the generation
+it reflects, which is how a crash between the two is detected and repaired.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+from .errors import ProductNotFoundError
+
+__all__ = ["Catalog", "Product", "ImageRow"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS products (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    category TEXT NOT NULL DEFAULT '',
+    attributes TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    product_id TEXT NOT NULL REFERENCES products(id) ON DELETE CASCADE,
+    source TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    vector BLOB,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (product_id, source)
+);
+CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Product:
+    id: str
+    title: str
+    category: str
+    attributes: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: int
+    product_id: str
+    source: str
+    sha256: str
+    width: int
+    height: int
+
+
+class Catalog:
+    """Products and images. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | Path) -> Catalog:
+        path = Path(path)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db = sqlite_utils.Database(conn)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.conn.executescript(SCHEMA)
+        return cls(db, path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic write: all of it lands, or none of it; bumps the generation."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES('generation', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @property
+    def generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    # products -----------------------------------------------------------------
+    def upsert_product(self, product_id: str, *, title: str = "", category: str = "", attributes: dict[str, Any] | None = None) -> bool:
+        """Insert or update a product; returns True when something changed."""
+        now = time.time()
+        attrs = json.dumps(attributes or {}, sort_keys=True, ensure_ascii=False)
+        current = self.db.execute("SELECT title, category, attributes FROM products WHERE id = ?", [product_id]).fetchone()
+        if current == (title, category, attrs):
+            return False
+        if current is None:
+            self.db.execute(
+                "INSERT INTO products(id, title, category, attributes, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [product_id, title, category, attrs, now, now],
+            )
+        else:
+            self.db.execute(
+                "UPDATE products SET title = ?, category = ?, attributes = ?, updated_at = ? WHERE id = ?",
+                [title, category, attrs, now, product_id],
+            )
+        return True
+
+    def product(self, product_id: str) -> Product:
+        row = self.db.execute("SELECT * FROM products WHERE id = ?", [product_id]).fetchone()
+        if row is None:
+            raise ProductNotFoundError(f"no product {product_id!r}")
+        return _product(row)
+
+    def products(self, product_ids: list[str]) -> dict[str, Product]:
+        found: dict[str, Product] = {}
+        for chunk in _chunks(product_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT * FROM products WHERE id IN ({marks})", chunk):
+                found[row[0]] = _product(row)
+        return found
+
+    def product_ids(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT id FROM products")}
+
+    def remove_products(self, product_ids: list[str]) -> list[int]:
+        """Delete products and their images; returns the removed image ids."""
+        removed: list[int] = []
+        for chunk in _chunks(product_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            removed += [r[0] for r in self.db.execute(f"SELECT id FROM images WHERE product_id IN ({marks})", chunk)]
+            self.db.execute(f"DELETE FROM images WHERE product_id IN ({marks})", chunk)
+            self.db.execute(f"DELETE FROM products WHERE id IN ({marks})", chunk)
+        return removed
+
+    # images -------------------------------------------------------------------
+    def image(self, product_id: str, source: str) -> ImageRow | None:
+        row = self.db.execute(
+            "SELECT id, product_id, source, sha256, width, height FROM images WHERE product_id = ? AND source = ?",
+            [product_id, source],
+        ).fetchone()
+        return ImageRow(*row) if row else None
+
+    def image_by_id(self, image_id: int) -> ImageRow | None:
+        row = self.db.execute("SELECT id, product_id, source, sha256, width, height FROM images WHERE id = ?", [image_id]).fetchone()
+        return ImageRow(*row) if row else None
+
+    def images_of(self, product_id: str) -> list[ImageRow]:
+        rows = self.db.execute(
+            "SELECT id, product_id, source, sha256, width, height FROM images WHERE product_id = ? ORDER BY id", [product_id]
+        )
+        return [ImageRow(*row) for row in rows]
+
+    def put_image(self, product_id: str, source: str, sha256: str, width: int, height: int, vector: np.ndarray) -> int:
+        """Insert or replace an image's content; an existing (product, source) keeps its id."""
+        now = time.time()
+        blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        existing = self.image(product_id, source)
+        if existing is None:
+            cursor = self.db.execute(
+                "INSERT INTO images(product_id, source, sha256, width, height, vector, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [product_id, source, sha256, width, height, blob, now, now],
+            )
+            return int(cursor.lastrowid or 0)
+        self.db.execute(
+            "UPDATE images SET sha256 = ?, width = ?, height = ?, vector = ?, updated_at = ? WHERE id = ?",
+            [sha256, width, height, blob, now, existing.id],
+        )
+        return existing.id
+
+    def remove_images(self, image_ids: list[int]) -> None:
+        for chunk in _chunks(image_ids, 500):
+            self.db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, raw vectors) in id order, a chunk at a time."""
+        last = -1
+        while True:
+            rows = self.db.execute(
+                "SELECT id, vector FROM images WHERE id > ? AND vector IS NOT NULL ORDER BY id LIMIT ?", [last, batch]
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            yield ids, vectors
+            last = int(ids[-1])
+
+    def image_products(self, image_ids: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for chunk in _chunks(image_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            found.update(self.db.execute(f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk).fetchall())
+        return found
+
+    def category_image_ids(self) -> dict[str, np.ndarray]:
+        """Leaf category -> sorted image ids; the basis of filtered search."""
+        groups: dict[str, list[int]] = {}
+        rows = self.db.execute("SELECT p.category, i.id FROM images i JOIN products p ON p.id = i.product_id ORDER BY i.id")
+        for category, image_id in rows:
+            groups.setdefault(category, []).append(image_id)
+        return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
+
+    def counts(self) -> dict[str, int]:
+        one = self.db.execute
+        return {
+            "products": one("SELECT count(*) FROM products").fetchone()[0],
+            "images": one("SELECT count(*) FROM images").fetchone()[0],
+            "categories": one("SELECT count(DISTINCT category) FROM products").fetchone()[0],
+        }
+
+    def category_counts(self) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT p.category, count(i.id) FROM products p LEFT JOIN images i ON i.product_id = p.id GROUP BY p.category"
+        )
+        return dict(rows.fetchall())
+
+
+def _product(row: tuple[Any, ...]) -> Product:
+    return Product(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+
+def _chunks(values: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]

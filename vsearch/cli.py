@@ -1,0 +1,199 @@
+"""The ``vsearch`` command: parse arguments, call one library function, print.
+
+User errors print one line and exit 1; usage errors exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import VsearchError
+from .settings import settings
+
+__all__ = ["main", "build_parser"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .malloc import tune_malloc
+
+    tune_malloc()  # before torch allocates anything; see vsearch/malloc.py
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except VsearchError as exc:
+        print(f"vsearch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vsearch: interrupted; committed work is kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = settings()
+    parser = argparse.ArgumentParser(prog="vsearch", description="Visual similarity search for product catalogs.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("ingest", _ingest, "Add a folder or CSV/JSONL manifest of product images to an index (incremental).")
+    p.add_argument("source", help="folder (category = sub-folder) or manifest with columns id,image,category,title")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--model", default=env.model, help="model for a new index (default: efficientnet-lite2); see `vsearch models`")
+    p.add_argument("--layers", nargs="+", help="intermediate layers to pool (e.g. stage3 head)")
+    p.add_argument("--pooling", choices=["mean", "gem"], help="how each layer's map is pooled")
+    p.add_argument("--gem-p", type=float, help="GeM exponent")
+    p.add_argument("--pca", type=int, metavar="DIM", help="PCA-reduce vectors to DIM dimensions (new index only)")
+    p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
+    p.add_argument("--center-on", metavar="SOURCE", help="folder/manifest of unlabelled shopper photos to centre on")
+    p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
+    p.add_argument("--prune", action="store_true", help="remove products and images the source no longer lists")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    p = command("search", _search, "Find the catalog products most similar to an image.")
+    p.add_argument("image", help="image path or http(s) URL")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--category", action="append", help="only this category or its sub-categories (repeatable)")
+    p.add_argument("--exclude-category", action="append", help="never this category (repeatable)")
+    p.add_argument("--no-group", action="store_true", help="list images, not products (a product may repeat)")
+    p.add_argument("--device", default=env.device)
+    p.add_argument("--json", action="store_true")
+
+    p = command("info", _info, "Describe an index: counts, model, layers, dimension, faiss factory.")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--json", action="store_true")
+
+    p = command("eval", _eval, "Score retrieval: build a temporary index of a gallery and search it with queries.")
+    p.add_argument("--gallery", required=True, type=Path, help="CSV with columns id,image[,category]")
+    p.add_argument("--queries", required=True, type=Path, help="CSV with columns image[,expected_id][,category]")
+    p.add_argument("--model", default=env.model or "efficientnet-lite2")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--center-on", help="folder/CSV of unlabelled in-domain photos, or 'queries'")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--json", action="store_true")
+
+    p = command("models", _models, "List the built-in models and their layers.")
+    p.add_argument("--json", action="store_true")
+
+    p = command("demo", _demo, "Build a demo index from a product-image folder.")
+    p.add_argument("--data", default=env.demo_data, help="data folder, e.g. ../shared/datasets/grocery-store")
+    _index_arg(p, "indexes/demo")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _index_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--index", default=default, type=Path, help=f"index directory (default: {default}; env VSEARCH_INDEX)")
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from .config import IndexConfig, ProjectionConfig, resolve_model
+    from .engine import DEFAULT_MODEL, Engine
+
+    model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
+    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca)
+    with Engine.open(args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device) as engine:
+        report = engine.ingest(
+            args.source, prune=args.prune, center_on=args.center_on, batch_size=args.batch_size, workers=args.workers, quiet=args.quiet
+        )
+        info = engine.info()
+    if args.json:
+        _print_json({**report.to_dict(), "index": info})
+        return 0
+    print(
+        f"{report.items} items: {report.embedded} embedded, {report.unchanged} unchanged, "
+        f"{len(report.rejected)} rejected, {report.removed_products} products removed "
+        f"({report.images_per_s:.1f} images/s)"
+    )
+    for reject in report.rejected[:20]:
+        print(f"  rejected {reject.source}: {reject.reason}")
+    if len(report.rejected) > 20:
+        print(f"  ... {len(report.rejected) - 20} more in {args.index / 'rejects.jsonl'}")
+    print(f"index {args.index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    with Engine.open(args.index, device=args.device) as engine:
+        hits = engine.search(
+            args.image, k=args.k, categories=args.category, exclude_categories=args.exclude_category, group_by_product=not args.no_group
+        )
+    if args.json:
+        _print_json({"results": [h.to_dict() for h in hits]})
+        return 0
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    with Engine.open(args.index) as engine:
+        info = engine.info()
+    if args.json:
+        _print_json(info)
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    metrics = evaluate(args.gallery, args.queries, model=args.model, k=args.k, center_on=args.center_on, workers=args.workers)
+    if args.json:
+        _print_json(metrics)
+        return 0
+    for key, value in metrics.items():
+        print(f"{key:<22} {'-' if value is None else value}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .config import preset, preset_names
+
+    configs = [preset(n).to_dict() for n in preset_names()]
+    if args.json:
+        _print_json(configs)
+        return 0
+    for c in configs:
+        print(f"{c['name']:<20} {c['arch']:<24} {c['image_size']}px  layers={','.join(c['layers'])}  pooling={c['pooling']}")
+    print("any open_clip model as MODEL:PRETRAINED, e.g. ViT-B-32:laion2b_s34b_b79k (downloads on first use)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import build_demo
+
+    build_demo(args.data, args.index, quiet=args.quiet)
+    return 0
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"vsearch {__version__}"

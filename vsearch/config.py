@@ -1,0 +1,115 @@
+"""Configuration as data: small frozen dataclasses saved as JSON beside the
+artefacts they describe. Built-in model presets live in ``model_configs/*.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "ProjectionConfig", "IndexConfig", "preset", "preset_names", "resolve_model"]
+
+POOLINGS = ("mean", "gem")
+RESIZE_MODES = ("pad", "crop", "squash")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone, which layers, how they are pooled and how images are prepared.
+
+    ``name`` is a built-in preset (``efficientnet-lite0``), ``MODEL:PRETRAINED`` for any
+    open_clip model (``ViT-B-32:laion2b_s34b_b79k``), or ``MODEL:/path/to/checkpoint.pt``.
+    """
+
+    name: str
+    family: str  # "timm-efficientnet-lite" | "open_clip"
+    arch: str  # timm architecture or open_clip model name
+    pretrained: str = ""  # open_clip pretrained tag or checkpoint path; "" for random weights
+    layers: tuple[str, ...] = ("head",)
+    pooling: str = "mean"
+    gem_p: float = 3.0
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resize: str = "pad"
+    query_tta: bool = True  # average the full image and a 0.8 centre crop for queries
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
+        if not self.layers:
+            raise ConfigError("at least one layer is needed")
+        if self.gem_p <= 0:
+            raise ConfigError("gem_p must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**coerced)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """Post-processing after pooling: centre on a fitted mean, then optionally PCA."""
+
+    center: bool = True
+    pca_dim: int | None = None  # None keeps the full dimension
+    whiten: bool = False
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the FAISS index is built. ``factory`` None means chosen by catalog size."""
+
+    factory: str | None = None
+    nprobe: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("vsearch").joinpath("model_configs").iterdir()
+    return sorted(p.name.removesuffix(".json") for p in files if p.name.endswith(".json"))
+
+
+def preset(name: str) -> ModelConfig:
+    path = resources.files("vsearch").joinpath("model_configs").joinpath(f"{name}.json")
+    if not path.is_file():
+        raise ConfigError(f"unknown model {name!r}; built-in models: {', '.join(preset_names())}")
+    data = json.loads(path.read_text())
+    return ModelConfig.from_dict({"name": name, **data})
+
+
+def resolve_model(name: str, **overrides: Any) -> ModelConfig:
+    """Turn a model name from the user into a full config.
+
+    ``MODEL:PRETRAINED`` selects an open_clip model; anything else must be a preset.
+    """
+    if ":" in name and name.split(":", 1)[0] not in preset_names():
+        arch, pretrained = name.split(":", 1)
+        config = ModelConfig(
+            name=name,
+            family="open_clip",
+            arch=arch,
+            pretrained=pretrained,
+            layers=("embed",),
+            mean=(0.48145466, 0.4578275, 0.40821073),
+            std=(0.26862954, 0.26130258, 0.27577711),
+        )
+    else:
+        config = preset(name)
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    if "layers" in clean and isinstance(clean["layers"], list):
+        clean["layers"] = tuple(clean["layers"])
+    return replace(config, **clean) if clean else config

@@ -1,0 +1,77 @@
+"""The demo: build an index from a local product-image folder.
+
+The Grocery Store Dataset (MIT; github.com/marcusklasson/GroceryStoreDataset) is
+recognised and turned into a catalog of its 81 products (iconic images, with their
+category paths), centred on a sample of its unlabelled in-store photos. Any other
+folder is ingested as a folder catalog.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .engine import Engine
+from .errors import ConfigError
+
+__all__ = ["build_demo", "find_demo_data"]
+
+CANDIDATES = ("../shared/datasets/grocery-store", "shared/datasets/grocery-store")
+CENTER_SAMPLE = 400
+
+
+def find_demo_data(data: str | None) -> Path:
+    if data:
+        path = Path(data)
+        if not path.is_dir():
+            raise ConfigError(f"demo data folder {path} does not exist")
+        return path
+    for candidate in CANDIDATES:
+        if Path(candidate).is_dir():
+            return Path(candidate)
+    raise ConfigError(
+        "no demo data: pass --data FOLDER (e.g. --data ../shared/datasets/grocery-store, a clone of "
+        "github.com/marcusklasson/GroceryStoreDataset) or set VSEARCH_DEMO_DATA"
+    )
+
+
+def build_demo(data: str | None, index_dir: Path, *, quiet: bool = False) -> Engine:
+    """Build (or bring up to date) the demo index and return it open."""
+    root = find_demo_data(data)
+    grocery = root / "dataset" / "classes.csv"
+    index_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine.open(index_dir, create=True)
+    try:
+        if grocery.exists():
+            catalog, photos = _grocery_manifests(root / "dataset", index_dir)
+            report = engine.ingest(catalog, quiet=quiet, center_on=photos if not engine.manifest.projection_fitted else None)
+        else:
+            report = engine.ingest(root, quiet=quiet)
+    except BaseException:
+        engine.close()
+        raise
+    info = engine.info()
+    print(f"demo index {index_dir}: {info['products']} products, {info['vectors']} vectors ({report.embedded} embedded now)")
+    return engine
+
+
+def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
+    catalog = out / "demo-catalog.csv"
+    photos = out / "demo-center-photos.csv"
+    with open(dataset / "classes.csv", newline="") as fh, open(catalog, "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["id", "image", "category", "title", "coarse_class"])
+        for row in csv.reader(fh):
+            if row[0].startswith("Class Name"):
+                continue
+            name, _, coarse, _, iconic = row[:5]
+            category = "/".join(Path(iconic).parts[2:-2])  # iconic/<Fruit/Apple>/<product>/file.jpg
+            writer.writerow([name, str(dataset) + iconic, category, name.replace("-", " "), coarse])
+    lines = (dataset / "train.txt").read_text().splitlines()
+    step = max(1, len(lines) // CENTER_SAMPLE)
+    with open(photos, "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["id", "image"])
+        for n, line in enumerate(lines[::step]):
+            writer.writerow([f"photo{n}", str(dataset / line.split(",")[0].strip())])
+    return catalog, photos

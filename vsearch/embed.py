@@ -1,0 +1,205 @@
+"""The embedding extractor: images in, float32 L2-normalised vectors out.
+
+A vector is the concatenation of the configured intermediate layers, each pooled
+(mean or GeM) and L2-normalised. Centring/PCA is applied later by
+:class:`vsearch.projection.Projection`, fitted on data and saved with the index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbones import Backbone, build_backbone
+from .config import ModelConfig
+from .errors import ImageError
+from .images import DEFAULT_MAX_PIXELS, decode_image, read_source, sha256_bytes
+from .malloc import tune_malloc
+
+__all__ = ["Embedder", "Preprocess", "LoadedImage", "load_images", "pick_device"]
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Preprocess:
+    """PIL RGB image -> normalised CHW float tensor of the model's input size."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.size = config.image_size
+        self.resize = config.resize
+        self.mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.size
+        if self.resize == "pad":
+            # Catalog shots sit on white; padding keeps the whole product and its shape.
+            side = max(image.size)
+            canvas = Image.new("RGB", (side, side), (255, 255, 255))
+            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = canvas.resize((size, size), Image.Resampling.BICUBIC)
+        elif self.resize == "crop":
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        array = np.array(image, dtype=np.float32)  # a writable copy
+        tensor = torch.from_numpy(array).permute(2, 0, 1).div_(255.0)
+        return (tensor - self.mean) / self.std
+
+
+def center_crop(image: Image.Image, fraction: float) -> Image.Image:
+    w, h = image.size
+    cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch))
+
+
+class Embedder:
+    """Runs a backbone and turns its intermediate layers into one vector per image."""
+
+    def __init__(self, config: ModelConfig, device: str | None = None) -> None:
+        tune_malloc()
+        self.config = config
+        self.device = pick_device(device)
+        self.backbone: Backbone = build_backbone(config).to(self.device)
+        self.preprocess = Preprocess(config)
+        self._dim: int | None = None
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            probe = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
+            self._dim = int(self.embed_tensor(probe).shape[1])
+        return self._dim
+
+    @property
+    def has_text(self) -> bool:
+        return self.backbone.has_text
+
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed NCHW batch; returns (n, dim) float32, rows L2-normalised."""
+        with torch.inference_mode(), self._autocast():
+            maps = self.backbone(batch.to(self.device, non_blocking=True), self.config.layers)
+            parts = [F.normalize(self._pool(m.float()), dim=1) for m in maps]
+            vectors = F.normalize(torch.cat(parts, dim=1), dim=1)
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: list[Image.Image], *, tta: bool = False) -> np.ndarray:
+        """Embed RGB images; ``tta`` averages each with its 0.8 centre crop (queries)."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = torch.stack([self.preprocess(im) for im in images])
+        vectors = self.embed_tensor(batch)
+        if tta:
+            crops = torch.stack([self.preprocess(center_crop(im, 0.8)) for im in images])
+            vectors = vectors + self.embed_tensor(crops)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            vectors = F.normalize(self.backbone.encode_text(texts).float(), dim=1)
+        return vectors.cpu().numpy()
+
+    def _pool(self, feature: torch.Tensor) -> torch.Tensor:
+        if feature.ndim == 2:
+            return feature
+        if self.config.pooling == "gem":
+            p = self.config.gem_p
+            return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        return feature.mean(dim=(2, 3))
+
+    def _autocast(self) -> torch.autocast:
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class LoadedImage:
+    """One source after reading and decoding: a tensor ready for the model, or an error."""
+
+    key: object
+    source: str
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    tensor: torch.Tensor | None = None
+    error: str = ""
+
+
+class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
+    def __init__(self, items: list[tuple[object, str]], preprocess: Preprocess, max_pixels: int) -> None:
+        self.items = items
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> LoadedImage:
+        key, source = self.items[i]
+        loaded = LoadedImage(key=key, source=source)
+        try:
+            data = read_source(source)
+            loaded.sha256 = sha256_bytes(data)
+            image = decode_image(data, source, max_pixels=self.max_pixels)
+            loaded.width, loaded.height = image.size
+            loaded.tensor = self.preprocess(image)
+        except ImageError as exc:
+            loaded.error = exc.reason
+        return loaded
+
+
+def _collate(batch: list[LoadedImage]) -> list[LoadedImage]:
+    return batch
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def load_images(
+    items: Iterable[tuple[object, str]],
+    preprocess: Preprocess,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[list[LoadedImage]]:
+    """Read, hash, decode and preprocess sources in worker processes, a batch at a time.
+
+    Workers run ahead of the caller (prefetch), so decoding overlaps the model forward.
+    """
+    dataset = _SourceDataset(list(items), preprocess, max_pixels)
+    if len(dataset) == 0:
+        return
+    n_workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=n_workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if n_workers > 0 else None,
+        persistent_workers=False,
+    )
+    yield from loader

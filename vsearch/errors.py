@@ -1,0 +1,57 @@
+"""The exceptions vsearch raises. Callers catch :class:`VsearchError`; the CLI and
+API translate subclasses into exit codes and HTTP statuses at the edge."""
+
+from __future__ import annotations
+
+__all__ = [
+    "VsearchError",
+    "ConfigError",
+    "ModelError",
+    "ImageError",
+    "ManifestError",
+    "IndexNotFoundError",
+    "IndexFormatError",
+    "ProductNotFoundError",
+    "FilterError",
+]
+
+
+class VsearchError(Exception):
+    """Base class of every error vsearch raises on purpose."""
+
+
+class ConfigError(VsearchError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class ModelError(VsearchError):
+    """A model name cannot be resolved or its weights cannot be loaded."""
+
+
+class ImageError(VsearchError):
+    """An image cannot be read, decoded, or is too large."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class ManifestError(VsearchError):
+    """A CSV/JSONL manifest is malformed; the message names the line."""
+
+
+class IndexNotFoundError(VsearchError):
+    """No index directory exists where one was expected."""
+
+
+class IndexFormatError(VsearchError):
+    """An index directory was written by an incompatible vsearch version or model."""
+
+
+class ProductNotFoundError(VsearchError):
+    """A product id is not in the catalog."""
+
+
+class FilterError(VsearchError):
+    """A category filter matches nothing or is malformed."""

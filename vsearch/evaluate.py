@@ -1,0 +1,158 @@
+"""Retrieval evaluation through exactly the production ingest and search code.
+
+Gallery CSV: ``id,image[,category]``. Queries CSV: ``image[,expected_id][,category]``.
+Recall@k counts a query whose ``expected_id`` is among the top-k products; mAP@10
+treats ``expected_id`` as the one relevant product, or, for queries with only a
+category, every gallery product of that category; category precision@10 is the
+share of the top 10 products in the query's category.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .engine import Engine, Hit
+from .errors import ImageError, ManifestError
+from .images import decode_image, read_source
+from .sources import read_manifest
+
+__all__ = ["Query", "read_queries", "evaluate", "score"]
+
+
+@dataclass(frozen=True)
+class Query:
+    image: str
+    expected_id: str = ""
+    category: str = ""
+
+
+def read_queries(path: Path) -> list[Query]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "image" not in reader.fieldnames:
+            raise ManifestError(f"{path}:1: missing column image (found: {', '.join(reader.fieldnames or [])})")
+        queries = []
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise ManifestError(f"{path}:{reader.line_num}: wrong number of fields")
+            image = row["image"].strip()
+            if not image:
+                raise ManifestError(f"{path}:{reader.line_num}: empty image")
+            if "://" not in image:
+                image = str((path.parent / image).resolve())
+            queries.append(Query(image, (row.get("expected_id") or "").strip(), (row.get("category") or "").strip()))
+    return queries
+
+
+def score(queries: list[Query], results: list[list[Hit]], gallery_per_category: dict[str, int], k: int = 10) -> dict[str, Any]:
+    """The metrics for ranked product lists, one list per query."""
+    recall = {n: [] for n in (1, 5, 10)}  # type: dict[int, list[float]]
+    ap, cat_precision = [], []
+    for query, hits in zip(queries, results):
+        ranked = [h.product_id for h in hits]
+        if query.expected_id:
+            for n in recall:
+                recall[n].append(float(query.expected_id in ranked[:n]))
+            relevant = [h.product_id == query.expected_id for h in hits[:10]]
+            n_relevant = 1
+        elif query.category:
+            relevant = [_in_category(h.category, query.category) for h in hits[:10]]
+            n_relevant = sum(n for c, n in gallery_per_category.items() if _in_category(c, query.category))
+        else:
+            continue
+        ap.append(_average_precision(relevant, min(n_relevant, 10)))
+        if query.category:
+            top = hits[:10]
+            cat_precision.append(sum(_in_category(h.category, query.category) for h in top) / 10)
+    return {
+        "recall@1": _mean(recall[1]),
+        "recall@5": _mean(recall[5]),
+        "recall@10": _mean(recall[10]),
+        "map@10": _mean(ap),
+        "category_precision@10": _mean(cat_precision),
+        "n_queries": len(queries),
+    }
+
+
+def evaluate(
+    gallery: Path,
+    queries_csv: Path,
+    *,
+    model: str,
+    k: int = 10,
+    center_on: str | None = None,
+    workers: int | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Build a temporary index of ``gallery`` and score ``queries_csv`` against it.
+
+    ``center_on`` is a folder/CSV of unlabelled in-domain photos to centre on, or the
+    word ``queries`` to centre on the query images themselves (transductive).
+    """
+    items = read_manifest(gallery)
+    queries = read_queries(queries_csv)
+    with tempfile.TemporaryDirectory(prefix="vsearch-eval-") as tmp:
+        center_path = None
+        if center_on == "queries":
+            center_path = Path(tmp) / "center.csv"
+            center_path.write_text("id,image\n" + "".join(f"q{i},{q.image}\n" for i, q in enumerate(queries)))
+        elif center_on:
+            center_path = Path(center_on)
+        with Engine.open(Path(tmp) / "index", model=model, create=True) as engine:
+            engine.ingest(items, center_on=center_path, workers=workers, quiet=quiet)
+            per_category: dict[str, int] = engine.catalog.category_counts()
+            start = time.perf_counter()
+            results = search_all(engine, queries, k=max(k, 10))
+            elapsed = time.perf_counter() - start
+    metrics = score(queries, results, per_category, k)
+    metrics["images_per_s"] = round(len(queries) / elapsed, 2) if elapsed > 0 else 0.0
+    return metrics
+
+
+def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32) -> list[list[Hit]]:
+    """Decode in threads (PIL releases the GIL), embed and search a batch at a time."""
+    results: list[list[Hit]] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(queries), batch):
+            chunk = queries[start : start + batch]
+            images = list(pool.map(_load, [q.image for q in chunk]))
+            ok = [i for i, im in enumerate(images) if im is not None]
+            found: list[list[Hit]] = [[] for _ in chunk]
+            if ok:
+                raw = engine.embed_queries([images[i] for i in ok])
+                for i, hits in zip(ok, engine.search_vectors(raw, k=k)):
+                    found[i] = hits
+            results.extend(found)
+    return results
+
+
+def _load(source: str) -> Any:
+    try:
+        return decode_image(read_source(source), source)
+    except ImageError:
+        return None  # counted as a miss: an unreadable query retrieves nothing
+
+
+def _average_precision(relevant: list[bool], n_relevant: int) -> float:
+    if n_relevant == 0:
+        return 0.0
+    hits, total = 0, 0.0
+    for rank, rel in enumerate(relevant, start=1):
+        if rel:
+            hits += 1
+            total += hits / rank
+    return total / n_relevant
+
+
+def _in_category(category: str, wanted: str) -> bool:
+    return category == wanted or category.startswith(wanted + "/")
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None

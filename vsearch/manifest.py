@@ -1,0 +1,97 @@
+"""The index directory and its manifest: a folder that explains itself.
+
+    DIR/manifest.json   format version, model config, layers, pooling, projection,
+                        dimension, faiss factory, counts, catalog generation
+    DIR/catalog.db      products and images (SQLite), raw vectors included
+    DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
+    DIR/projection.npz  fitted centring/PCA
+    DIR/rejects.jsonl   what the last ingestion could not use, and why
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import IndexConfig, ModelConfig, ProjectionConfig
+from .errors import IndexFormatError, IndexNotFoundError
+from .fsutil import atomic_write_bytes
+
+__all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexPaths:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.db"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.faiss"
+
+    @property
+    def projection(self) -> Path:
+        return self.root / "projection.npz"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "rejects.jsonl"
+
+
+@dataclass
+class IndexManifest:
+    model: ModelConfig
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    raw_dim: int = 0
+    dim: int = 0
+    factory: str = ""
+    projection_fitted: bool = False
+    catalog_generation: int = -1
+    counts: dict[str, int] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    vsearch_version: str = ""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
+
+    def save(self, paths: IndexPaths) -> None:
+        from . import __version__
+
+        self.vsearch_version = __version__
+        self.updated_at = time.time()
+        atomic_write_bytes(paths.manifest, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, paths: IndexPaths) -> IndexManifest:
+        if not paths.manifest.exists():
+            raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
+        try:
+            data = json.loads(paths.manifest.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IndexFormatError(f"{paths.manifest}: unreadable manifest: {exc}") from exc
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{paths.root} has index format {version}, this vsearch reads format {FORMAT_VERSION}; rebuild the index"
+            )
+        data["model"] = ModelConfig.from_dict(data["model"])
+        data["projection"] = ProjectionConfig(**data["projection"])
+        data["index"] = IndexConfig(**data["index"])
+        return cls(**data)

@@ -1,0 +1,89 @@
+"""Post-processing fitted on data: centre on a mean, optionally PCA-reduce, renormalise.
+
+Centring on the mean of in-domain photos (e.g. unlabelled shopper photos) removes
+the direction every photo shares and was worth ~+5 points Recall@1 on the grocery
+benchmark; full whitening hurt, so it is off by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ProjectionConfig
+from .errors import ConfigError
+from .fsutil import atomic_write
+
+__all__ = ["Projection", "l2_normalize"]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class Projection:
+    """x -> normalize((x - mean) @ components.T), components optional."""
+
+    mean: np.ndarray | None = None
+    components: np.ndarray | None = None  # (out_dim, in_dim)
+    fitted_on: int = 0
+
+    @classmethod
+    def fit(cls, x: np.ndarray, config: ProjectionConfig) -> Projection:
+        if len(x) == 0:
+            return cls()
+        x = np.asarray(x, dtype=np.float64)
+        mean = x.mean(axis=0) if config.center else np.zeros(x.shape[1])
+        components = None
+        if config.pca_dim is not None and config.pca_dim < x.shape[1]:
+            if len(x) <= config.pca_dim:
+                raise ConfigError(f"PCA to {config.pca_dim} dims needs more than {config.pca_dim} vectors, got {len(x)}")
+            _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+            components = vt[: config.pca_dim]
+            if config.whiten:
+                components = components / (s[: config.pca_dim, None] / np.sqrt(len(x)) + 1e-6)
+        return cls(
+            mean=mean.astype(np.float32) if config.center else None,
+            components=None if components is None else components.astype(np.float32),
+            fitted_on=len(x),
+        )
+
+    def out_dim(self, in_dim: int) -> int:
+        return in_dim if self.components is None else int(self.components.shape[0])
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.mean is not None:
+            x = x - self.mean
+        if self.components is not None:
+            x = x @ self.components.T
+        return l2_normalize(x)
+
+    def save(self, path: Path) -> None:
+        arrays = {"fitted_on": np.array(self.fitted_on)}
+        if self.mean is not None:
+            arrays["mean"] = self.mean
+        if self.components is not None:
+            arrays["components"] = self.components
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: Path) -> Projection:
+        if not path.exists():
+            return cls()
+        with np.load(path) as data:
+            return cls(
+                mean=data["mean"] if "mean" in data else None,
+                components=data["components"] if "components" in data else None,
+                fitted_on=int(data["fitted_on"]),
+            )

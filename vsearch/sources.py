@@ -1,0 +1,137 @@
+"""Catalog sources: a folder of images, or a CSV / JSONL manifest.
+
+Everything is parsed and validated before any model work starts, so a malformed
+manifest fails fast with the line it is on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError
+from .images import is_url
+
+__all__ = ["Item", "read_source_items", "read_folder", "read_manifest", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+REQUIRED = ("id", "image")
+KNOWN = ("id", "image", "category", "title")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One (product, image) pair to ingest."""
+
+    product_id: str
+    image: str  # absolute local path or http(s) URL
+    category: str = ""
+    title: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def read_source_items(source: str | os.PathLike[str]) -> list[Item]:
+    """Items from a folder, ``.csv`` or ``.jsonl`` manifest."""
+    path = Path(source)
+    if path.is_dir():
+        return read_folder(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such file or folder")
+    return read_manifest(path)
+
+
+def read_folder(root: Path) -> list[Item]:
+    """Category = sub-folder path, product id = relative path without extension."""
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            full = Path(dirpath) / name
+            rel = full.relative_to(root)
+            category = rel.parent.as_posix() if rel.parent != Path(".") else ""
+            items.append(Item(product_id=rel.with_suffix("").as_posix(), image=str(full.resolve()), category=category, title=rel.stem))
+    return items
+
+
+def read_manifest(path: Path) -> list[Item]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(path)
+    elif suffix in (".jsonl", ".ndjson"):
+        rows = _jsonl_rows(path)
+    else:
+        raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use a folder, .csv or .jsonl)")
+    return [_item(path, line, row) for line, row in rows]
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ManifestError(f"{path}: empty manifest (expected a header with columns {', '.join(KNOWN)})") from None
+        except csv.Error as exc:
+            raise ManifestError(f"{path}:1: malformed CSV header: {exc}") from exc
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)} (found: {', '.join(header)})")
+        rows = []
+        try:
+            for values in reader:
+                line = reader.line_num
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if len(values) != len(header):
+                    raise ManifestError(f"{path}:{line}: expected {len(header)} fields, found {len(values)}")
+                rows.append((line, dict(zip(header, values))))
+        except csv.Error as exc:
+            raise ManifestError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from exc
+    return rows
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{path}:{line}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}:{line}: expected a JSON object")
+            missing = [c for c in REQUIRED if c not in row]
+            if missing:
+                raise ManifestError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
+            rows.append((line, row))
+    return rows
+
+
+def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
+    product_id = str(row["id"]).strip()
+    image = str(row["image"]).strip()
+    if not product_id:
+        raise ManifestError(f"{path}:{line}: empty id")
+    if not image:
+        raise ManifestError(f"{path}:{line}: empty image")
+    if not is_url(image):
+        if "://" in image:
+            raise ManifestError(f"{path}:{line}: only local paths and http(s) URLs are supported, not {image!r}")
+        image = str((path.parent / image).resolve())
+    attributes = {k: v for k, v in row.items() if k not in KNOWN}
+    return Item(
+        product_id=product_id,
+        image=image,
+        category=str(row.get("category") or "").strip().strip("/"),
+        title=str(row.get("title") or "").strip(),
+        attributes=attributes,
+    )
