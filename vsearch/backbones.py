@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -60,7 +62,8 @@ class EfficientNetLite(torch.nn.Module):
         super().__init__()
         import timm
 
-        self.model = timm.create_model(config.arch, pretrained=False)
+        with _seeded():  # random-weight configs must give the same model in every process
+            self.model: Any = timm.create_model(config.arch, pretrained=False)
         if config.pretrained:
             self.model.load_state_dict(lukemelas_to_timm(_load_wheel_weights(config.pretrained), self.model))
         self.model.eval()
@@ -96,7 +99,8 @@ class OpenClipImage(torch.nn.Module):
         if pretrained in ("random", "none"):
             pretrained = None
         try:
-            self.model = open_clip.create_model(config.arch, pretrained=pretrained)
+            with _seeded():
+                self.model: Any = open_clip.create_model(config.arch, pretrained=pretrained)
         except RuntimeError as exc:  # open_clip raises RuntimeError for unknown models/tags
             raise ModelError(f"cannot load open_clip model {config.name!r}: {exc}") from exc
         self.model.eval()
@@ -123,11 +127,18 @@ def build_backbone(config: ModelConfig) -> Backbone:
     families = {"timm-efficientnet-lite": EfficientNetLite, "open_clip": OpenClipImage}
     if config.family not in families:
         raise ModelError(f"unknown model family {config.family!r}")
-    backbone = families[config.family](config)
+    backbone: Any = families[config.family](config)
     unknown = [name for name in config.layers if name not in backbone.layer_names]
     if unknown:
         raise ModelError(f"{config.name} has no layer(s) {unknown}; available: {', '.join(backbone.layer_names)}")
     return backbone  # type: ignore[return-value]
+
+
+@contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _load_wheel_weights(package: str) -> dict[str, torch.Tensor]:

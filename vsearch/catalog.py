@@ -114,7 +114,9 @@ class Catalog:
         return int(row[0]) if row else 0
 
     # products -----------------------------------------------------------------
-    def upsert_product(self, product_id: str, *, title: str = "", category: str = "", attributes: dict[str, Any] | None = None) -> bool:
+    def upsert_product(
+        self, product_id: str, *, title: str = "", category: str = "", attributes: dict[str, Any] | None = None
+    ) -> bool:
         """Insert or update a product; returns True when something changed."""
         now = time.time()
         attrs = json.dumps(attributes or {}, sort_keys=True, ensure_ascii=False)
@@ -169,7 +171,9 @@ class Catalog:
         return ImageRow(*row) if row else None
 
     def image_by_id(self, image_id: int) -> ImageRow | None:
-        row = self.db.execute("SELECT id, product_id, source, sha256, width, height FROM images WHERE id = ?", [image_id]).fetchone()
+        row = self.db.execute(
+            "SELECT id, product_id, source, sha256, width, height FROM images WHERE id = ?", [image_id]
+        ).fetchone()
         return ImageRow(*row) if row else None
 
     def images_of(self, product_id: str) -> list[ImageRow]:

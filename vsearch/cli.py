@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _index_arg(p, env.index_dir)
     p.add_argument("--model", default=env.model, help="model for a new index (default: efficientnet-lite2); see `vsearch models`")
     p.add_argument("--layers", nargs="+", help="intermediate layers to pool (e.g. stage3 head)")
-    p.add_argument("--pooling", choices=["mean", "gem"], help="how each layer's map is pooled")
+    p.add_argument(
+        "--pooling", nargs="+", choices=["mean", "gem"], help="how the layers' maps are pooled: one for all, or one per layer"
+    )
     p.add_argument("--gem-p", type=float, help="GeM exponent")
     p.add_argument("--pca", type=int, metavar="DIM", help="PCA-reduce vectors to DIM dimensions (new index only)")
     p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
@@ -107,9 +109,16 @@ def _ingest(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
     projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca)
-    with Engine.open(args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device) as engine:
+    with Engine.open(
+        args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device
+    ) as engine:
         report = engine.ingest(
-            args.source, prune=args.prune, center_on=args.center_on, batch_size=args.batch_size, workers=args.workers, quiet=args.quiet
+            args.source,
+            prune=args.prune,
+            center_on=args.center_on,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            quiet=args.quiet,
         )
         info = engine.info()
     if args.json:
@@ -133,7 +142,11 @@ def _search(args: argparse.Namespace) -> int:
 
     with Engine.open(args.index, device=args.device) as engine:
         hits = engine.search(
-            args.image, k=args.k, categories=args.category, exclude_categories=args.exclude_category, group_by_product=not args.no_group
+            args.image,
+            k=args.k,
+            categories=args.category,
+            exclude_categories=args.exclude_category,
+            group_by_product=not args.no_group,
         )
     if args.json:
         _print_json({"results": [h.to_dict() for h in hits]})
@@ -177,7 +190,8 @@ def _models(args: argparse.Namespace) -> int:
         _print_json(configs)
         return 0
     for c in configs:
-        print(f"{c['name']:<20} {c['arch']:<24} {c['image_size']}px  layers={','.join(c['layers'])}  pooling={c['pooling']}")
+        pooling = c["pooling"] if isinstance(c["pooling"], str) else ",".join(c["pooling"])
+        print(f"{c['name']:<20} {c['arch']:<24} {c['image_size']}px  layers={','.join(c['layers'])}  pooling={pooling}")
     print("any open_clip model as MODEL:PRETRAINED, e.g. ViT-B-32:laion2b_s34b_b79k (downloads on first use)")
     return 0
 

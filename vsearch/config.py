@@ -29,7 +29,7 @@ class ModelConfig:
     arch: str  # timm architecture or open_clip model name
     pretrained: str = ""  # open_clip pretrained tag or checkpoint path; "" for random weights
     layers: tuple[str, ...] = ("head",)
-    pooling: str = "mean"
+    pooling: str | tuple[str, ...] = "mean"  # one for all layers, or one per layer
     gem_p: float = 3.0
     image_size: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -38,14 +38,24 @@ class ModelConfig:
     query_tta: bool = True  # average the full image and a 0.8 centre crop for queries
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        for pooling in self.poolings:
+            if pooling not in POOLINGS:
+                raise ConfigError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+        if not isinstance(self.pooling, str) and len(self.pooling) != len(self.layers):
+            raise ConfigError(f"{len(self.layers)} layers need {len(self.layers)} poolings, got {len(self.pooling)}")
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize must be one of {RESIZE_MODES}, not {self.resize!r}")
         if not self.layers:
             raise ConfigError("at least one layer is needed")
         if self.gem_p <= 0:
             raise ConfigError("gem_p must be positive")
+
+    @property
+    def poolings(self) -> tuple[str, ...]:
+        """The pooling of each layer, in layer order."""
+        if isinstance(self.pooling, str):
+            return (self.pooling,) * len(self.layers)
+        return tuple(self.pooling)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +66,7 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        coerced = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        coerced: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**coerced)
 
 
@@ -110,6 +120,11 @@ def resolve_model(name: str, **overrides: Any) -> ModelConfig:
     else:
         config = preset(name)
     clean = {k: v for k, v in overrides.items() if v is not None}
-    if "layers" in clean and isinstance(clean["layers"], list):
-        clean["layers"] = tuple(clean["layers"])
+    for key in ("layers", "pooling"):
+        if isinstance(clean.get(key), list):
+            clean[key] = tuple(clean[key])
+    if "layers" in clean and "pooling" not in clean and not isinstance(config.pooling, str):
+        clean["pooling"] = config.pooling[-1]  # per-layer poolings no longer line up
+    if "pooling" in clean and isinstance(clean["pooling"], tuple) and len(clean["pooling"]) == 1:
+        clean["pooling"] = clean["pooling"][0]
     return replace(config, **clean) if clean else config

@@ -98,7 +98,7 @@ class Embedder:
         """Embed a preprocessed NCHW batch; returns (n, dim) float32, rows L2-normalised."""
         with torch.inference_mode(), self._autocast():
             maps = self.backbone(batch.to(self.device, non_blocking=True), self.config.layers)
-            parts = [F.normalize(self._pool(m.float()), dim=1) for m in maps]
+            parts = [F.normalize(self._pool(m.float(), how), dim=1) for m, how in zip(maps, self.config.poolings)]
             vectors = F.normalize(torch.cat(parts, dim=1), dim=1)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
@@ -119,10 +119,10 @@ class Embedder:
             vectors = F.normalize(self.backbone.encode_text(texts).float(), dim=1)
         return vectors.cpu().numpy()
 
-    def _pool(self, feature: torch.Tensor) -> torch.Tensor:
+    def _pool(self, feature: torch.Tensor, how: str) -> torch.Tensor:
         if feature.ndim == 2:
             return feature
-        if self.config.pooling == "gem":
+        if how == "gem":
             p = self.config.gem_p
             return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
         return feature.mean(dim=(2, 3))

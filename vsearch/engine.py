@@ -260,7 +260,7 @@ class Engine:
             "vectors": self.index.ntotal if self.index is not None else 0,
             "model": self.manifest.model.name,
             "layers": list(self.manifest.model.layers),
-            "pooling": self.manifest.model.pooling,
+            "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
             "factory": self.manifest.factory,
             "projection": {**self.manifest.projection.__dict__, "fitted_on": self.projection.fitted_on},
@@ -344,13 +344,12 @@ class Engine:
         for score, image_id, product_id in picked:
             product = products[product_id]
             row = self.catalog.image_by_id(image_id)
-            hits.append(Hit(product_id, image_id, score, product.title, product.category, product.attributes, row.source if row else ""))
+            hits.append(
+                Hit(product_id, image_id, score, product.title, product.category, product.attributes, row.source if row else "")
+            )
         return hits
 
 
 def _matches(category: str, pattern: str) -> bool:
     pattern = pattern.strip("/")
     return bool(pattern) and (category == pattern or category.startswith(pattern + "/"))
-
-
-

@@ -3,6 +3,7 @@ and refusals (with a reason) for empty, corrupt, truncated or oversized files.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import urllib.error
@@ -41,9 +42,9 @@ def read_source(source: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int =
 
 
 def _fetch(url: str, *, timeout: float, max_bytes: int) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "vsearch"})
+    request = urllib.request.Request(url, headers={"User-Agent": "vsearch"})  # noqa: S310 - http(s) only
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked by caller
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - callers pass http(s) only
             data: bytes = response.read(max_bytes + 1)
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -64,7 +65,7 @@ def decode_image(data: bytes, source: str = "<bytes>", *, max_pixels: int = DEFA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(source, f"image too large: {width}x{height} pixels (limit {max_pixels})")
@@ -77,10 +78,8 @@ def decode_image(data: bytes, source: str = "<bytes>", *, max_pixels: int = DEFA
         raise ImageError(source, f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation/corruption as these
         raise ImageError(source, f"corrupt or truncated image: {exc}") from exc
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
         image = ImageOps.exif_transpose(image) or image
-    except Exception:  # noqa: BLE001 - a broken EXIF block should not lose an otherwise good image
-        pass
     return to_rgb(image)
 
 

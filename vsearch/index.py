@@ -95,7 +95,7 @@ class VectorIndex:
         ivf = _ivf(index)
         if ivf is not None:
             # Reconstruct and remove by id need a direct map from ids to list entries.
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         return cls(index, factory, nprobe)
 
     @property
@@ -129,9 +129,7 @@ class VectorIndex:
             return np.zeros((0, self.d), dtype=np.float32)
         return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
 
-    def search(
-        self, xq: np.ndarray, k: int, blocks: dict[object, np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, blocks: dict[object, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids and scores, optionally only among the ids in ``blocks``.
 
         ``blocks`` maps a cache key (e.g. a category) to sorted image ids; results come
@@ -161,9 +159,9 @@ class VectorIndex:
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         ivf = _ivf(self.index)
         if ivf is not None:
-            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)  # type: ignore[call-arg]
         else:
-            params = faiss.SearchParameters(sel=selector)
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         D, I = self.index.search(xq, min(k, self.ntotal), params=params)
         return merge_topk(D, I, k)
 

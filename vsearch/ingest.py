@@ -88,8 +88,9 @@ def ingest_items(
     """Bring the catalog in line with ``items``.
 
     The model is fetched through ``get_embedder`` only when some image needs it, so a
-    re-run over unchanged images loads no model at all. ``on_batch(ids, raw_vectors)`` is called after each committed batch (the engine
-    adds them to its index); ``checkpoint()`` persists the index now and then.
+    re-run over unchanged images loads no model at all. ``on_batch(ids, raw_vectors)``
+    is called after each committed batch (the engine adds them to its index);
+    ``checkpoint()`` persists the index now and then.
     """
     start = time.perf_counter()
     report = IngestReport(items=len(items))
@@ -133,7 +134,9 @@ def ingest_items(
                 with catalog.transaction():
                     for loaded, vector in zip(todo, vectors):
                         item = ordered[int(loaded.key)]  # type: ignore[call-overload]
-                        ids.append(catalog.put_image(item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector))
+                        ids.append(
+                            catalog.put_image(item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector)
+                        )
                 on_batch(np.array(ids, dtype=np.int64), vectors)
                 report.embedded += len(todo)
             bar.update(len(batch))
@@ -158,11 +161,6 @@ def _prune(catalog: Catalog, unique: dict[tuple[str, str], Item]) -> tuple[int, 
     stale_products = sorted(catalog.product_ids() - listed_products)
     with catalog.transaction():
         removed_images = catalog.remove_products(stale_products)
-        stale_images = [
-            row.id
-            for pid in listed_products
-            for row in catalog.images_of(pid)
-            if (pid, row.source) not in unique
-        ]
+        stale_images = [row.id for pid in listed_products for row in catalog.images_of(pid) if (pid, row.source) not in unique]
         catalog.remove_images(stale_images)
     return len(stale_products), removed_images + stale_images

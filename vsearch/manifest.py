@@ -1,11 +1,11 @@
 """The index directory and its manifest: a folder that explains itself.
 
-    DIR/manifest.json   format version, model config, layers, pooling, projection,
-                        dimension, faiss factory, counts, catalog generation
-    DIR/catalog.db      products and images (SQLite), raw vectors included
-    DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
-    DIR/projection.npz  fitted centring/PCA
-    DIR/rejects.jsonl   what the last ingestion could not use, and why
+DIR/manifest.json   format version, model config, layers, pooling, projection,
+                    dimension, faiss factory, counts, catalog generation
+DIR/catalog.db      products and images (SQLite), raw vectors included
+DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
+DIR/projection.npz  fitted centring/PCA
+DIR/rejects.jsonl   what the last ingestion could not use, and why
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Projection:
         return l2_normalize(x)
 
     def save(self, path: Path) -> None:
-        arrays = {"fitted_on": np.array(self.fitted_on)}
+        arrays: dict[str, Any] = {"fitted_on": np.array(self.fitted_on)}
         if self.mean is not None:
             arrays["mean"] = self.mean
         if self.components is not None:

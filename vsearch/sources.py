@@ -56,7 +56,9 @@ def read_folder(root: Path) -> list[Item]:
             full = Path(dirpath) / name
             rel = full.relative_to(root)
             category = rel.parent.as_posix() if rel.parent != Path(".") else ""
-            items.append(Item(product_id=rel.with_suffix("").as_posix(), image=str(full.resolve()), category=category, title=rel.stem))
+            items.append(
+                Item(product_id=rel.with_suffix("").as_posix(), image=str(full.resolve()), category=category, title=rel.stem)
+            )
     return items
 
 

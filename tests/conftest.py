@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+CATEGORIES = ["Fruit/Apple", "Fruit/Banana", "Dairy/Milk", "Dairy/Yoghurt", "Bakery"]
+
+
+def make_image(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A deterministic picture: a coloured background with a few shapes."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, size[0] - 20)), int(rng.integers(0, size[1] - 20))
+        box = (x0, y0, x0 + int(rng.integers(10, 40)), y0 + int(rng.integers(10, 40)))
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+@pytest.fixture
+def catalog_folder(tmp_path: Path) -> Path:
+    """25 products in 5 categories, one JPEG each."""
+    root = tmp_path / "catalog"
+    for n in range(25):
+        folder = root / CATEGORIES[n % len(CATEGORIES)]
+        folder.mkdir(parents=True, exist_ok=True)
+        make_image(n).save(folder / f"p{n:02d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def index_dir(tmp_path: Path) -> Path:
+    return tmp_path / "index"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("VSEARCH_"):
+            monkeypatch.delenv(name)
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"needs ../shared/datasets/{name} (not present in this checkout)")
+    return path

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from vsearch.backbones import build_backbone, lukemelas_to_timm
+from vsearch.config import ModelConfig, preset_names, resolve_model
+from vsearch.embed import Embedder
+from vsearch.errors import ConfigError, ModelError
+
+from .conftest import make_image
+
+
+def test_vectors_are_float32_unit_norm_and_deterministic() -> None:
+    embedder = Embedder(resolve_model("tiny-test"), device="cpu")
+    images = [make_image(i) for i in range(3)]
+    a = embedder.embed_images(images)
+    b = embedder.embed_images(images)
+    assert a.dtype == np.float32 and a.shape == (3, embedder.dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(a, b)
+    tta = embedder.embed_images(images, tta=True)
+    np.testing.assert_allclose(np.linalg.norm(tta, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(tta, a)
+
+
+def test_layers_and_per_layer_pooling_shape_the_vector() -> None:
+    head = Embedder(resolve_model("tiny-test", layers=["head"], pooling="mean"), device="cpu")
+    both = Embedder(resolve_model("tiny-test", layers=["stage3", "head"], pooling=["gem", "mean"]), device="cpu")
+    assert both.dim > head.dim
+    gem = Embedder(resolve_model("tiny-test", layers=["head"], pooling="gem"), device="cpu")
+    x = make_image(5)
+    assert not np.allclose(gem.embed_images([x]), head.embed_images([x]))
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown model"):
+        resolve_model("no-such-model")
+    with pytest.raises(ConfigError, match="pooling"):
+        resolve_model("tiny-test", pooling="max")
+    with pytest.raises(ConfigError, match="need 2 poolings"):
+        resolve_model("tiny-test", layers=["stage3", "head"], pooling=["gem", "mean", "mean"])
+    with pytest.raises(ModelError, match="no layer"):
+        build_backbone(resolve_model("tiny-test", layers=["stage9"]))
+
+
+def test_model_config_round_trips_through_json_dicts() -> None:
+    config = resolve_model("tiny-test", layers=["stage2", "head"], pooling=["gem", "mean"])
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert {"efficientnet-lite0", "efficientnet-lite2", "tiny-test"} <= set(preset_names())
+
+
+def test_lukemelas_mapping_checks_every_shape() -> None:
+    model = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 4, 3), bn=torch.nn.BatchNorm2d(4)))
+    source = OrderedDict((f"_x{i}", v.clone()) for i, v in enumerate(model.state_dict().values()))
+    mapped = lukemelas_to_timm(source, model)
+    assert list(mapped) == list(model.state_dict())
+    source["_x0"] = torch.zeros(5, 3, 3, 3)
+    with pytest.raises(ModelError, match="does not fit conv.weight"):
+        lukemelas_to_timm(source, model)
+
+
+def test_open_clip_path_with_a_tiny_random_model() -> None:
+    embedder = Embedder(resolve_model("tiny-clip:random", image_size=32), device="cpu")
+    assert embedder.has_text
+    image_vectors = embedder.embed_images([make_image(1), make_image(2)])
+    text_vectors = embedder.embed_text(["a red shirt"])
+    assert image_vectors.shape == (2, 32) and text_vectors.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(text_vectors, axis=1), 1.0, rtol=1e-5)
+    blocks = Embedder(resolve_model("tiny-clip:random", image_size=32, layers=["block1", "embed"]), device="cpu")
+    assert blocks.dim == 64 + 32
+
+
+def test_text_on_an_image_only_model_says_which_model_to_use() -> None:
+    embedder = Embedder(resolve_model("tiny-test"), device="cpu")
+    with pytest.raises(ModelError, match="ViT-B-32"):
+        embedder.embed_text(["shirt"])

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vsearch import Engine
+from vsearch.errors import FilterError, IndexFormatError, IndexNotFoundError
+
+from .conftest import make_image
+
+MODEL = "tiny-test"
+
+
+def build(index_dir: Path, source: Path, **kw: object) -> Engine:
+    engine = Engine.open(index_dir, model=MODEL, create=True)
+    engine.ingest(source, quiet=True, workers=0, **kw)  # type: ignore[arg-type]
+    return engine
+
+
+def vector_ids(engine: Engine) -> list[int]:
+    assert engine.index is not None
+    import faiss
+
+    return sorted(faiss.vector_to_array(engine.index.index.id_map).tolist())
+
+
+def test_ingest_then_search_finds_the_same_image(index_dir: Path, catalog_folder: Path) -> None:
+    with build(index_dir, catalog_folder) as engine:
+        info = engine.info()
+        assert (info["products"], info["images"], info["vectors"]) == (25, 25, 25)
+        hits = engine.search(catalog_folder / "Dairy/Milk/p02.jpg", k=5)
+        assert hits[0].product_id == "Dairy/Milk/p02"
+        assert hits[0].score > 0.9 > hits[1].score  # query TTA averages in a centre crop
+        assert len({h.product_id for h in hits}) == 5
+
+
+def test_rerun_does_no_model_work(index_dir: Path, catalog_folder: Path) -> None:
+    build(index_dir, catalog_folder).close()
+    with Engine.open(index_dir) as engine:
+        report = engine.ingest(catalog_folder, quiet=True, workers=0)
+        assert (report.embedded, report.unchanged) == (0, 25)
+        assert engine._embedder is None, "unchanged images must not even load the model"
+
+
+def test_changed_image_is_reembedded_under_the_same_id(index_dir: Path, catalog_folder: Path) -> None:
+    target = catalog_folder / "Bakery/p04.jpg"
+    with build(index_dir, catalog_folder) as engine:
+        before = engine.catalog.image("Bakery/p04", str(target.resolve()))
+        make_image(999).save(target)
+        report = engine.ingest(catalog_folder, quiet=True, workers=0)
+        assert report.embedded == 1
+        after = engine.catalog.image("Bakery/p04", str(target.resolve()))
+        assert before is not None and after is not None
+        assert after.id == before.id and after.sha256 != before.sha256
+        assert engine.search(target, k=1)[0].product_id == "Bakery/p04"
+        assert engine.info()["vectors"] == 25
+
+
+def test_prune_removes_absent_products_and_ids_are_never_reused(index_dir: Path, catalog_folder: Path) -> None:
+    with build(index_dir, catalog_folder) as engine:
+        ids_before = vector_ids(engine)
+        (catalog_folder / "Bakery/p04.jpg").unlink()
+        report = engine.ingest(catalog_folder, prune=True, quiet=True, workers=0)
+        assert report.removed_products == 1
+        assert engine.info()["vectors"] == 24
+        make_image(4).save(catalog_folder / "Bakery/p04.jpg")
+        engine.ingest(catalog_folder, quiet=True, workers=0)
+        ids_after = vector_ids(engine)
+        assert len(ids_after) == 25
+        assert max(ids_after) > max(ids_before), "a deleted id must not be handed out again"
+        assert set(ids_before) - set(ids_after) == {min(set(ids_before) - set(ids_after))}
+
+
+def test_bad_files_are_rejected_and_the_rest_ingested(index_dir: Path, catalog_folder: Path) -> None:
+    (catalog_folder / "Bakery/empty.jpg").write_bytes(b"")
+    (catalog_folder / "Bakery/text.jpg").write_text("hello")
+    good = (catalog_folder / "Bakery/p04.jpg").read_bytes()
+    (catalog_folder / "Bakery/truncated.jpg").write_bytes(good[: len(good) // 3])
+    with build(index_dir, catalog_folder) as engine:
+        assert engine.info()["images"] == 25
+        rejects = [json.loads(line) for line in (index_dir / "rejects.jsonl").read_text().splitlines()]
+        reasons = {Path(r["source"]).name: r["reason"] for r in rejects}
+        assert reasons["empty.jpg"] == "empty file"
+        assert "not an image" in reasons["text.jpg"]
+        assert "truncated" in reasons["truncated.jpg"]
+
+
+def test_crash_after_a_batch_resumes_without_loss_or_duplicates(index_dir: Path, catalog_folder: Path) -> None:
+    engine = Engine.open(index_dir, model=MODEL, create=True)
+    calls = 0
+    original = engine._add_raw
+
+    def crash_after_first_batch(ids: np.ndarray, raw: np.ndarray) -> None:
+        nonlocal calls
+        calls += 1
+        original(ids, raw)
+        if calls == 1:
+            raise KeyboardInterrupt  # stands in for Ctrl-C in the middle of a run
+
+    engine._add_raw = crash_after_first_batch  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        engine.ingest(catalog_folder, quiet=True, workers=0, batch_size=8)
+    committed = engine.catalog.counts()["images"]
+    engine.close()
+    assert committed == 8
+
+    with Engine.open(index_dir) as engine:
+        report = engine.ingest(catalog_folder, quiet=True, workers=0, batch_size=8)
+        assert (report.embedded, report.unchanged) == (17, 8)
+        assert engine.info()["vectors"] == engine.info()["images"] == 25
+        assert vector_ids(engine) == sorted(set(vector_ids(engine)))
+
+
+def test_stale_index_is_rebuilt_from_the_catalog(index_dir: Path, catalog_folder: Path) -> None:
+    build(index_dir, catalog_folder).close()
+    (index_dir / "index.faiss").unlink()  # as if killed before the index was written
+    with Engine.open(index_dir) as engine:
+        assert engine.info()["vectors"] == 25
+        assert engine._embedder is None
+
+
+def test_category_filters_prefix_and_exclude(index_dir: Path, catalog_folder: Path) -> None:
+    with build(index_dir, catalog_folder) as engine:
+        query = catalog_folder / "Dairy/Milk/p02.jpg"
+        fruit = engine.search(query, k=10, categories=["Fruit"])
+        assert len(fruit) == 10 and all(h.category.startswith("Fruit/") for h in fruit)
+        two = engine.search(query, k=10, categories=["Fruit/Apple", "Bakery"])
+        assert len(two) == 10 and {h.category for h in two} == {"Fruit/Apple", "Bakery"}
+        no_dairy = engine.search(query, k=25, exclude_categories=["Dairy"])
+        assert len(no_dairy) == 15 and not any(h.category.startswith("Dairy") for h in no_dairy)
+        with pytest.raises(FilterError, match="Fruti"):
+            engine.search(query, categories=["Fruti"])
+
+
+def test_filtered_results_equal_brute_force_over_the_category(index_dir: Path, catalog_folder: Path) -> None:
+    with build(index_dir, catalog_folder) as engine:
+        query = catalog_folder / "Dairy/Milk/p02.jpg"
+        raw = engine.embed_queries([engine.load_query(query)])
+        hits = engine.search_vectors(raw, k=3, categories=["Dairy"])[0]
+        xq = engine.projection.apply(raw)[0]
+        ids, vectors = zip(*[(int(i), v) for chunk_ids, chunk in engine.catalog.iter_vectors() for i, v in zip(chunk_ids, chunk)])
+        owners = engine.catalog.image_products(list(ids))
+        scored = sorted(
+            (
+                (float(engine.projection.apply(v[None])[0] @ xq), owners[i])
+                for i, v in zip(ids, vectors)
+                if owners[i].startswith("Dairy/")
+            ),
+            reverse=True,
+        )
+        assert [h.product_id for h in hits] == [p for _, p in scored[:3]]
+
+
+def test_several_images_per_product_take_one_slot(tmp_path: Path, index_dir: Path) -> None:
+    rows = ["id,image,category,title"]
+    for n in range(6):
+        path = tmp_path / f"i{n}.png"
+        make_image(n).save(path)
+        rows.append(f"sku{n % 3},{path},Shirts,Shirt {n % 3}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with build(index_dir, tmp_path / "m.csv") as engine:
+        assert engine.info()["products"] == 3 and engine.info()["vectors"] == 6
+        grouped = engine.search(tmp_path / "i0.png", k=3)
+        assert [h.product_id for h in grouped][0] == "sku0" and len({h.product_id for h in grouped}) == 3
+        ungrouped = engine.search(tmp_path / "i0.png", k=6, group_by_product=False)
+        assert len(ungrouped) == 6
+
+
+def test_open_errors(tmp_path: Path, index_dir: Path, catalog_folder: Path) -> None:
+    with pytest.raises(IndexNotFoundError, match="vsearch ingest"):
+        Engine.open(tmp_path / "missing")
+    build(index_dir, catalog_folder).close()
+    with pytest.raises(IndexFormatError, match="built with model 'tiny-test'"):
+        Engine.open(index_dir, model="efficientnet-lite0")
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="format 999"):
+        Engine.open(index_dir)
+
+
+def test_manifest_describes_the_index(index_dir: Path, catalog_folder: Path) -> None:
+    build(index_dir, catalog_folder).close()
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["model"]["layers"] == ["stage3", "head"] and manifest["model"]["pooling"] == "gem"
+    assert manifest["factory"] == "IDMap2,Flat"
+    assert manifest["counts"] == {"products": 25, "images": 25, "categories": 5, "vectors": 25}
+    assert manifest["dim"] == manifest["raw_dim"] > 0
