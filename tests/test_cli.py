@@ -62,7 +62,9 @@ def test_user_error_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Captur
 
 def test_ingest_search_info_json(catalog_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     index = str(tmp_path / "idx")
-    code, out, _ = run(capsys, "ingest", str(catalog_folder), "--index", index, "--model", "tiny-test", "--quiet", "--workers", "0")
+    code, out, _ = run(
+        capsys, "ingest", str(catalog_folder), "--index", index, "--model", "tiny-test", "--quiet", "--workers", "0"
+    )
     assert code == 0 and "25 embedded" in out
     code, out, _ = run(capsys, "info", "--index", index, "--json")
     info = json.loads(out)

@@ -48,7 +48,9 @@ def test_eval_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
         queries.append(f"q{n}.png,p{n},c{n % 3}")
     (tmp_path / "g.csv").write_text("\n".join(gallery) + "\n")
     (tmp_path / "q.csv").write_text("\n".join(queries) + "\n")
-    code = main(["eval", "--gallery", str(tmp_path / "g.csv"), "--queries", str(tmp_path / "q.csv"), "--model", "tiny-test", "--json"])
+    code = main(
+        ["eval", "--gallery", str(tmp_path / "g.csv"), "--queries", str(tmp_path / "q.csv"), "--model", "tiny-test", "--json"]
+    )
     metrics = json.loads(capsys.readouterr().out)
     assert code == 0
     assert set(metrics) == {"recall@1", "recall@5", "recall@10", "map@10", "category_precision@10", "n_queries", "images_per_s"}

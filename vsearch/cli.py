@@ -107,7 +107,9 @@ def _ingest(args: argparse.Namespace) -> int:
     from .config import IndexConfig, ProjectionConfig, resolve_model
     from .engine import DEFAULT_MODEL, Engine
 
-    model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
+    model = None  # an existing index keeps the model it was built with
+    if args.model or args.layers or args.pooling or args.gem_p:
+        model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
     projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca)
     with Engine.open(
         args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -104,9 +105,15 @@ def preset(name: str) -> ModelConfig:
 def resolve_model(name: str, **overrides: Any) -> ModelConfig:
     """Turn a model name from the user into a full config.
 
-    ``MODEL:PRETRAINED`` selects an open_clip model; anything else must be a preset.
+    ``MODEL:PRETRAINED`` selects an open_clip model, a ``.json`` path a saved config;
+    anything else must be a preset.
     """
-    if ":" in name and name.split(":", 1)[0] not in preset_names():
+    if name.endswith(".json"):
+        try:
+            config = ModelConfig.from_dict(json.loads(Path(name).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"cannot read model config {name}: {exc}") from exc
+    elif ":" in name and name.split(":", 1)[0] not in preset_names():
         arch, pretrained = name.split(":", 1)
         config = ModelConfig(
             name=name,

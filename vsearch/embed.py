@@ -145,10 +145,11 @@ class LoadedImage:
     height: int = 0
     tensor: torch.Tensor | None = None
     error: str = ""
+    unchanged: bool = False  # content hash matched the caller's; not decoded
 
 
 class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
-    def __init__(self, items: list[tuple[object, str]], preprocess: Preprocess, max_pixels: int) -> None:
+    def __init__(self, items: list[tuple[object, str, str]], preprocess: Preprocess, max_pixels: int) -> None:
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
@@ -157,11 +158,14 @@ class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
         return len(self.items)
 
     def __getitem__(self, i: int) -> LoadedImage:
-        key, source = self.items[i]
+        key, source, known_sha256 = self.items[i]
         loaded = LoadedImage(key=key, source=source)
         try:
             data = read_source(source)
             loaded.sha256 = sha256_bytes(data)
+            if loaded.sha256 == known_sha256:
+                loaded.unchanged = True
+                return loaded
             image = decode_image(data, source, max_pixels=self.max_pixels)
             loaded.width, loaded.height = image.size
             loaded.tensor = self.preprocess(image)
@@ -179,14 +183,16 @@ def default_workers() -> int:
 
 
 def load_images(
-    items: Iterable[tuple[object, str]],
+    items: Iterable[tuple[object, str, str]],
     preprocess: Preprocess,
     *,
     batch_size: int = 32,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[list[LoadedImage]]:
-    """Read, hash, decode and preprocess sources in worker processes, a batch at a time.
+    """Read, hash, decode and preprocess ``(key, source, known_sha256)`` in worker
+    processes, a batch at a time. A source whose hash equals ``known_sha256`` comes
+    back ``unchanged`` without being decoded.
 
     Workers run ahead of the caller (prefetch), so decoding overlaps the model forward.
     """

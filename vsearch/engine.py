@@ -79,10 +79,10 @@ class Engine:
         wanted = resolve_model(model) if isinstance(model, str) else model
         if paths.manifest.exists():
             manifest = IndexManifest.load(paths)
-            if wanted is not None and wanted.name != manifest.model.name:
+            if wanted is not None and wanted != manifest.model:
                 raise IndexFormatError(
-                    f"{paths.root} was built with model {manifest.model.name!r}, not {wanted.name!r}; "
-                    "use another --index for another model"
+                    f"{paths.root} was built with model {manifest.model.name!r} {_describe(manifest.model)}, "
+                    f"not {wanted.name!r} {_describe(wanted)}; use another --index for another model"
                 )
         elif create:
             paths.root.mkdir(parents=True, exist_ok=True)
@@ -186,6 +186,7 @@ class Engine:
             index.train(xb[rng.permutation(len(xb))[: 256 * 1024]])
         for ids, raw in self.catalog.iter_vectors():
             index.add(ids, self.projection.apply(raw))
+        index.to_gpu()
         self.index = index
         self.manifest.factory = factory
 
@@ -275,6 +276,7 @@ class Engine:
         fresh = m.catalog_generation == self.catalog.generation and self.paths.index.exists()
         if fresh:
             self.index = VectorIndex.load(self.paths.index, m.factory, nprobe=m.index.nprobe, mmap=mmap)
+            self.index.to_gpu()
         else:  # a run stopped between the catalog commit and the index save
             self.rebuild_index()
             self._save()
@@ -348,6 +350,10 @@ class Engine:
                 Hit(product_id, image_id, score, product.title, product.category, product.attributes, row.source if row else "")
             )
         return hits
+
+
+def _describe(model: ModelConfig) -> str:
+    return f"(layers {','.join(model.layers)}, pooling {','.join(model.poolings)})"
 
 
 def _matches(category: str, pattern: str) -> bool:

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine, Hit
-from .errors import ImageError, ManifestError
+from .errors import ImageError, ManifestError, VsearchError
 from .images import decode_image, read_source
 from .sources import read_manifest
 
-__all__ = ["Query", "read_queries", "evaluate", "score"]
+__all__ = ["EvalError", "Query", "read_queries", "evaluate", "score"]
+
+
+class EvalError(VsearchError):
+    """The evaluation cannot produce meaningful numbers."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,11 @@ def evaluate(
         elif center_on:
             center_path = Path(center_on)
         with Engine.open(Path(tmp) / "index", model=model, create=True) as engine:
-            engine.ingest(items, center_on=center_path, workers=workers, quiet=quiet)
+            report = engine.ingest(items, center_on=center_path, workers=workers, quiet=quiet)
+            if engine.info()["vectors"] == 0:
+                first = report.rejected[0] if report.rejected else None
+                detail = f"; first reject: {first.source}: {first.reason}" if first else ""
+                raise EvalError(f"no gallery image of {gallery} could be used{detail}")
             per_category: dict[str, int] = engine.catalog.category_counts()
             start = time.perf_counter()
             results = search_all(engine, queries, k=max(k, 10))

@@ -76,6 +76,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self._blocks: dict[object, tuple[np.ndarray, np.ndarray]] = {}
         self._gpu: faiss.Index | None = None
+        self._gpu_wanted = False
         self._apply_nprobe()
 
     @property
@@ -151,6 +152,8 @@ class VectorIndex:
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.ntotal == 0:
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
+        if self._gpu_wanted and self._gpu is None:
+            self._mirror_to_gpu()
         index = self._gpu if self._gpu is not None else self.index
         D, I = index.search(xq, min(k, self.ntotal))
         return merge_topk(D, I, k)
@@ -188,8 +191,7 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self._blocks.clear()
-        if self._gpu is not None:
-            self.to_gpu()
+        self._gpu = None  # re-mirrored lazily on the next search, not on every added batch
 
     def _apply_nprobe(self) -> None:
         ivf = _ivf(self.index)
@@ -197,14 +199,16 @@ class VectorIndex:
             ivf.nprobe = self.nprobe
 
     def to_gpu(self) -> bool:
-        """Mirror the index on the GPU for unfiltered search when faiss sees one."""
-        if not gpu_available():
-            return False
+        """Serve unfiltered searches from a GPU mirror when faiss sees a GPU."""
+        self._gpu_wanted = gpu_available()
+        return self._gpu_wanted and self._mirror_to_gpu()
+
+    def _mirror_to_gpu(self) -> bool:
         try:
-            resources = faiss.StandardGpuResources()
-            self._gpu = faiss.index_cpu_to_gpu(resources, 0, self.index)
-        except RuntimeError:  # not every index type has a GPU version
-            self._gpu = None
+            self._gpu_resources = faiss.StandardGpuResources()  # must outlive the GPU index
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+        except RuntimeError:  # not every index type has a GPU version: stay on the CPU
+            self._gpu, self._gpu_wanted = None, False
             return False
         return True
 

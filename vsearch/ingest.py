@@ -103,17 +103,14 @@ def ingest_items(
         for item in unique.values():
             catalog.upsert_product(item.product_id, title=item.title, category=item.category, attributes=item.attributes)
 
-    work: list[tuple[object, str]] = []
-    known: dict[int, str] = {}
-    for n, item in enumerate(unique.values()):
+    ordered = list(unique.values())
+    work: list[tuple[object, str, str]] = []
+    for n, item in enumerate(ordered):
         row = catalog.image(item.product_id, item.image)
         if row is not None and is_url(item.image):
             report.unchanged += 1  # URLs are not re-downloaded to check; pass a new URL to refresh
             continue
-        if row is not None:
-            known[n] = row.sha256
-        work.append((n, item.image))
-    ordered = list(unique.values())
+        work.append((n, item.image, row.sha256 if row is not None else ""))
 
     if work:
         bar = tqdm(total=len(work), unit="img", desc="ingest", disable=quiet or not sys.stderr.isatty(), smoothing=0.1)
@@ -124,7 +121,7 @@ def ingest_items(
                 item = ordered[int(loaded.key)]  # type: ignore[call-overload]
                 if loaded.error:
                     report.rejected.append(Reject(item.product_id, item.image, loaded.error))
-                elif known.get(int(loaded.key)) == loaded.sha256:  # type: ignore[call-overload]
+                elif loaded.unchanged:
                     report.unchanged += 1
                 else:
                     todo.append(loaded)
