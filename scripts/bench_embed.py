@@ -5,8 +5,8 @@ filtered against unfiltered search.
 1. images/s of ``Engine.ingest`` (files on disk -> decode in workers -> forward ->
    catalog -> index) against the forward alone on pre-made tensors at the same batch
    size, measured in the same run; printed as a ratio (target >= 0.85).
-2. The forward with and without the glibc malloc tuning (vsearch/malloc.py), each in a
-   fresh process, and whether their outputs are bit-identical.
+2. The forward with and without the glibc malloc tuning of vsearch/malloc.py, each in
+   a fresh process, and whether their outputs are bit-identical.
 3. Search latency on a synthetic 1M-vector index: a query filtered to a 1% category
    against an unfiltered one (target: filtered <= 5% of unfiltered).
 
@@ -16,7 +16,9 @@ filtered against unfiltered search.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ def forward_only(model: str, batch: int, n: int) -> tuple[float, str]:
     while done < n:
         out = embedder.embed_tensor(x)
         done += batch
-    return done / (time.perf_counter() - start), str(hash(out.tobytes()))
+    return done / (time.perf_counter() - start), hashlib.sha256(out.tobytes()).hexdigest()
 
 
 def ingest_path(model: str, batch: int, images: list[Path], workers: int | None) -> float:
@@ -50,7 +52,7 @@ def ingest_path(model: str, batch: int, images: list[Path], workers: int | None)
 
     items = [Item(product_id=str(i), image=str(p)) for i, p in enumerate(images)]
     with tempfile.TemporaryDirectory() as tmp, Engine.open(Path(tmp) / "i", model=model, create=True) as engine:
-        engine.embedder  # load the model outside the timed region, as forward_only does
+        _ = engine.embedder  # load the model outside the timed region, as forward_only does
         start = time.perf_counter()
         report = engine.ingest(items, batch_size=batch, workers=workers, quiet=True)
         elapsed = time.perf_counter() - start
@@ -93,21 +95,15 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-malloc-tuning", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.forward_only:  # child process for the malloc comparison
-        if not args.no_malloc_tuning:
-            from vsearch.malloc import tune_malloc
-
-            tune_malloc()
         rate, digest = forward_only(args.model, args.batch, args.n)
         print(json.dumps({"rate": rate, "digest": digest}))
         return 0
 
-    from vsearch.malloc import tune_malloc
+    from vsearch.embed import default_workers, pick_device
 
-    tune_malloc()
     images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.n]
     if not images:
         print(f"no images under {args.images}; pass --images", file=sys.stderr)
@@ -121,11 +117,13 @@ def main() -> int:
 
     child = [sys.executable, __file__, "--forward-only", "--model", args.model, "--batch", str(args.batch), "--n", str(args.n)]
     tuned = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
-    plain = json.loads(subprocess.run(child + ["--no-malloc-tuning"], capture_output=True, text=True, check=True).stdout)
+    off = {**os.environ, "VSEARCH_MALLOC_TUNING": "0"}
+    plain = json.loads(subprocess.run(child, capture_output=True, text=True, check=True, env=off).stdout)
     print("[malloc] forward, fresh process each")
     print(f"  glibc defaults     {plain['rate']:8.1f} images/s")
     print(f"  tuned              {tuned['rate']:8.1f} images/s")
     print(f"  speed-up           {tuned['rate'] / plain['rate']:8.2f}x   identical output: {tuned['digest'] == plain['digest']}")
+    print(f"[workers] ingest defaults to {default_workers(pick_device(None))} decoding processes on this machine")
 
     unfiltered, filtered = filtered_search(args.vectors, args.dim, reps=20)
     print(f"[filter] {args.vectors} vectors x {args.dim}d, IDMap2,Flat, k=10, median of 20")

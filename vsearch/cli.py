@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
     p.add_argument("--prune", action="store_true", help="remove products and images the source no longer lists")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: by device and cores; 0 decodes in-process)")
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .catalog import Catalog
 from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
-from .embed import Embedder, Preprocess
+from .embed import Embedder, Preprocess, pick_device
 from .errors import FilterError, ImageError, IndexFormatError, IndexNotFoundError, VsearchError
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .index import VectorIndex, choose_factory
@@ -142,6 +142,7 @@ class Engine:
                 prune=prune,
                 batch_size=batch_size,
                 workers=workers,
+                device=pick_device(self.device),
                 quiet=quiet,
                 rejects_path=self.paths.rejects,
             )

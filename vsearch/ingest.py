@@ -81,6 +81,7 @@ def ingest_items(
     prune: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
+    device: torch.device | None = None,
     quiet: bool = False,
     checkpoint_every_s: float = 30.0,
     rejects_path: Path | None = None,
@@ -115,7 +116,7 @@ def ingest_items(
     if work:
         bar = tqdm(total=len(work), unit="img", desc="ingest", disable=quiet or not sys.stderr.isatty(), smoothing=0.1)
         last_checkpoint = time.monotonic()
-        for batch in load_images(work, preprocess, batch_size=batch_size, workers=workers):
+        for batch in load_images(work, preprocess, batch_size=batch_size, workers=workers, device=device):
             todo: list[LoadedImage] = []
             for loaded in batch:
                 item = ordered[int(loaded.key)]  # type: ignore[call-overload]

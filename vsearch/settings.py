@@ -14,6 +14,7 @@ class Settings:
     demo_data: str | None  # VSEARCH_DEMO_DATA: local folder for `vsearch demo`
     device: str | None  # VSEARCH_DEVICE: cpu, cuda, mps (default: best available)
     model: str | None  # VSEARCH_MODEL: model for new indexes
+    malloc_tuning: bool  # VSEARCH_MALLOC_TUNING=0 keeps glibc's allocator defaults
 
 
 def settings() -> Settings:
@@ -23,4 +24,5 @@ def settings() -> Settings:
         demo_data=env.get("VSEARCH_DEMO_DATA") or None,
         device=env.get("VSEARCH_DEVICE") or None,
         model=env.get("VSEARCH_MODEL") or None,
+        malloc_tuning=env.get("VSEARCH_MALLOC_TUNING", "1") != "0",
     )
