@@ -37,7 +37,7 @@ def find_demo_data(data: str | None) -> Path:
 
 def build_demo(data: str | None, index_dir: Path, *, quiet: bool = False) -> Engine:
     """Build (or bring up to date) the demo index and return it open."""
-    root = find_demo_data(data)
+    root = find_demo_data(data).resolve()  # the manifests written below hold absolute paths
     grocery = root / "dataset" / "classes.csv"
     index_dir.mkdir(parents=True, exist_ok=True)
     engine = Engine.open(index_dir, create=True)
@@ -51,7 +51,12 @@ def build_demo(data: str | None, index_dir: Path, *, quiet: bool = False) -> Eng
         engine.close()
         raise
     info = engine.info()
-    print(f"demo index {index_dir}: {info['products']} products, {info['vectors']} vectors ({report.embedded} embedded now)")
+    print(
+        f"demo index {index_dir}: {info['products']} products, {info['vectors']} vectors "
+        f"({report.embedded} embedded now, {len(report.rejected)} rejected)"
+    )
+    if info["vectors"] == 0:
+        raise ConfigError(f"no image in {root} could be used; see {index_dir / 'rejects.jsonl'}")
     return engine
 
 
