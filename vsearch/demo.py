@@ -70,7 +70,7 @@ def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
             if row[0].startswith("Class Name"):
                 continue
             name, _, coarse, _, iconic = row[:5]
-            category = "/".join(Path(iconic).parts[2:-2])  # iconic/<Fruit/Apple>/<product>/file.jpg
+            category = f"{Path(iconic).parts[2]}/{coarse}"  # e.g. Fruit/Apple, Packages/Milk
             writer.writerow([name, str(dataset) + iconic, category, name.replace("-", " "), coarse])
     lines = (dataset / "train.txt").read_text().splitlines()
     step = max(1, len(lines) // CENTER_SAMPLE)
