@@ -190,3 +190,25 @@ def test_manifest_describes_the_index(index_dir: Path, catalog_folder: Path) -> 
     assert manifest["factory"] == "IDMap2,Flat"
     assert manifest["counts"] == {"products": 25, "images": 25, "categories": 5, "vectors": 25}
     assert manifest["dim"] == manifest["raw_dim"] > 0
+
+
+def test_pca_reduces_the_index_when_enough_vectors_fit_it(index_dir: Path, catalog_folder: Path) -> None:
+    from vsearch.config import ProjectionConfig
+
+    with Engine.open(index_dir, model=MODEL, projection=ProjectionConfig(pca_dim=8), create=True) as engine:
+        engine.ingest(catalog_folder, quiet=True, workers=0)
+        assert engine.info()["dim"] == 8 and engine.manifest.raw_dim > 8
+        assert engine.search(catalog_folder / "Bakery/p04.jpg", k=1)[0].product_id == "Bakery/p04"
+    with Engine.open(index_dir.with_name("big"), model=MODEL, projection=ProjectionConfig(pca_dim=64), create=True) as engine:
+        engine.ingest(catalog_folder, quiet=True, workers=0)
+        assert engine.info()["dim"] == engine.manifest.raw_dim, "25 vectors cannot fit 64 components"
+
+
+def test_center_on_photos_fits_the_projection_on_them(index_dir: Path, catalog_folder: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(5):
+        make_image(100 + n).save(photos / f"{n}.png")
+    with build(index_dir, catalog_folder, center_on=photos) as engine:
+        assert engine.projection.fitted_on == 5
+        assert engine.search(catalog_folder / "Bakery/p04.jpg", k=1)[0].product_id == "Bakery/p04"

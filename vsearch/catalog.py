@@ -218,6 +218,17 @@ class Catalog:
             yield ids, vectors
             last = int(ids[-1])
 
+    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
+        """Up to ``n`` raw vectors drawn uniformly at random (all of them if fewer)."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM images WHERE vector IS NOT NULL ORDER BY id")]
+        if len(ids) > n:
+            ids = sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
+        vectors = []
+        for chunk in _chunks(ids, 500):
+            rows = self.db.execute(f"SELECT vector FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            vectors += [np.frombuffer(r[0], dtype=np.float32) for r in rows]
+        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
     def image_products(self, image_ids: list[int]) -> dict[int, str]:
         found: dict[int, str] = {}
         for chunk in _chunks(image_ids, 500):

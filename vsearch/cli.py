@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pooling", nargs="+", choices=["mean", "gem"], help="how the layers' maps are pooled: one for all, or one per layer"
     )
     p.add_argument("--gem-p", type=float, help="GeM exponent")
-    p.add_argument("--pca", type=int, metavar="DIM", help="PCA-reduce vectors to DIM dimensions (new index only)")
+    p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
     p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
     p.add_argument("--center-on", metavar="SOURCE", help="folder/manifest of unlabelled shopper photos to centre on")
     p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
@@ -110,7 +110,7 @@ def _ingest(args: argparse.Namespace) -> int:
     model = None  # an existing index keeps the model it was built with
     if args.model or args.layers or args.pooling or args.gem_p:
         model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
-    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca)
+    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
     with Engine.open(
         args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device
     ) as engine:

@@ -73,10 +73,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    """Post-processing after pooling: centre on a fitted mean, then optionally PCA."""
+    """Post-processing after pooling: centre on a fitted mean, then PCA.
+
+    PCA needs more than ``2 * pca_dim`` vectors to fit; with fewer, the full
+    dimension is kept (the manifest's ``dim`` says which happened).
+    """
 
     center: bool = True
-    pca_dim: int | None = None  # None keeps the full dimension
+    pca_dim: int | None = 256  # None keeps the full dimension
     whiten: bool = False
 
 

@@ -29,6 +29,7 @@ from .sources import Item, read_source_items
 __all__ = ["Engine", "Hit", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet-lite2"
+FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 QueryImage = bytes | str | os.PathLike[str] | Image.Image
 
 
@@ -162,8 +163,7 @@ class Engine:
             sources = [item.image for item in read_source_items(center_on)]
             raw = self._embed_sources(sources, tta=self.manifest.model.query_tta)
         else:
-            chunks = [v for _, v in self.catalog.iter_vectors()]
-            raw = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+            raw = self.catalog.sample_vectors(FIT_SAMPLE)
         if len(raw) == 0:
             return
         self.projection = Projection.fit(raw, self.manifest.projection)
@@ -181,10 +181,7 @@ class Engine:
         factory = self.manifest.index.factory or choose_factory(n, dim)
         index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
         if not index.is_trained:
-            sample = [self.projection.apply(v) for _, v in self.catalog.iter_vectors()]
-            xb = np.concatenate(sample)
-            rng = np.random.default_rng(0)
-            index.train(xb[rng.permutation(len(xb))[: 256 * 1024]])
+            index.train(self.projection.apply(self.catalog.sample_vectors(FIT_SAMPLE)))
         for ids, raw in self.catalog.iter_vectors():
             index.add(ids, self.projection.apply(raw))
         index.to_gpu()

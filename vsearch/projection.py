@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from .config import ProjectionConfig
-from .errors import ConfigError
 from .fsutil import atomic_write
 
 __all__ = ["Projection", "l2_normalize"]
@@ -41,9 +40,7 @@ class Projection:
         x = np.asarray(x, dtype=np.float64)
         mean = x.mean(axis=0) if config.center else np.zeros(x.shape[1])
         components = None
-        if config.pca_dim is not None and config.pca_dim < x.shape[1]:
-            if len(x) <= config.pca_dim:
-                raise ConfigError(f"PCA to {config.pca_dim} dims needs more than {config.pca_dim} vectors, got {len(x)}")
+        if config.pca_dim is not None and config.pca_dim < x.shape[1] and len(x) > 2 * config.pca_dim:
             _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
             components = vt[: config.pca_dim]
             if config.whiten:
