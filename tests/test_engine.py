@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vsearch import Engine
+from vsearch.engine import SearchOptions
 from vsearch.errors import FilterError, IndexFormatError, IndexNotFoundError
 
 from .conftest import make_image
@@ -139,7 +140,7 @@ def test_filtered_results_equal_brute_force_over_the_category(index_dir: Path, c
     with build(index_dir, catalog_folder) as engine:
         query = catalog_folder / "Dairy/Milk/p02.jpg"
         raw = engine.embed_queries([engine.load_query(query)])
-        hits = engine.search_vectors(raw, k=3, categories=["Dairy"])[0]
+        hits = engine.search_vectors(raw, SearchOptions(k=3, categories=["Dairy"]))[0]
         xq = engine.projection.apply(raw)[0]
         ids, vectors = zip(*[(int(i), v) for chunk_ids, chunk in engine.catalog.iter_vectors() for i, v in zip(chunk_ids, chunk)])
         owners = engine.catalog.image_products(list(ids))

@@ -9,14 +9,16 @@ it reflects, which is how a crash between the two is detected and repaired.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlite_utils
@@ -24,6 +26,8 @@ import sqlite_utils
 from .errors import ProductNotFoundError
 
 __all__ = ["Catalog", "Product", "ImageRow"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -71,12 +75,24 @@ class ImageRow:
     height: int
 
 
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Catalog, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class Catalog:
     """Products and images. Open with :meth:`open`, close with :meth:`close`."""
 
     def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
         self.db = db
         self.path = path
+        # One connection shared by threads: each method (and each whole transaction)
+        # holds this lock, so statements of concurrent callers never interleave.
+        self._mutex = threading.RLock()
 
     @classmethod
     def open(cls, path: str | Path) -> Catalog:
@@ -96,24 +112,27 @@ class Catalog:
     def transaction(self) -> Iterator[None]:
         """One atomic write: all of it lands, or none of it; bumps the generation."""
         conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute(
-                "INSERT INTO meta(key, value) VALUES('generation', '1') "
-                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-            )
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._mutex:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('generation', '1') "
+                    "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     @property
+    @_locked
     def generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(row[0]) if row else 0
 
     # products -----------------------------------------------------------------
+    @_locked
     def upsert_product(
         self, product_id: str, *, title: str = "", category: str = "", attributes: dict[str, Any] | None = None
     ) -> bool:
@@ -135,12 +154,14 @@ class Catalog:
             )
         return True
 
+    @_locked
     def product(self, product_id: str) -> Product:
         row = self.db.execute("SELECT * FROM products WHERE id = ?", [product_id]).fetchone()
         if row is None:
             raise ProductNotFoundError(f"no product {product_id!r}")
         return _product(row)
 
+    @_locked
     def products(self, product_ids: list[str]) -> dict[str, Product]:
         found: dict[str, Product] = {}
         for chunk in _chunks(product_ids, 500):
@@ -149,9 +170,11 @@ class Catalog:
                 found[row[0]] = _product(row)
         return found
 
+    @_locked
     def product_ids(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT id FROM products")}
 
+    @_locked
     def remove_products(self, product_ids: list[str]) -> list[int]:
         """Delete products and their images; returns the removed image ids."""
         removed: list[int] = []
@@ -163,6 +186,7 @@ class Catalog:
         return removed
 
     # images -------------------------------------------------------------------
+    @_locked
     def image(self, product_id: str, source: str) -> ImageRow | None:
         row = self.db.execute(
             "SELECT id, product_id, source, sha256, width, height FROM images WHERE product_id = ? AND source = ?",
@@ -170,18 +194,21 @@ class Catalog:
         ).fetchone()
         return ImageRow(*row) if row else None
 
+    @_locked
     def image_by_id(self, image_id: int) -> ImageRow | None:
         row = self.db.execute(
             "SELECT id, product_id, source, sha256, width, height FROM images WHERE id = ?", [image_id]
         ).fetchone()
         return ImageRow(*row) if row else None
 
+    @_locked
     def images_of(self, product_id: str) -> list[ImageRow]:
         rows = self.db.execute(
             "SELECT id, product_id, source, sha256, width, height FROM images WHERE product_id = ? ORDER BY id", [product_id]
         )
         return [ImageRow(*row) for row in rows]
 
+    @_locked
     def put_image(self, product_id: str, source: str, sha256: str, width: int, height: int, vector: np.ndarray) -> int:
         """Insert or replace an image's content; an existing (product, source) keeps its id."""
         now = time.time()
@@ -200,6 +227,7 @@ class Catalog:
         )
         return existing.id
 
+    @_locked
     def remove_images(self, image_ids: list[int]) -> None:
         for chunk in _chunks(image_ids, 500):
             self.db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
@@ -208,9 +236,10 @@ class Catalog:
         """(ids, raw vectors) in id order, a chunk at a time."""
         last = -1
         while True:
-            rows = self.db.execute(
-                "SELECT id, vector FROM images WHERE id > ? AND vector IS NOT NULL ORDER BY id LIMIT ?", [last, batch]
-            ).fetchall()
+            with self._mutex:
+                rows = self.db.execute(
+                    "SELECT id, vector FROM images WHERE id > ? AND vector IS NOT NULL ORDER BY id LIMIT ?", [last, batch]
+                ).fetchall()
             if not rows:
                 return
             ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -218,6 +247,7 @@ class Catalog:
             yield ids, vectors
             last = int(ids[-1])
 
+    @_locked
     def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
         """Up to ``n`` raw vectors drawn uniformly at random (all of them if fewer)."""
         ids = [r[0] for r in self.db.execute("SELECT id FROM images WHERE vector IS NOT NULL ORDER BY id")]
@@ -229,6 +259,7 @@ class Catalog:
             vectors += [np.frombuffer(r[0], dtype=np.float32) for r in rows]
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
+    @_locked
     def image_products(self, image_ids: list[int]) -> dict[int, str]:
         found: dict[int, str] = {}
         for chunk in _chunks(image_ids, 500):
@@ -236,6 +267,7 @@ class Catalog:
             found.update(self.db.execute(f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk).fetchall())
         return found
 
+    @_locked
     def category_image_ids(self) -> dict[str, np.ndarray]:
         """Leaf category -> sorted image ids; the basis of filtered search."""
         groups: dict[str, list[int]] = {}
@@ -244,6 +276,7 @@ class Catalog:
             groups.setdefault(category, []).append(image_id)
         return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
 
+    @_locked
     def counts(self) -> dict[str, int]:
         one = self.db.execute
         return {
@@ -252,6 +285,25 @@ class Catalog:
             "categories": one("SELECT count(DISTINCT category) FROM products").fetchone()[0],
         }
 
+    @_locked
+    def product_counts_by_category(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT category, count(*) FROM products GROUP BY category").fetchall())
+
+    @_locked
+    def vectors_of(self, product_id: str) -> np.ndarray:
+        rows = self.db.execute("SELECT vector FROM images WHERE product_id = ? AND vector IS NOT NULL", [product_id])
+        vectors = [np.frombuffer(r[0], dtype=np.float32) for r in rows]
+        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+    @_locked
+    def image_sources(self, image_ids: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for chunk in _chunks(image_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            found.update(self.db.execute(f"SELECT id, source FROM images WHERE id IN ({marks})", chunk).fetchall())
+        return found
+
+    @_locked
     def category_counts(self) -> dict[str, int]:
         rows = self.db.execute(
             "SELECT p.category, count(i.id) FROM products p LEFT JOIN images i ON i.product_id = p.id GROUP BY p.category"

@@ -1,6 +1,12 @@
 """The engine: one object that owns an index directory and answers every request.
 
 The CLI and the API are thin adapters over these methods.
+
+Concurrency: any number of searches run at once. Writers (ingest, product writes,
+refits) take turns on ``_writer`` and do their slow part (decoding, the model)
+while searches go on; they hold the readers-writer lock exclusively only to apply
+a finished change to the catalog and the index together, so a search sees a write
+completely or not at all.
 """
 
 from __future__ import annotations
@@ -8,43 +14,40 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .catalog import Catalog
+from .catalog import Catalog, ImageRow, Product
 from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
 from .embed import Embedder, Preprocess, pick_device
-from .errors import FilterError, ImageError, IndexFormatError, IndexNotFoundError, VsearchError
-from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
+from .errors import FilterError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
+from .fetch import TRUSTED, FetchPolicy, fetch_url
+from .fsutil import atomic_write_bytes
+from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
 from .index import VectorIndex, choose_factory
 from .ingest import IngestReport, ingest_items
+from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
+from .query import Hit, SearchOptions, matches_category, suggest_categories
 from .sources import Item, read_source_items
 
-__all__ = ["Engine", "Hit", "DEFAULT_MODEL"]
+__all__ = ["Engine", "Hit", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet-lite2"
 FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 QueryImage = bytes | str | os.PathLike[str] | Image.Image
+ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
 
 
 @dataclass(frozen=True)
-class Hit:
-    product_id: str
-    image_id: int
-    score: float
-    title: str
-    category: str
-    attributes: dict[str, Any]
-    image: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "score": round(self.score, 6)}
+class ProductView:
+    product: Product
+    images: list[ImageRow] = field(default_factory=list)
 
 
 class Engine:
@@ -59,8 +62,10 @@ class Engine:
         self.preprocess = Preprocess(manifest.model)
         self.index: VectorIndex | None = None
         self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
         self._categories: dict[str, np.ndarray] | None = None
-        self._lock = threading.RLock()
+        self._rw = RWLock()
+        self._writer = threading.RLock()
 
     # lifecycle ----------------------------------------------------------------
     @classmethod
@@ -100,9 +105,10 @@ class Engine:
         return engine
 
     def close(self) -> None:
-        self.catalog.close()
-        self.index = None
-        self._embedder = None
+        with self._writer, self._rw.write():
+            self.catalog.close()
+            self.index = None
+            self._embedder = None
 
     def __enter__(self) -> Engine:
         return self
@@ -113,11 +119,14 @@ class Engine:
     @property
     def embedder(self) -> Embedder:
         """The model, loaded on first use (a re-ingest of unchanged data never loads it)."""
-        if self._embedder is None:
-            self._embedder = Embedder(self.manifest.model, device=self.device)
-            if not self.manifest.raw_dim:
-                self.manifest.raw_dim = self._embedder.dim
-        return self._embedder
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.manifest.model, device=self.device)
+            return self._embedder
+
+    @property
+    def has_text(self) -> bool:
+        return self.manifest.model.family == "open_clip" and self.manifest.model.layers == ("embed",)
 
     # writing ------------------------------------------------------------------
     def ingest(
@@ -132,14 +141,16 @@ class Engine:
     ) -> IngestReport:
         """Add or update the products in ``source`` (folder, CSV, JSONL or items)."""
         items = read_source_items(source) if isinstance(source, (str, os.PathLike)) else list(source)
-        with self._lock:
+        with self._writer:
             report = ingest_items(
                 self.catalog,
                 self.preprocess,
                 lambda: self.embedder,
                 items,
                 on_batch=self._add_raw,
+                on_remove=self._remove_ids,
                 checkpoint=self._save,
+                apply_lock=self._rw.write,
                 prune=prune,
                 batch_size=batch_size,
                 workers=workers,
@@ -147,8 +158,6 @@ class Engine:
                 quiet=quiet,
                 rejects_path=self.paths.rejects,
             )
-            if self.index is not None and report.removed_image_ids:
-                self.index.remove(np.array(report.removed_image_ids))
             self._categories = None
             if center_on is not None or not self.manifest.projection_fitted:
                 self.fit_projection(center_on)
@@ -159,48 +168,152 @@ class Engine:
 
     def fit_projection(self, center_on: str | os.PathLike[str] | None = None) -> None:
         """Fit centring/PCA (on in-domain photos if given, else the catalog) and rebuild the index."""
-        if center_on is not None:
-            sources = [item.image for item in read_source_items(center_on)]
-            raw = self._embed_sources(sources, tta=self.manifest.model.query_tta)
-        else:
-            raw = self.catalog.sample_vectors(FIT_SAMPLE)
-        if len(raw) == 0:
-            return
-        self.projection = Projection.fit(raw, self.manifest.projection)
-        self.projection.save(self.paths.projection)
-        self.manifest.projection_fitted = True
-        self.manifest.raw_dim = int(raw.shape[1])
-        self.manifest.dim = self.projection.out_dim(self.manifest.raw_dim)
-        self.rebuild_index()
-        self._save()
+        with self._writer:
+            if center_on is not None:
+                sources = [item.image for item in read_source_items(center_on)]
+                raw = self._embed_sources(sources, tta=self.manifest.model.query_tta)
+            else:
+                raw = self.catalog.sample_vectors(FIT_SAMPLE)
+            if len(raw) == 0:
+                return
+            projection = Projection.fit(raw, self.manifest.projection)
+            index = self._build_index(projection)
+            with self._rw.write():
+                projection.save(self.paths.projection)
+                self.projection, self.index = projection, index
+                self.manifest.projection_fitted = True
+                self.manifest.raw_dim = int(raw.shape[1])
+                self.manifest.dim = projection.out_dim(self.manifest.raw_dim)
+                self.manifest.factory = index.factory
+            self._save()
 
     def rebuild_index(self) -> None:
         """Rebuild the faiss index from the catalog's stored vectors (no model work)."""
-        n = self.catalog.counts()["images"]
-        dim = self.manifest.dim
-        factory = self.manifest.index.factory or choose_factory(n, dim)
-        index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
-        if not index.is_trained:
-            index.train(self.projection.apply(self.catalog.sample_vectors(FIT_SAMPLE)))
-        for ids, raw in self.catalog.iter_vectors():
-            index.add(ids, self.projection.apply(raw))
-        index.to_gpu()
-        self.index = index
-        self.manifest.factory = factory
+        with self._writer:
+            index = self._build_index(self.projection)
+            with self._rw.write():
+                self.index = index
+                self.manifest.factory = index.factory
+
+    def put_product(
+        self,
+        product_id: str,
+        *,
+        title: str = "",
+        category: str = "",
+        attributes: dict[str, Any] | None = None,
+        images: Sequence[ImageSource] | None = None,
+        fetch_policy: FetchPolicy = TRUSTED,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> ProductView:
+        """Create or replace a product. ``images`` (if given) replace its images."""
+        category = category.strip().strip("/")
+        with self._writer:
+            prepared = [self._prepare_image(source, fetch_policy, max_pixels) for source in images or []]
+            raw = self.embedder.embed_images([p[4] for p in prepared]) if prepared else None
+            with self._rw.write():
+                with self.catalog.transaction():
+                    self.catalog.upsert_product(product_id, title=title, category=category, attributes=attributes)
+                    ids = [
+                        self.catalog.put_image(product_id, src, sha, w, h, vector)
+                        for (src, sha, w, h, _), vector in zip(prepared, raw if raw is not None else [])
+                    ]
+                    removed: list[int] = []
+                    if images is not None:
+                        removed = [row.id for row in self.catalog.images_of(product_id) if row.id not in ids]
+                        self.catalog.remove_images(removed)
+                if self.index is not None:
+                    self.index.remove(np.array(removed, dtype=np.int64))
+                if raw is not None:
+                    self._add_raw(np.array(ids, dtype=np.int64), raw)
+                self._categories = None
+            if not self.manifest.projection_fitted:
+                self.fit_projection()
+            self._save()
+        return self.product(product_id)
+
+    def delete_product(self, product_id: str) -> None:
+        if not self._product_exists(product_id):
+            raise ProductNotFoundError(f"no product {product_id!r}")
+        self.remove_products([product_id])
 
     def remove_products(self, product_ids: list[str]) -> int:
-        with self._lock, self.catalog.transaction():
-            removed = self.catalog.remove_products(product_ids)
-        if self.index is not None:
-            self.index.remove(np.array(removed, dtype=np.int64))
-        self._categories = None
-        self._save()
+        """Delete products and their images; returns how many images went."""
+        with self._writer:
+            with self._rw.write():
+                with self.catalog.transaction():
+                    removed = self.catalog.remove_products(product_ids)
+                if self.index is not None:
+                    self.index.remove(np.array(removed, dtype=np.int64))
+                self._categories = None
+            self._save()
         return len(removed)
 
     # reading ------------------------------------------------------------------
+    def product(self, product_id: str) -> ProductView:
+        with self._rw.read():
+            return ProductView(self.catalog.product(product_id), self.catalog.images_of(product_id))
+
+    def image(self, image_id: int) -> ImageRow:
+        with self._rw.read():
+            row = self.catalog.image_by_id(image_id)
+        if row is None:
+            raise ProductNotFoundError(f"no image {image_id}")
+        return row
+
+    def image_bytes(self, row: ImageRow, fetch_policy: FetchPolicy = TRUSTED) -> bytes:
+        """An image's bytes: the stored upload, the local file, or the URL."""
+        stored = self._stored_path(row.sha256)
+        if stored is not None:
+            return stored.read_bytes()
+        if is_url(row.source):
+            return fetch_url(row.source, fetch_policy)
+        return read_source(row.source)
+
+    def categories(self) -> list[dict[str, Any]]:
+        """The category tree: ``name``, ``path``, ``products`` (with descendants), ``children``."""
+        with self._rw.read():
+            counts = self.catalog.product_counts_by_category()
+        root: dict[str, Any] = {"children": {}}
+        for path, n in sorted(counts.items()):
+            node = root
+            parts = [p for p in path.split("/") if p]
+            for depth, part in enumerate(parts):
+                node = node["children"].setdefault(
+                    part, {"name": part, "path": "/".join(parts[: depth + 1]), "products": 0, "children": {}}
+                )
+                node["products"] += n
+        return _tree_lists(root)["children"]
+
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Query vectors (query-side TTA per the model config), before projection."""
         return self.embedder.embed_images(list(images), tta=self.manifest.model.query_tta)
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        if not self.has_text:
+            raise ModelError(
+                f"model {self.manifest.model.name!r} cannot search by text; build the index with an open_clip "
+                "model such as --model ViT-B-32:laion2b_s34b_b79k"
+            )
+        return self.embedder.embed_text(list(texts))
+
+    def product_vector(self, product_id: str) -> np.ndarray:
+        """The mean raw vector of a product's images: the query for "more like this"."""
+        with self._rw.read():
+            vectors = self.catalog.vectors_of(product_id)
+        if len(vectors) == 0:
+            if not self._product_exists(product_id):
+                raise ProductNotFoundError(f"no product {product_id!r}")
+            raise ProductNotFoundError(f"product {product_id!r} has no searchable image")
+        return vectors.mean(axis=0, keepdims=True)
+
+    def load_query(self, image: QueryImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, bytes):
+            return decode_image(image, "<upload>", max_pixels=max_pixels)
+        source = os.fspath(image)
+        return decode_image(read_source(source), source, max_pixels=max_pixels)
 
     def search(
         self,
@@ -213,56 +326,49 @@ class Engine:
     ) -> list[Hit]:
         """The catalog items most similar to ``image`` (bytes, path or PIL image)."""
         raw = self.embed_queries([self.load_query(image)])
-        return self.search_vectors(
-            raw, k=k, categories=categories, exclude_categories=exclude_categories, group_by_product=group_by_product
-        )[0]
+        options = SearchOptions(
+            k=k, categories=categories or (), exclude_categories=exclude_categories or (), group_by_product=group_by_product
+        )
+        return self.search_vectors(raw, options)[0]
 
-    def load_query(self, image: QueryImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-        if isinstance(image, Image.Image):
-            return image
-        if isinstance(image, bytes):
-            return decode_image(image, "<upload>", max_pixels=max_pixels)
-        source = os.fspath(image)
-        return decode_image(read_source(source), source, max_pixels=max_pixels)
-
-    def search_vectors(
-        self,
-        raw: np.ndarray,
-        *,
-        k: int = 10,
-        categories: Sequence[str] | None = None,
-        exclude_categories: Sequence[str] | None = None,
-        group_by_product: bool = True,
-    ) -> list[list[Hit]]:
+    def search_vectors(self, raw: np.ndarray, options: SearchOptions | None = None) -> list[list[Hit]]:
         """Search with raw (unprojected) query vectors; one hit list per row."""
-        if k < 1:
-            raise VsearchError("k must be at least 1")
-        with self._lock:
+        options = options or SearchOptions()
+        want = options.k + options.offset
+        with self._rw.read():
             if self.index is None or self.index.ntotal == 0:
                 return [[] for _ in range(len(raw))]
             xq = self.projection.apply(raw)
-            blocks = self._blocks(categories, exclude_categories)
+            blocks = self._blocks(options.categories, options.exclude_categories)
             ntotal = self.index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
-            k_img = min(ntotal, k * 4 if group_by_product else k)
+            k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
             while True:
                 D, I = self.index.search(xq, k_img, blocks)
-                hits = [self._hits(d, i, k, group_by_product) for d, i in zip(D, I)]
-                if all(len(h) >= k for h in hits) or k_img >= ntotal:
-                    return hits
+                hits = [self._hits(d, i, want, options) for d, i in zip(D, I)]
+                if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
+                    return [h[options.offset :] for h in hits]
                 k_img = min(ntotal, k_img * 4)
 
+    def suggest(self, raw: np.ndarray, neighbours: int = 20) -> list[list[tuple[str, float]]]:
+        """Categories the query's nearest neighbours vote for, with their share."""
+        hits = self.search_vectors(raw, SearchOptions(k=neighbours, group_by_product=False))
+        return [suggest_categories([h.category for h in row]) for row in hits]
+
     def info(self) -> dict[str, Any]:
-        counts = self.catalog.counts()
+        with self._rw.read():
+            counts = self.catalog.counts()
+            vectors = self.index.ntotal if self.index is not None else 0
         return {
             "path": str(self.paths.root),
             **counts,
-            "vectors": self.index.ntotal if self.index is not None else 0,
+            "vectors": vectors,
             "model": self.manifest.model.name,
             "layers": list(self.manifest.model.layers),
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
             "factory": self.manifest.factory,
             "projection": {**self.manifest.projection.__dict__, "fitted_on": self.projection.fitted_on},
+            "text_search": self.has_text,
             "format_version": self.manifest.format_version,
         }
 
@@ -279,22 +385,77 @@ class Engine:
             self.rebuild_index()
             self._save()
 
+    def _build_index(self, projection: Projection) -> VectorIndex:
+        n = self.catalog.counts()["images"]
+        dim = projection.out_dim(self.manifest.raw_dim or _raw_dim(self.catalog))
+        factory = self.manifest.index.factory or choose_factory(n, dim)
+        index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
+        if not index.is_trained:
+            index.train(projection.apply(self.catalog.sample_vectors(FIT_SAMPLE)))
+        for ids, raw in self.catalog.iter_vectors():
+            index.add(ids, projection.apply(raw))
+        index.to_gpu()
+        return index
+
+    def _remove_ids(self, ids: np.ndarray) -> None:
+        if self.index is not None:
+            self.index.remove(ids)
+        self._categories = None
+
     def _add_raw(self, ids: np.ndarray, raw: np.ndarray) -> None:
         if self.index is not None and self.manifest.projection_fitted:
             self.index.add(ids, self.projection.apply(raw))
 
     def _save(self) -> None:
-        if self.index is not None:
-            self.index.save(self.paths.index)
-        counts = self.catalog.counts()
-        self.manifest.counts = {**counts, "vectors": self.index.ntotal if self.index is not None else 0}
-        self.manifest.catalog_generation = self.catalog.generation if self.index is not None else -1
-        self.manifest.save(self.paths)
+        with self._rw.read():  # saving only reads the index; searches may go on
+            if self.index is not None:
+                self.index.save(self.paths.index)
+            counts = self.catalog.counts()
+            self.manifest.counts = {**counts, "vectors": self.index.ntotal if self.index is not None else 0}
+            self.manifest.catalog_generation = self.catalog.generation if self.index is not None else -1
+            self.manifest.save(self.paths)
 
     def _factory_outgrown(self) -> bool:
         if self.manifest.index.factory or self.index is None:
             return False
         return choose_factory(self.index.ntotal, self.manifest.dim) != self.manifest.factory
+
+    def _product_exists(self, product_id: str) -> bool:
+        try:
+            self.catalog.product(product_id)
+        except ProductNotFoundError:
+            return False
+        return True
+
+    def _prepare_image(self, source: ImageSource, policy: FetchPolicy, max_pixels: int) -> tuple[str, str, int, int, Image.Image]:
+        """(source, sha256, width, height, image) for an upload, a URL or a path."""
+        if isinstance(source, bytes):
+            data, label = source, "<upload>"
+        elif is_url(source):
+            data, label = fetch_url(source, policy), source
+        else:
+            data, label = read_source(source), source
+        image = decode_image(data, label, max_pixels=max_pixels)
+        sha = sha256_bytes(data)
+        if isinstance(source, bytes):
+            label = str(self._store(data, sha, image))  # uploads live in the index directory
+        elif is_url(source):
+            self._store(data, sha, image)  # a local copy for thumbnails; the URL stays the source
+        return label, sha, image.width, image.height, image
+
+    def _store(self, data: bytes, sha: str, image: Image.Image) -> Path:
+        folder = self.paths.root / "images"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{sha}.{(image.format or 'bin').lower()}"
+        existing = self._stored_path(sha)
+        if existing is not None:
+            return existing
+        atomic_write_bytes(path, data)
+        return path
+
+    def _stored_path(self, sha: str) -> Path | None:
+        matches = sorted((self.paths.root / "images").glob(f"{sha}.*"))
+        return matches[0] if matches else None
 
     def _embed_sources(self, sources: list[str], *, tta: bool) -> np.ndarray:
         """Raw vectors of readable images among ``sources``; unreadable ones are skipped."""
@@ -310,7 +471,7 @@ class Engine:
                 vectors.append(self.embedder.embed_images(images, tta=tta))
         return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
-    def _blocks(self, categories: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[object, np.ndarray] | None:
+    def _blocks(self, categories: Sequence[str], exclude: Sequence[str]) -> dict[object, np.ndarray] | None:
         if not categories and not exclude:
             return None
         if self._categories is None:
@@ -318,42 +479,48 @@ class Engine:
         leaves = self._categories
         chosen = set(leaves)
         if categories:
-            chosen = {c for c in leaves if any(_matches(c, p) for p in categories)}
-            unknown = [p for p in categories if not any(_matches(c, p) for c in leaves)]
+            chosen = {c for c in leaves if any(matches_category(c, p) for p in categories)}
+            unknown = [p for p in categories if not any(matches_category(c, p) for c in leaves)]
             if unknown:
                 raise FilterError(f"no category matches {', '.join(map(repr, unknown))}")
         if exclude:
-            chosen = {c for c in chosen if not any(_matches(c, p) for p in exclude)}
+            chosen = {c for c in chosen if not any(matches_category(c, p) for p in exclude)}
         return {c: leaves[c] for c in sorted(chosen)}
 
-    def _hits(self, D: np.ndarray, I: np.ndarray, k: int, group: bool) -> list[Hit]:
-        valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0]
+    def _past_min_score(self, D: np.ndarray, options: SearchOptions) -> bool:
+        return options.min_score is not None and bool((D[:, -1] < options.min_score).all())
+
+    def _hits(self, D: np.ndarray, I: np.ndarray, k: int, options: SearchOptions) -> list[Hit]:
+        valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0 and (options.min_score is None or d >= options.min_score)]
         owners = self.catalog.image_products([i for _, i in valid])
+        excluded = set(options.exclude_products)
         picked: list[tuple[float, int, str]] = []
         seen: set[str] = set()
         for score, image_id in valid:
             product_id = owners.get(image_id)
-            if product_id is None or (group and product_id in seen):
+            if product_id is None or product_id in excluded or (options.group_by_product and product_id in seen):
                 continue
             seen.add(product_id)
             picked.append((score, image_id, product_id))
             if len(picked) == k:
                 break
         products = self.catalog.products([p for _, _, p in picked])
-        hits = []
-        for score, image_id, product_id in picked:
-            product = products[product_id]
-            row = self.catalog.image_by_id(image_id)
-            hits.append(
-                Hit(product_id, image_id, score, product.title, product.category, product.attributes, row.source if row else "")
-            )
-        return hits
+        sources = self.catalog.image_sources([i for _, i, _ in picked])
+        return [
+            Hit(pid, iid, score, products[pid].title, products[pid].category, products[pid].attributes, sources.get(iid, ""))
+            for score, iid, pid in picked
+        ]
+
+
+def _raw_dim(catalog: Catalog) -> int:
+    sample = catalog.sample_vectors(1)
+    return int(sample.shape[1]) if sample.size else 0
+
+
+def _tree_lists(node: dict[str, Any]) -> dict[str, Any]:
+    node["children"] = [_tree_lists(child) for child in node["children"].values()]
+    return node
 
 
 def _describe(model: ModelConfig) -> str:
     return f"(layers {','.join(model.layers)}, pooling {','.join(model.poolings)})"
-
-
-def _matches(category: str, pattern: str) -> bool:
-    pattern = pattern.strip("/")
-    return bool(pattern) and (category == pattern or category.startswith(pattern + "/"))

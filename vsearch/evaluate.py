@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, Hit
+from .engine import Engine, Hit, SearchOptions
 from .errors import ImageError, ManifestError, VsearchError
 from .images import decode_image, read_source
 from .sources import read_manifest
@@ -134,7 +134,7 @@ def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32)
             found: list[list[Hit]] = [[] for _ in chunk]
             if ok:
                 raw = engine.embed_queries([images[i] for i in ok])
-                for i, hits in zip(ok, engine.search_vectors(raw, k=k)):
+                for i, hits in zip(ok, engine.search_vectors(raw, SearchOptions(k=k))):
                     found[i] = hits
             results.extend(found)
     return results

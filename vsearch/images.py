@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import urllib.error
-import urllib.request
 import warnings
 
 import numpy as np
@@ -42,16 +40,12 @@ def read_source(source: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int =
 
 
 def _fetch(url: str, *, timeout: float, max_bytes: int) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "vsearch"})  # noqa: S310 - http(s) only
+    from .fetch import FetchError, FetchPolicy, fetch_url
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - callers pass http(s) only
-            data: bytes = response.read(max_bytes + 1)
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ImageError(url, f"download failed: {reason}") from exc
-    if len(data) > max_bytes:
-        raise ImageError(url, f"download larger than {max_bytes} bytes")
-    return data
+        return fetch_url(url, FetchPolicy(allow_private=True, timeout_s=timeout, max_bytes=max_bytes))
+    except FetchError as exc:
+        raise ImageError(url, f"download failed: {exc}") from exc
 
 
 def decode_image(data: bytes, source: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def ingest_items(
     *,
     on_batch: OnBatch,
     checkpoint: Callable[[], None],
+    on_remove: Callable[[np.ndarray], None] = lambda ids: None,
+    apply_lock: Callable[[], AbstractContextManager[None]] = nullcontext,
     prune: bool = False,
     batch_size: int = 32,
     workers: int | None = None,
@@ -100,7 +103,7 @@ def ingest_items(
         unique[(item.product_id, item.image)] = item
     report.duplicates = len(items) - len(unique)
 
-    with catalog.transaction():
+    with apply_lock(), catalog.transaction():
         for item in unique.values():
             catalog.upsert_product(item.product_id, title=item.title, category=item.category, attributes=item.attributes)
 
@@ -144,7 +147,9 @@ def ingest_items(
         bar.close()
 
     if prune:
-        report.removed_products, report.removed_image_ids = _prune(catalog, unique)
+        with apply_lock():
+            report.removed_products, report.removed_image_ids = _prune(catalog, unique)
+            on_remove(np.array(report.removed_image_ids, dtype=np.int64))
         report.removed_images = len(report.removed_image_ids)
     if rejects_path is not None:
         lines = "".join(json.dumps(r.__dict__) + "\n" for r in report.rejected)

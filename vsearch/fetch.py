@@ -1,0 +1,125 @@
+"""Fetching images from http(s) URLs without becoming an SSRF proxy.
+
+Every hop (the URL and each redirect) is resolved once, every address it resolves
+to must be public unless the policy allows private ones, and the connection goes to
+that checked address (so a DNS answer cannot change between check and use). Bodies
+are capped while streaming; the whole fetch has a timeout per socket operation.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from .errors import VsearchError
+
+__all__ = ["FetchPolicy", "FetchError", "UrlBlockedError", "TooLargeError", "fetch_url", "check_address"]
+
+
+class FetchError(VsearchError):
+    """The URL could not be fetched (unreachable, timeout, HTTP error)."""
+
+
+class UrlBlockedError(FetchError):
+    """The URL points somewhere the policy forbids (scheme, private address)."""
+
+
+class TooLargeError(FetchError):
+    """The body is larger than allowed."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_private: bool = False  # loopback, private, link-local, metadata, CGNAT, ...
+    timeout_s: float = 10.0
+    max_bytes: int = 10 * 1024 * 1024
+    max_redirects: int = 5
+
+
+TRUSTED = FetchPolicy(allow_private=True, timeout_s=15.0, max_bytes=32 * 1024 * 1024)
+
+
+def check_address(ip: str, policy: FetchPolicy) -> None:
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not policy.allow_private and not address.is_global:
+        raise UrlBlockedError(f"address {address} is not public (loopback, private, link-local or reserved)")
+
+
+def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:
+    for _ in range(policy.max_redirects + 1):
+        response, connection = _open(url, policy)
+        try:
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise FetchError(f"{url}: redirect without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise FetchError(f"{url}: HTTP {response.status}")
+            return _read_capped(response, policy.max_bytes, url)
+        finally:
+            connection.close()
+    raise FetchError(f"{url}: more than {policy.max_redirects} redirects")
+
+
+def _open(url: str, policy: FetchPolicy) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UrlBlockedError(f"{url}: only http(s) URLs with a host are allowed")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FetchError(f"{url}: cannot resolve {parts.hostname}: {exc}") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    for address in addresses:
+        check_address(address, policy)
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":
+        connection = _PinnedHTTPSConnection(addresses[0], parts.hostname, port, policy.timeout_s)
+    else:
+        connection = http.client.HTTPConnection(addresses[0], port, timeout=policy.timeout_s)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        connection.request("GET", path, headers={"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": "vsearch"})
+        return connection.getresponse(), connection
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
+        raise FetchError(f"{url}: {exc}") from exc
+
+
+def _read_capped(response: http.client.HTTPResponse, max_bytes: int, url: str) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise TooLargeError(f"{url}: {declared} bytes is more than the {max_bytes}-byte limit")
+    chunks, total = [], 0
+    try:
+        while chunk := response.read(65536):
+            total += len(chunk)
+            if total > max_bytes:
+                raise TooLargeError(f"{url}: more than the {max_bytes}-byte limit")
+            chunks.append(chunk)
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchError(f"{url}: {exc}") from exc
+    return b"".join(chunks)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a checked address, with SNI and certificate checks for the hostname."""
+
+    def __init__(self, address: str, hostname: str, port: int, timeout: float) -> None:
+        super().__init__(address, port, timeout=timeout, context=ssl.create_default_context())
+        self._hostname = hostname
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self._hostname)  # type: ignore[attr-defined]

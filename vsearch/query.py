@@ -1,0 +1,60 @@
+"""Search options and results: what a query asks for and what it gets back."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Hit", "SearchOptions", "matches_category", "suggest_categories", "MAX_K"]
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Everything about a search except the query itself."""
+
+    k: int = 10
+    offset: int = 0
+    categories: Sequence[str] = ()
+    exclude_categories: Sequence[str] = ()
+    exclude_products: Sequence[str] = ()
+    min_score: float | None = None
+    group_by_product: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise ConfigError(f"k must be between 1 and {MAX_K}")
+        if self.offset < 0:
+            raise ConfigError("offset must not be negative")
+
+
+@dataclass(frozen=True)
+class Hit:
+    product_id: str
+    image_id: int
+    score: float
+    title: str
+    category: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    image: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "score": round(self.score, 6)}
+
+
+def matches_category(category: str, pattern: str) -> bool:
+    """``Fruit`` matches ``Fruit`` and ``Fruit/Apple``, not ``Fruitcake``."""
+    pattern = pattern.strip("/")
+    return bool(pattern) and (category == pattern or category.startswith(pattern + "/"))
+
+
+def suggest_categories(neighbour_categories: Sequence[str], limit: int = 5) -> list[tuple[str, float]]:
+    """Categories voted by nearest neighbours, with their share of the vote."""
+    votes = Counter(c for c in neighbour_categories if c)
+    total = sum(votes.values())
+    return [(c, round(n / total, 4)) for c, n in votes.most_common(limit)] if total else []
