@@ -92,11 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("models", _models, "List the built-in models and their layers.")
     p.add_argument("--json", action="store_true")
 
-    p = command("demo", _demo, "Build a demo index from a product-image folder.")
+    p = command("serve", _serve, "Serve the HTTP API (/v1), the web page (/) and the OpenAPI docs (/docs).")
+    _index_arg(p, env.index_dir)
+    _serve_args(p)
+
+    p = command("demo", _demo, "Build a demo index from a product-image folder, then serve it.")
     p.add_argument("--data", default=env.demo_data, help="data folder, e.g. ../shared/datasets/grocery-store")
     _index_arg(p, "indexes/demo")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-serve", action="store_true", help="build the index and exit")
+    _serve_args(p)
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--config", help="JSON file of serve settings (API keys, limits); env VSEARCH_CONFIG")
+    p.add_argument("--no-batching", action="store_true", help="one model forward per request (no micro-batching)")
 
 
 def _index_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -201,7 +214,25 @@ def _models(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import build_demo
 
-    build_demo(args.data, args.index, quiet=args.quiet)
+    build_demo(args.data, args.index, quiet=args.quiet).close()
+    return 0 if args.no_serve else _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import create_app
+    from .settings import serve_config
+
+    config = serve_config(args.config, index_dir=str(args.index), batch_max=1 if args.no_batching else None)
+    if not Path(config.index_dir, "manifest.json").exists():
+        from .errors import IndexNotFoundError
+
+        raise IndexNotFoundError(
+            f"no index at {config.index_dir} (build one with: vsearch ingest SOURCE --index {config.index_dir})"
+        )
+    print(f"vsearch: serving {config.index_dir} at http://{args.host}:{args.port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "ProjectionConfig", "IndexConfig", "preset", "preset_names", "resolve_model"]
+__all__ = ["ModelConfig", "ProjectionConfig", "IndexConfig", "ServeConfig", "preset", "preset_names", "resolve_model"]
 
 POOLINGS = ("mean", "gem")
 RESIZE_MODES = ("pad", "crop", "squash")
@@ -139,3 +139,34 @@ def resolve_model(name: str, **overrides: Any) -> ModelConfig:
     if "pooling" in clean and isinstance(clean["pooling"], tuple) and len(clean["pooling"]) == 1:
         clean["pooling"] = clean["pooling"][0]
     return replace(config, **clean) if clean else config
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How ``vsearch serve`` behaves. Built by :func:`vsearch.settings.serve_config`
+    from a JSON file and environment variables."""
+
+    index_dir: str = "indexes/default"
+    api_key: str | None = None  # required for writes; without one, writes are refused
+    read_key: str | None = None  # if set, reads need it (or the write key)
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    batch_max: int = 16  # 1 turns micro-batching off
+    batch_wait_ms: float = 4.0
+    queue_size: int = 64
+    allow_private_urls: bool = False
+    url_timeout_s: float = 8.0
+    thumbnail_px: int = 256
+    web_dir: str | None = None  # default: the repository's web/ folder
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or self.batch_max <= 0:
+            raise ConfigError("limits must be positive")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown serve config keys: {sorted(unknown)}")
+        return cls(**data)

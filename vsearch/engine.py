@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,9 +332,16 @@ class Engine:
         )
         return self.search_vectors(raw, options)[0]
 
-    def search_vectors(self, raw: np.ndarray, options: SearchOptions | None = None) -> list[list[Hit]]:
-        """Search with raw (unprojected) query vectors; one hit list per row."""
+    def search_vectors(
+        self, raw: np.ndarray, options: SearchOptions | None = None, timings: dict[str, float] | None = None
+    ) -> list[list[Hit]]:
+        """Search with raw (unprojected) query vectors; one hit list per row.
+
+        ``timings``, if given, receives the milliseconds spent in ``search`` (faiss)
+        and ``lookup`` (catalog rows for the hits).
+        """
         options = options or SearchOptions()
+        timings = timings if timings is not None else {}
         want = options.k + options.offset
         with self._rw.read():
             if self.index is None or self.index.ntotal == 0:
@@ -343,8 +351,12 @@ class Engine:
             ntotal = self.index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
             k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
             while True:
+                start = time.perf_counter()
                 D, I = self.index.search(xq, k_img, blocks)
+                middle = time.perf_counter()
                 hits = [self._hits(d, i, want, options) for d, i in zip(D, I)]
+                timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
+                timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
                 if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
                     return [h[options.offset :] for h in hits]
                 k_img = min(ntotal, k_img * 4)

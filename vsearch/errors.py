@@ -8,11 +8,14 @@ __all__ = [
     "ConfigError",
     "ModelError",
     "ImageError",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
     "ManifestError",
     "IndexNotFoundError",
     "IndexFormatError",
     "ProductNotFoundError",
     "FilterError",
+    "ConflictError",
 ]
 
 
@@ -37,6 +40,14 @@ class ImageError(VsearchError):
         self.reason = reason
 
 
+class ImageTooLargeError(ImageError):
+    """More pixels or bytes than allowed (e.g. a decompression bomb)."""
+
+
+class UnsupportedImageError(ImageError):
+    """The data is not an image in a format vsearch can read."""
+
+
 class ManifestError(VsearchError):
     """A CSV/JSONL manifest is malformed; the message names the line."""
 
@@ -55,3 +66,7 @@ class ProductNotFoundError(VsearchError):
 
 class FilterError(VsearchError):
     """A category filter matches nothing or is malformed."""
+
+
+class ConflictError(VsearchError):
+    """The thing to create exists already."""

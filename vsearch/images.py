@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "read_source", "sha256_bytes", "is_url"]
 
@@ -62,14 +62,14 @@ def decode_image(data: bytes, source: str = "<bytes>", *, max_pixels: int = DEFA
             image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(source, f"image too large: {width}x{height} pixels (limit {max_pixels})")
+                raise ImageTooLargeError(source, f"image too large: {width}x{height} pixels (limit {max_pixels})")
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError(source, "not an image (unrecognised format)") from exc
+        raise UnsupportedImageError(source, "not an image (unrecognised format)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(source, f"image too large: {exc}") from exc
+        raise ImageTooLargeError(source, f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation/corruption as these
         raise ImageError(source, f"corrupt or truncated image: {exc}") from exc
     with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
