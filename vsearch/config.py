@@ -154,7 +154,8 @@ class ServeConfig:
     batch_max: int = 16  # 1 turns micro-batching off
     batch_wait_ms: float = 4.0
     queue_size: int = 64
-    allow_private_urls: bool = False
+    allow_private_urls: bool = False  # let image_url reach loopback/private/link-local addresses
+    allowed_url_networks: tuple[str, ...] = ()  # or only these networks, e.g. ("10.1.2.0/24",)
     url_timeout_s: float = 8.0
     thumbnail_px: int = 256
     web_dir: str | None = None  # default: the repository's web/ folder
@@ -169,4 +170,5 @@ class ServeConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown serve config keys: {sorted(unknown)}")
-        return cls(**data)
+        coerced: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**coerced)

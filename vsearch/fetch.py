@@ -35,6 +35,7 @@ class TooLargeError(FetchError):
 @dataclass(frozen=True)
 class FetchPolicy:
     allow_private: bool = False  # loopback, private, link-local, metadata, CGNAT, ...
+    allowed_networks: tuple[str, ...] = ()  # exceptions, e.g. ("10.1.2.0/24",) for an internal CDN
     timeout_s: float = 10.0
     max_bytes: int = 10 * 1024 * 1024
     max_redirects: int = 5
@@ -47,8 +48,11 @@ def check_address(ip: str, policy: FetchPolicy) -> None:
     address = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    if not policy.allow_private and not address.is_global:
-        raise UrlBlockedError(f"address {address} is not public (loopback, private, link-local or reserved)")
+    if policy.allow_private or address.is_global:
+        return
+    if any(address in ipaddress.ip_network(net, strict=False) for net in policy.allowed_networks):
+        return
+    raise UrlBlockedError(f"address {address} is not public (loopback, private, link-local or reserved)")
 
 
 def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:

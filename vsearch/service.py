@@ -38,7 +38,8 @@ class Query:
     crop: tuple[float, float, float, float] | None = None  # x, y, w, h as fractions
 
     def __post_init__(self) -> None:
-        given = [name for name in ("image", "image_url", "product_id", "text") if getattr(self, name)]
+        given = ["image"] if self.image is not None else []
+        given += [name for name in ("image_url", "product_id", "text") if getattr(self, name)]
         if len(given) != 1:
             raise ConfigError(
                 "give exactly one of image, image_url, product_id or text" + (f" (got {', '.join(given)})" if given else "")
@@ -70,7 +71,10 @@ class SearchService:
         self.engine = engine
         self.config = config
         self.fetch_policy = FetchPolicy(
-            allow_private=config.allow_private_urls, timeout_s=config.url_timeout_s, max_bytes=config.max_upload_bytes
+            allow_private=config.allow_private_urls,
+            allowed_networks=config.allowed_url_networks,
+            timeout_s=config.url_timeout_s,
+            max_bytes=config.max_upload_bytes,
         )
         self._on_batch = on_batch
         self._batcher: MicroBatcher[Image.Image, np.ndarray] | None = None

@@ -57,7 +57,7 @@ function clearQuery() {
   $("status").textContent = "";
   hideError();
   $("file").value = "";
-  $("drop").focus();
+  $("file").focus();
 }
 
 $("file").addEventListener("change", (e) => e.target.files[0] && setFile(e.target.files[0]));
@@ -72,9 +72,6 @@ drop.addEventListener("drop", (e) => {
   const file = [...e.dataTransfer.files].find((f) => f.type.startsWith("image/"));
   if (file) setFile(file);
   else showError("Drop an image file (JPEG, PNG, WebP…).");
-});
-drop.addEventListener("keydown", (e) => {
-  if ((e.key === "Enter" || e.key === " ") && e.target === drop) { e.preventDefault(); $("file").click(); }
 });
 document.addEventListener("paste", (e) => {
   const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
