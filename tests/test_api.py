@@ -293,3 +293,15 @@ def test_searches_never_see_half_a_write(index_dir: Path, tmp_path: Path) -> Non
         for t in threads:
             t.join()
         assert seen and set(seen) <= {0, 2}, f"a search saw {set(seen)} images of a two-image product"
+
+
+def test_text_search_with_an_open_clip_model(tmp_path: Path, catalog_folder: Path) -> None:
+    from vsearch import Engine
+
+    index = tmp_path / "clip"
+    with Engine.open(index, model="tiny-clip:random", create=True) as engine:
+        engine.ingest(catalog_folder, quiet=True, workers=0)
+        assert engine.info()["text_search"] is True
+    with client_for(index) as c:
+        body = c.post("/v1/search?k=3", json={"text": "a red apple"}).json()
+        assert len(body["results"]) == 3 and body["timing_ms"]["embed"] > 0

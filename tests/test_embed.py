@@ -39,6 +39,8 @@ def test_layers_and_per_layer_pooling_shape_the_vector() -> None:
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="unknown model"):
         resolve_model("no-such-model")
+    with pytest.raises(ConfigError, match="unknown open_clip model"):
+        resolve_model("NoSuchArch:laion")
     with pytest.raises(ConfigError, match="pooling"):
         resolve_model("tiny-test", pooling="max")
     with pytest.raises(ConfigError, match="need 2 poolings"):
@@ -64,13 +66,15 @@ def test_lukemelas_mapping_checks_every_shape() -> None:
 
 
 def test_open_clip_path_with_a_tiny_random_model() -> None:
-    embedder = Embedder(resolve_model("tiny-clip:random", image_size=32), device="cpu")
+    config = resolve_model("tiny-clip:random")
+    assert config.image_size == 32 and config.layers == ("embed",)
+    embedder = Embedder(config, device="cpu")
     assert embedder.has_text
     image_vectors = embedder.embed_images([make_image(1), make_image(2)])
     text_vectors = embedder.embed_text(["a red shirt"])
     assert image_vectors.shape == (2, 32) and text_vectors.shape == (1, 32)
     np.testing.assert_allclose(np.linalg.norm(text_vectors, axis=1), 1.0, rtol=1e-5)
-    blocks = Embedder(resolve_model("tiny-clip:random", image_size=32, layers=["block1", "embed"]), device="cpu")
+    blocks = Embedder(resolve_model("tiny-clip:random", layers=["block1", "embed"]), device="cpu")
     assert blocks.dim == 64 + 32
 
 
@@ -78,3 +82,13 @@ def test_text_on_an_image_only_model_says_which_model_to_use() -> None:
     embedder = Embedder(resolve_model("tiny-test"), device="cpu")
     with pytest.raises(ModelError, match="ViT-B-32"):
         embedder.embed_text(["shirt"])
+
+
+def test_open_clip_local_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reference = Embedder(resolve_model("tiny-clip:random"), device="cpu")
+    state = reference.backbone.model.state_dict()  # type: ignore[attr-defined]
+    state = {k: v + 0.01 for k, v in state.items()}
+    torch.save(state, tmp_path / "tiny.pt")
+    loaded = Embedder(resolve_model(f"tiny-clip:{tmp_path / 'tiny.pt'}"), device="cpu")
+    for key, value in loaded.backbone.model.state_dict().items():  # type: ignore[attr-defined]
+        torch.testing.assert_close(value, state[key])

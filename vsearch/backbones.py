@@ -21,7 +21,7 @@ import torch
 from .config import ModelConfig
 from .errors import ModelError
 
-__all__ = ["Backbone", "build_backbone", "lukemelas_to_timm"]
+__all__ = ["Backbone", "build_backbone", "lukemelas_to_timm", "register_bundled_open_clip_configs"]
 
 
 class Backbone(Protocol):
@@ -94,7 +94,7 @@ class OpenClipImage(torch.nn.Module):
         super().__init__()
         import open_clip
 
-        _register_bundled_open_clip_configs(open_clip)
+        register_bundled_open_clip_configs()
         pretrained = config.pretrained or None
         if pretrained in ("random", "none"):
             pretrained = None
@@ -155,9 +155,12 @@ def _load_wheel_weights(package: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _register_bundled_open_clip_configs(open_clip: object) -> None:
+def register_bundled_open_clip_configs() -> None:
+    """Make open_clip know vsearch's own configs (e.g. the tiny test model)."""
+    import open_clip
+
     folder = resources.files("vsearch").joinpath("model_configs").joinpath("open_clip")
     for entry in folder.iterdir():
         if entry.name.endswith(".json"):
             with resources.as_file(entry) as path:
-                open_clip.add_model_config(path)  # type: ignore[attr-defined]
+                open_clip.add_model_config(path)

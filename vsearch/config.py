@@ -93,6 +93,25 @@ class IndexConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _open_clip_defaults(arch: str, pretrained: str) -> dict[str, Any]:
+    """Input size and normalisation from open_clip's configs (no weights are loaded)."""
+    import open_clip
+
+    from .backbones import register_bundled_open_clip_configs
+
+    register_bundled_open_clip_configs()
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ConfigError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+    return {
+        "image_size": int(size if isinstance(size, int) else size[0]),
+        "mean": tuple(tag_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": tuple(tag_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+    }
+
+
 def preset_names() -> list[str]:
     files = resources.files("vsearch").joinpath("model_configs").iterdir()
     return sorted(p.name.removesuffix(".json") for p in files if p.name.endswith(".json"))
@@ -125,8 +144,8 @@ def resolve_model(name: str, **overrides: Any) -> ModelConfig:
             arch=arch,
             pretrained=pretrained,
             layers=("embed",),
-            mean=(0.48145466, 0.4578275, 0.40821073),
-            std=(0.26862954, 0.26130258, 0.27577711),
+            resize="crop",
+            **_open_clip_defaults(arch, pretrained),
         )
     else:
         config = preset(name)
