@@ -106,11 +106,12 @@ class Embedder:
         """Embed RGB images; ``tta`` averages each with its 0.8 centre crop (queries)."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = torch.stack([self.preprocess(im) for im in images])
-        vectors = self.embed_tensor(batch)
+        tensors = [self.preprocess(im) for im in images]
+        if tta:  # one forward for the photos and their crops together
+            tensors += [self.preprocess(center_crop(im, 0.8)) for im in images]
+        vectors = self.embed_tensor(torch.stack(tensors))
         if tta:
-            crops = torch.stack([self.preprocess(center_crop(im, 0.8)) for im in images])
-            vectors = vectors + self.embed_tensor(crops)
+            vectors = vectors[: len(images)] + vectors[len(images) :]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors
 

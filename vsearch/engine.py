@@ -340,31 +340,50 @@ class Engine:
         ``timings``, if given, receives the milliseconds spent in ``search`` (faiss)
         and ``lookup`` (catalog rows for the hits).
         """
+        return self.search_and_suggest(raw, options, timings, neighbours=0)[0]
+
+    def search_and_suggest(
+        self,
+        raw: np.ndarray,
+        options: SearchOptions | None = None,
+        timings: dict[str, float] | None = None,
+        neighbours: int = 20,
+    ) -> tuple[list[list[Hit]], list[list[tuple[str, float]]]]:
+        """Hits, plus the categories the ``neighbours`` nearest images vote for.
+
+        Without filters the vote comes from the same faiss search as the hits.
+        """
         options = options or SearchOptions()
         timings = timings if timings is not None else {}
         want = options.k + options.offset
         with self._rw.read():
             if self.index is None or self.index.ntotal == 0:
-                return [[] for _ in range(len(raw))]
+                return [[] for _ in raw], [[] for _ in raw]
             xq = self.projection.apply(raw)
             blocks = self._blocks(options.categories, options.exclude_categories)
             ntotal = self.index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
             k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
+            if blocks is None:
+                k_img = min(ntotal, max(k_img, neighbours))
+            votes: list[list[tuple[str, float]]] = [[] for _ in raw]
             while True:
                 start = time.perf_counter()
                 D, I = self.index.search(xq, k_img, blocks)
                 middle = time.perf_counter()
                 hits = [self._hits(d, i, want, options) for d, i in zip(D, I)]
+                if neighbours:
+                    if blocks is not None:
+                        I = self.index.search(xq, min(neighbours, self.index.ntotal))[1]
+                    votes = [self._vote(row[:neighbours]) for row in I]
                 timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
                 timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
                 if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
-                    return [h[options.offset :] for h in hits]
+                    return [h[options.offset :] for h in hits], votes
                 k_img = min(ntotal, k_img * 4)
 
     def suggest(self, raw: np.ndarray, neighbours: int = 20) -> list[list[tuple[str, float]]]:
         """Categories the query's nearest neighbours vote for, with their share."""
-        hits = self.search_vectors(raw, SearchOptions(k=neighbours, group_by_product=False))
-        return [suggest_categories([h.category for h in row]) for row in hits]
+        return self.search_and_suggest(raw, SearchOptions(k=1), neighbours=neighbours)[1]
 
     def info(self) -> dict[str, Any]:
         with self._rw.read():
@@ -498,6 +517,11 @@ class Engine:
         if exclude:
             chosen = {c for c in chosen if not any(matches_category(c, p) for p in exclude)}
         return {c: leaves[c] for c in sorted(chosen)}
+
+    def _vote(self, image_ids: np.ndarray) -> list[tuple[str, float]]:
+        owners = self.catalog.image_products([int(i) for i in image_ids if i >= 0])
+        products = self.catalog.products(sorted(set(owners.values())))
+        return suggest_categories([products[p].category for p in owners.values() if p in products])
 
     def _past_min_score(self, D: np.ndarray, options: SearchOptions) -> bool:
         return options.min_score is not None and bool((D[:, -1] < options.min_score).all())
