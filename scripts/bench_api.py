@@ -112,7 +112,8 @@ def serve(index: Path, batching: bool) -> tuple[subprocess.Popen[bytes], int]:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     cmd = [sys.executable, "-m", "vsearch", "serve", "--index", str(index), "--port", str(port)]
-    proc = subprocess.Popen(cmd + ([] if batching else ["--no-batching"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd += ["--batch-max", "16" if batching else "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:  # noqa: S310 - loopback

@@ -305,3 +305,15 @@ def test_text_search_with_an_open_clip_model(tmp_path: Path, catalog_folder: Pat
     with client_for(index) as c:
         body = c.post("/v1/search?k=3", json={"text": "a red apple"}).json()
         assert len(body["results"]) == 3 and body["timing_ms"]["embed"] > 0
+
+
+def test_micro_batched_server_answers_concurrent_searches(index_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with client_for(index_dir, batch_max=8, batch_wait_ms=30.0) as c:
+        assert c.app.state.service.batch_max == 8  # type: ignore[attr-defined]
+        with ThreadPoolExecutor(6) as pool:
+            bodies = list(pool.map(lambda seed: search(c, jpeg(seed), "k=1"), range(6)))
+        assert [b["results"][0]["product_id"].rsplit("/", 1)[-1] for b in bodies] == [f"p{n:02d}" for n in range(6)]
+        error(c.post("/v1/search", data={"text": "x"}), 400, "unsupported_query")
+        assert "vsearch_embed_batch_size_bucket" in c.get("/metrics").text

@@ -109,7 +109,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--config", help="JSON file of serve settings (API keys, limits); env VSEARCH_CONFIG")
-    p.add_argument("--no-batching", action="store_true", help="one model forward per request (no micro-batching)")
+    p.add_argument(
+        "--batch-max", type=int, help="micro-batch size: concurrent queries share a forward (1: off; default 16 on GPU, 1 on CPU)"
+    )
 
 
 def _index_arg(p: argparse.ArgumentParser, default: str) -> None:
@@ -224,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .api import create_app
     from .settings import serve_config
 
-    config = serve_config(args.config, index_dir=str(args.index), batch_max=1 if args.no_batching else None)
+    config = serve_config(args.config, index_dir=str(args.index), batch_max=args.batch_max)
     if not Path(config.index_dir, "manifest.json").exists():
         from .errors import IndexNotFoundError
 

@@ -170,7 +170,7 @@ class ServeConfig:
     read_key: str | None = None  # if set, reads need it (or the write key)
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-    batch_max: int = 16  # 1 turns micro-batching off
+    batch_max: int | None = None  # None: 16 when the model runs on a GPU, 1 (off) on the CPU
     batch_wait_ms: float = 4.0
     queue_size: int = 64
     allow_private_urls: bool = False  # let image_url reach loopback/private/link-local addresses
@@ -180,7 +180,7 @@ class ServeConfig:
     web_dir: str | None = None  # default: the repository's web/ folder
 
     def __post_init__(self) -> None:
-        if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or self.batch_max <= 0:
+        if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or (self.batch_max or 1) <= 0:
             raise ConfigError("limits must be positive")
 
     @classmethod

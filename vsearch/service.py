@@ -17,6 +17,7 @@ from PIL import Image
 
 from .batcher import MicroBatcher, Overloaded
 from .config import ServeConfig
+from .embed import pick_device
 from .engine import Engine
 from .errors import ConfigError, ImageTooLargeError
 from .fetch import FetchPolicy, TooLargeError, fetch_url
@@ -24,7 +25,7 @@ from .fsutil import atomic_write_bytes
 from .images import decode_image
 from .query import Hit, SearchOptions
 
-__all__ = ["Query", "SearchResult", "SearchService", "parse_crop"]
+__all__ = ["Query", "SearchResult", "SearchService", "default_batch_max", "parse_crop"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,16 @@ class SearchResult:
     timing_ms: dict[str, float] = field(default_factory=dict)
 
 
+def default_batch_max(device: str | None) -> int:
+    """Micro-batching pays where a batch costs little more than one image: on a GPU.
+
+    On the 2-core CPU we measured (scripts/bench_api.py) a forward's cost grows with
+    the batch, so batching added latency (p50 85 vs 73 ms, 1 client) and no
+    throughput (0.92x with 8 clients); it is off there unless configured.
+    """
+    return 16 if pick_device(device).type in ("cuda", "mps") else 1
+
+
 def parse_crop(text: str | None) -> tuple[float, float, float, float] | None:
     """``"x,y,w,h"`` in fractions of the image -> a checked tuple."""
     if text is None or text == "":
@@ -77,15 +88,14 @@ class SearchService:
             max_bytes=config.max_upload_bytes,
         )
         self._on_batch = on_batch
-        # With batching on, the batcher's thread is the only one that runs the model:
-        # OpenMP gives each calling thread its own team of workers, and with more
-        # workers than cores it stops spin-waiting, which made a forward ~50% slower
-        # here. Text queries and the warm-up go through the same thread.
+        # With batching on, the batcher's thread is the only one that runs the model
+        # (text queries and the warm-up too), so a single OpenMP team does the work.
         self._batcher: MicroBatcher[Image.Image | str, np.ndarray] | None = None
-        if config.batch_max > 1:
+        self.batch_max = config.batch_max or default_batch_max(engine.device)
+        if self.batch_max > 1:
             self._batcher = MicroBatcher(
                 self._embed_many,
-                max_batch=config.batch_max,
+                max_batch=self.batch_max,
                 max_wait_ms=config.batch_wait_ms,
                 max_queue=config.queue_size,
                 on_batch=on_batch,
