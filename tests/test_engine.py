@@ -213,3 +213,47 @@ def test_center_on_photos_fits_the_projection_on_them(index_dir: Path, catalog_f
     with build(index_dir, catalog_folder, center_on=photos) as engine:
         assert engine.projection.fitted_on == 5
         assert engine.search(catalog_folder / "Bakery/p04.jpg", k=1)[0].product_id == "Bakery/p04"
+
+
+def test_region_search_scores_products_by_their_best_region(index_dir: Path, catalog_folder: Path) -> None:
+    from PIL import Image
+
+    from vsearch.config import resolve_model
+
+    photo = Image.new("RGB", (400, 400), (128, 128, 128))  # square: no padding, so the full box is the whole input
+    photo.paste(Image.open(catalog_folder / "Bakery/p09.jpg").resize((180, 150)), (200, 220))
+    with Engine.open(index_dir, model=resolve_model(MODEL, image_size=256), create=True) as engine:
+        engine.ingest(catalog_folder, quiet=True, workers=0)
+        embedder = engine.embedder
+        full = embedder.embed_regions(photo, [(0.0, 0.0, 1.0, 1.0)])
+        np.testing.assert_allclose(full, embedder.embed_images([photo]), atol=1e-5)  # same maps, same pooling
+        corner = embedder.embed_regions(photo, [(0.5, 0.45, 0.5, 0.55)])
+        assert not np.allclose(corner, full)
+        regions = engine.search_regions(photo, SearchOptions(k=25))
+        whole = {h.product_id: h.score for h in engine.search(photo, k=25)}
+        assert len(regions) == 25 and len({h.product_id for h in regions}) == 25
+        assert all(h.score >= whole[h.product_id] - 1e-6 for h in regions), "the whole photo is one of the regions"
+        assert [h.score for h in regions] == sorted((h.score for h in regions), reverse=True)
+
+
+def test_input_box_follows_the_resize_mode() -> None:
+    from vsearch.config import resolve_model
+    from vsearch.embed import Preprocess
+
+    pad = Preprocess(resolve_model(MODEL, resize="pad"))
+    assert pad.input_box((200, 100), (0.0, 0.0, 1.0, 1.0)) == (0.0, 0.25, 1.0, 0.5)
+    crop = Preprocess(resolve_model(MODEL, resize="crop"))
+    assert crop.input_box((200, 100), (0.25, 0.0, 0.5, 1.0)) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_eval_against_an_existing_index(index_dir: Path, catalog_folder: Path, tmp_path: Path) -> None:
+    from vsearch.evaluate import evaluate_index
+
+    build(index_dir, catalog_folder).close()
+    rows = ["image,expected_id,category"] + [
+        f"{catalog_folder / c / f'p{n:02d}.jpg'},{c}/p{n:02d},{c}" for n, c in [(0, "Fruit/Apple"), (7, "Dairy/Milk")]
+    ]
+    (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")
+    for regions in (False, True):
+        metrics = evaluate_index(index_dir, tmp_path / "q.csv", regions=regions)
+        assert metrics["recall@1"] == 1.0 and metrics["n_queries"] == 2

@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _index_arg(p, env.index_dir)
     p.add_argument("--json", action="store_true")
 
-    p = command("eval", _eval, "Score retrieval: build a temporary index of a gallery and search it with queries.")
-    p.add_argument("--gallery", required=True, type=Path, help="CSV with columns id,image[,category]")
+    p = command("eval", _eval, "Score retrieval: search a gallery (in a temporary index) or an existing --index with queries.")
+    p.add_argument("--gallery", type=Path, help="CSV with columns id,image[,category]")
+    p.add_argument("--index", type=Path, help="evaluate this existing index as it serves (instead of --gallery)")
+    p.add_argument("--regions", action="store_true", help="score products by their best-matching region of the photo")
     p.add_argument("--queries", required=True, type=Path, help="CSV with columns image[,expected_id][,category]")
     p.add_argument("--model", default=env.model or "efficientnet-lite2")
     p.add_argument("--k", type=int, default=10)
@@ -188,9 +190,23 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .errors import ConfigError
+    from .evaluate import evaluate, evaluate_index
 
-    metrics = evaluate(args.gallery, args.queries, model=args.model, k=args.k, center_on=args.center_on, workers=args.workers)
+    if (args.gallery is None) == (args.index is None):
+        raise ConfigError("give exactly one of --gallery or --index")
+    if args.index is not None:
+        metrics = evaluate_index(args.index, args.queries, k=args.k, regions=args.regions)
+    else:
+        metrics = evaluate(
+            args.gallery,
+            args.queries,
+            model=args.model,
+            k=args.k,
+            center_on=args.center_on,
+            workers=args.workers,
+            regions=args.regions,
+        )
     if args.json:
         _print_json(metrics)
         return 0

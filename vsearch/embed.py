@@ -44,6 +44,23 @@ class Preprocess:
         self.mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
 
+    def input_box(self, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """Where a box (fractions of an image of ``size``) lands in the model's input."""
+        x, y, w, h = box
+        width, height = size
+        if self.resize == "pad":
+            side = max(width, height)
+            ox, oy = (side - width) / 2 / side, (side - height) / 2 / side
+            return ox + x * width / side, oy + y * height / side, w * width / side, h * height / side
+        if self.resize == "crop":
+            short = min(width, height)
+            fx, fy = width / short, height / short  # the input shows the central 1/fx x 1/fy
+            cx, cy = (x - (1 - 1 / fx) / 2) * fx, (y - (1 - 1 / fy) / 2) * fy
+            x0, y0 = min(max(cx, 0.0), 1.0), min(max(cy, 0.0), 1.0)
+            x1, y1 = min(max(cx + w * fx, 0.0), 1.0), min(max(cy + h * fy, 0.0), 1.0)
+            return x0, y0, max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+        return box
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = self.size
         if self.resize == "pad":
@@ -114,6 +131,29 @@ class Embedder:
             vectors = vectors[: len(images)] + vectors[len(images) :]
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors
+
+    def embed_regions(self, image: Image.Image, boxes: list[tuple[float, float, float, float]]) -> np.ndarray:
+        """One vector per box ``(x, y, w, h)`` (fractions of ``image``), all pooled from
+        the feature maps of a single forward pass. Returns (len(boxes), dim)."""
+        batch = self.preprocess(image)[None]
+        inner = [self.preprocess.input_box(image.size, box) for box in boxes]
+        with torch.inference_mode(), self._autocast():
+            maps = self.backbone(batch.to(self.device), self.config.layers)
+            per_layer = []
+            for feature, how in zip(maps, self.config.poolings):
+                feature = feature.float()
+                if feature.ndim == 2:  # a vector layer has no regions: every box gets it
+                    per_layer.append(F.normalize(feature.expand(len(boxes), -1), dim=1))
+                    continue
+                h, w = feature.shape[2:]
+                pooled = []
+                for x, y, bw, bh in inner:
+                    top, left = min(int(y * h), h - 1), min(int(x * w), w - 1)
+                    bottom, right = max(top + 1, round((y + bh) * h)), max(left + 1, round((x + bw) * w))
+                    pooled.append(self._pool(feature[:, :, top:bottom, left:right], how))
+                per_layer.append(F.normalize(torch.cat(pooled), dim=1))
+            vectors = F.normalize(torch.cat(per_layer, dim=1), dim=1)
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         with torch.inference_mode():

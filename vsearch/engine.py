@@ -34,7 +34,7 @@ from .ingest import IngestReport, ingest_items
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
-from .query import Hit, SearchOptions, matches_category, suggest_categories
+from .query import Hit, SearchOptions, matches_category, region_boxes, suggest_categories
 from .sources import Item, read_source_items
 
 __all__ = ["Engine", "Hit", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
@@ -380,6 +380,32 @@ class Engine:
                 if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
                     return [h[options.offset :] for h in hits], votes
                 k_img = min(ntotal, k_img * 4)
+
+    def search_regions(self, image: Image.Image, options: SearchOptions | None = None) -> list[Hit]:
+        """Products ranked by their best-matching region of the photo.
+
+        The whole photo (with query TTA) and overlapping windows at two scales, all
+        from one forward pass, are each searched; a product scores its best region.
+        For cluttered photos where the product fills only part of the frame.
+        """
+        options = options or SearchOptions()
+        boxes = region_boxes()
+        raw = np.concatenate([self.embed_queries([image]), self.embedder.embed_regions(image, boxes[1:])])
+        wide = SearchOptions(
+            k=options.k + options.offset,
+            categories=options.categories,
+            exclude_categories=options.exclude_categories,
+            exclude_products=options.exclude_products,
+            min_score=options.min_score,
+            group_by_product=True,
+        )
+        best: dict[str, Hit] = {}
+        for row in self.search_vectors(raw, wide):
+            for hit in row:
+                if hit.product_id not in best or hit.score > best[hit.product_id].score:
+                    best[hit.product_id] = hit
+        ranked = sorted(best.values(), key=lambda h: -h.score)
+        return ranked[options.offset : options.offset + options.k]
 
     def suggest(self, raw: np.ndarray, neighbours: int = 20) -> list[list[tuple[str, float]]]:
         """Categories the query's nearest neighbours vote for, with their share."""

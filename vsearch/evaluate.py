@@ -22,7 +22,7 @@ from .errors import ImageError, ManifestError, VsearchError
 from .images import decode_image, read_source
 from .sources import read_manifest
 
-__all__ = ["EvalError", "Query", "read_queries", "evaluate", "score"]
+__all__ = ["EvalError", "Query", "read_queries", "evaluate", "evaluate_index", "score"]
 
 
 class EvalError(VsearchError):
@@ -93,6 +93,7 @@ def evaluate(
     center_on: str | None = None,
     workers: int | None = None,
     quiet: bool = True,
+    regions: bool = False,
 ) -> dict[str, Any]:
     """Build a temporary index of ``gallery`` and score ``queries_csv`` against it.
 
@@ -114,16 +115,27 @@ def evaluate(
                 first = report.rejected[0] if report.rejected else None
                 detail = f"; first reject: {first.source}: {first.reason}" if first else ""
                 raise EvalError(f"no gallery image of {gallery} could be used{detail}")
-            per_category: dict[str, int] = engine.catalog.category_counts()
-            start = time.perf_counter()
-            results = search_all(engine, queries, k=max(k, 10))
-            elapsed = time.perf_counter() - start
+            return _measure(engine, queries, k, regions=regions)
+
+
+def evaluate_index(index_dir: Path, queries_csv: Path, *, k: int = 10, regions: bool = False) -> dict[str, Any]:
+    """Score ``queries_csv`` against an existing index, exactly as it serves."""
+    queries = read_queries(queries_csv)
+    with Engine.open(index_dir) as engine:
+        return _measure(engine, queries, k, regions=regions)
+
+
+def _measure(engine: Engine, queries: list[Query], k: int, *, regions: bool) -> dict[str, Any]:
+    per_category: dict[str, int] = engine.catalog.category_counts()
+    start = time.perf_counter()
+    results = search_all(engine, queries, k=max(k, 10), regions=regions)
+    elapsed = time.perf_counter() - start
     metrics = score(queries, results, per_category, k)
     metrics["images_per_s"] = round(len(queries) / elapsed, 2) if elapsed > 0 else 0.0
     return metrics
 
 
-def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32) -> list[list[Hit]]:
+def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32, regions: bool = False) -> list[list[Hit]]:
     """Decode in threads (PIL releases the GIL), embed and search a batch at a time."""
     results: list[list[Hit]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -132,7 +144,10 @@ def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32)
             images = list(pool.map(_load, [q.image for q in chunk]))
             ok = [i for i, im in enumerate(images) if im is not None]
             found: list[list[Hit]] = [[] for _ in chunk]
-            if ok:
+            if ok and regions:
+                for i in ok:
+                    found[i] = engine.search_regions(images[i], SearchOptions(k=k))
+            elif ok:
                 raw = engine.embed_queries([images[i] for i in ok])
                 for i, hits in zip(ok, engine.search_vectors(raw, SearchOptions(k=k))):
                     found[i] = hits

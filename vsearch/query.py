@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Hit", "SearchOptions", "matches_category", "suggest_categories", "MAX_K"]
+__all__ = ["Hit", "SearchOptions", "matches_category", "region_boxes", "suggest_categories", "MAX_K"]
 
 MAX_K = 1000
 
@@ -45,6 +45,14 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "score": round(self.score, 6)}
+
+
+def region_boxes() -> list[tuple[float, float, float, float]]:
+    """Overlapping windows at two scales (R-MAC style) plus a centre window."""
+    boxes = [(0.0, 0.0, 1.0, 1.0), (0.2, 0.2, 0.6, 0.6)]
+    for size, starts in ((0.6, (0.0, 0.4)), (0.45, (0.0, 0.275, 0.55))):
+        boxes += [(x, y, size, size) for y in starts for x in starts]
+    return boxes
 
 
 def matches_category(category: str, pattern: str) -> bool:
