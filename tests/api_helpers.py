@@ -13,16 +13,12 @@ from PIL import Image
 
 from vsearch import Engine
 
-from .conftest import CATEGORIES, make_image
+from .conftest import make_image, write_catalog
 
 
 def build_small_index(root: Path) -> Path:
     """25 products in 5 categories, tiny random-weight model."""
-    catalog = root / "catalog"
-    for n in range(25):
-        folder = catalog / CATEGORIES[n % len(CATEGORIES)]
-        folder.mkdir(parents=True, exist_ok=True)
-        make_image(n).save(folder / f"p{n:02d}.jpg", quality=95)
+    catalog = write_catalog(root / "catalog")
     index = root / "index"
     with Engine.open(index, model="tiny-test", create=True) as engine:
         engine.ingest(catalog, quiet=True, workers=0)

@@ -23,15 +23,18 @@ def make_image(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
     return image
 
 
-@pytest.fixture
-def catalog_folder(tmp_path: Path) -> Path:
-    """25 products in 5 categories, one JPEG each."""
-    root = tmp_path / "catalog"
+def write_catalog(root: Path) -> Path:
+    """25 products in 5 categories, one JPEG each, in a folder catalog at ``root``."""
     for n in range(25):
         folder = root / CATEGORIES[n % len(CATEGORIES)]
         folder.mkdir(parents=True, exist_ok=True)
         make_image(n).save(folder / f"p{n:02d}.jpg", quality=95)
     return root
+
+
+@pytest.fixture
+def catalog_folder(tmp_path: Path) -> Path:
+    return write_catalog(tmp_path / "catalog")
 
 
 @pytest.fixture

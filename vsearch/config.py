@@ -63,12 +63,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        coerced: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**coerced)
+        return cls(**_checked_fields(cls, data, "model config"))
 
 
 @dataclass(frozen=True)
@@ -185,9 +180,12 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown serve config keys: {sorted(unknown)}")
-        coerced: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**coerced)
+        return cls(**_checked_fields(cls, data, "serve config"))
+
+
+def _checked_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as keyword arguments for dataclass ``cls``: unknown keys refused, JSON lists as tuples."""
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {sorted(unknown)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
