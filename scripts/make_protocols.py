@@ -3,7 +3,9 @@
 
 grocery:  gallery = the 81 iconic images, queries = the train + val in-store photos
           (expected_id = the photo's fine class); center.csv = the train photos, as
-          unlabelled in-domain photos to centre on.
+          unlabelled in-domain photos to centre on; queries-val.csv = the val photos
+          only; train-pairs.csv = the train photos labelled with their product, to
+          add as extra product images (`vsearch ingest train-pairs.csv`).
 clothing: gallery = the train photos (one product each, category = class),
           queries = the validation photos, scored at class level.
 
@@ -44,6 +46,10 @@ def grocery(root: Path, out: Path) -> None:
         writer = csv.writer(dst)
         writer.writerow(["image", "expected_id", "category"])
         writer.writerows([path, fine, fine_to_category[fine]] for path, fine in photos["val"])
+    with open(out / "train-pairs.csv", "w", newline="") as dst:  # labelled photos: vsearch ingest adds them
+        writer = csv.writer(dst)
+        writer.writerow(["image", "product_id"])
+        writer.writerows([path, fine] for path, fine in photos["train"])
     with open(out / "center.csv", "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["id", "image"])

@@ -257,3 +257,16 @@ def test_eval_against_an_existing_index(index_dir: Path, catalog_folder: Path, t
     for regions in (False, True):
         metrics = evaluate_index(index_dir, tmp_path / "q.csv", regions=regions)
         assert metrics["recall@1"] == 1.0 and metrics["n_queries"] == 2
+
+
+def test_a_pairs_file_adds_photos_to_existing_products(index_dir: Path, catalog_folder: Path, tmp_path: Path) -> None:
+    photo = tmp_path / "shopper.png"
+    make_image(4).rotate(5).save(photo)
+    (tmp_path / "pairs.csv").write_text(f"image,product_id\n{photo},Bakery/p04\n")
+    with build(index_dir, catalog_folder) as engine:
+        engine.ingest(tmp_path / "pairs.csv", quiet=True, workers=0)
+        product = engine.product("Bakery/p04")
+        assert product.product.category == "Bakery" and product.product.title == "p04"  # kept
+        assert len(product.images) == 2 and engine.info()["vectors"] == 26
+        hits = engine.search(photo, k=5)
+        assert hits[0].product_id == "Bakery/p04" and [h.product_id for h in hits].count("Bakery/p04") == 1

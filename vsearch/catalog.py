@@ -134,12 +134,21 @@ class Catalog:
     # products -----------------------------------------------------------------
     @_locked
     def upsert_product(
-        self, product_id: str, *, title: str = "", category: str = "", attributes: dict[str, Any] | None = None
+        self,
+        product_id: str,
+        *,
+        title: str | None = None,
+        category: str | None = None,
+        attributes: dict[str, Any] | None = None,
     ) -> bool:
-        """Insert or update a product; returns True when something changed."""
+        """Insert or update a product; a field given as None keeps its current value
+        ("" or {} for a new product). Returns True when something changed."""
         now = time.time()
-        attrs = json.dumps(attributes or {}, sort_keys=True, ensure_ascii=False)
         current = self.db.execute("SELECT title, category, attributes FROM products WHERE id = ?", [product_id]).fetchone()
+        old_title, old_category, old_attrs = current or ("", "", "{}")
+        title = old_title if title is None else title
+        category = old_category if category is None else category
+        attrs = old_attrs if attributes is None else json.dumps(attributes, sort_keys=True, ensure_ascii=False)
         if current == (title, category, attrs):
             return False
         if current is None:

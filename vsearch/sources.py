@@ -10,7 +10,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = ["Item", "read_source_items", "read_folder", "read_manifest", "IMAGE_E
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 REQUIRED = ("id", "image")
 KNOWN = ("id", "image", "category", "title")
+ALIASES = {"product_id": "id"}  # a pairs file (image,product_id) adds photos to existing products
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,9 @@ class Item:
 
     product_id: str
     image: str  # absolute local path or http(s) URL
-    category: str = ""
-    title: str = ""
-    attributes: dict[str, Any] = field(default_factory=dict)
+    category: str | None = None  # None: keep what the catalog has (a new product gets "")
+    title: str | None = None
+    attributes: dict[str, Any] | None = None
 
 
 def read_source_items(source: str | os.PathLike[str]) -> list[Item]:
@@ -77,7 +78,7 @@ def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
-            header = [h.strip() for h in next(reader)]
+            header = [ALIASES.get(h.strip(), h.strip()) for h in next(reader)]
         except StopIteration:
             raise ManifestError(f"{path}: empty manifest (expected a header with columns {', '.join(KNOWN)})") from None
         except csv.Error as exc:
@@ -111,6 +112,7 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 raise ManifestError(f"{path}:{line}: invalid JSON: {exc.msg}") from exc
             if not isinstance(row, dict):
                 raise ManifestError(f"{path}:{line}: expected a JSON object")
+            row = {ALIASES.get(k, k): v for k, v in row.items()}
             missing = [c for c in REQUIRED if c not in row]
             if missing:
                 raise ManifestError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
@@ -133,7 +135,7 @@ def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
     return Item(
         product_id=product_id,
         image=image,
-        category=str(row.get("category") or "").strip().strip("/"),
-        title=str(row.get("title") or "").strip(),
-        attributes=attributes,
+        category=str(row["category"] or "").strip().strip("/") if "category" in row else None,
+        title=str(row["title"] or "").strip() if "title" in row else None,
+        attributes=attributes or None,
     )
