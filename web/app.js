@@ -19,7 +19,7 @@ function setFile(file) {
   reset();
   state.file = file;
   showPreview(URL.createObjectURL(file), `${file.name || "pasted image"} · ${(file.size / 1024).toFixed(0)} KB`);
-  search();
+  search({ reveal: true });
 }
 
 function setProduct(productId, title, thumbnail) {
@@ -28,7 +28,7 @@ function setProduct(productId, title, thumbnail) {
   state.productTitle = title;
   showPreview(thumbnail, `More like: ${title}`);
   $("crop-toggle").hidden = true;
-  search();
+  search({ reveal: true });
 }
 
 function reset() {
@@ -216,7 +216,10 @@ async function apiError(response) {
   } catch { return new Error(`HTTP ${response.status}`); }
 }
 
-async function search() {
+// On a phone the results sit below the photo: bring them into view for a new photo.
+const narrow = window.matchMedia("(max-width: 760px)");
+
+async function search({ reveal = false } = {}) {
   if (!hasQuery()) return;
   const id = ++state.requestId;
   const params = new URLSearchParams({ k: "12" });
@@ -241,6 +244,7 @@ async function search() {
     drawSuggested(data.suggested_categories);
     const ms = Math.round(data.timing_ms.total || 0);
     $("status").textContent = `${data.results.length} products · ${ms} ms`;
+    if (reveal && narrow.matches) $("status").scrollIntoView({ behavior: "smooth", block: "start" });
   } catch (err) {
     if (id !== state.requestId) return;
     $("status").textContent = "";
