@@ -17,7 +17,7 @@ from .errors import ConfigError
 __all__ = ["build_demo", "find_demo_data"]
 
 CANDIDATES = ("../shared/datasets/grocery-store", "shared/datasets/grocery-store")
-CENTER_SAMPLE = 400
+CENTER_SAMPLE = 600  # > 2 x 256, so PCA to 256 can be fitted
 
 
 def find_demo_data(data: str | None) -> Path:
