@@ -449,7 +449,7 @@ def _routes(app: FastAPI, config: ServeConfig) -> None:
     @app.get("/v1/images/{image_id}", tags=["catalog"], dependencies=[Read], response_model=None)
     async def image(image_id: int, service: Service) -> Response:
         row = await run_in_threadpool(service.engine.image, image_id)
-        stored = await run_in_threadpool(service.engine._stored_path, row.sha256)
+        stored = await run_in_threadpool(service.engine.image_store.path, row.sha256)
         if stored is not None:
             return FileResponse(stored, headers={"Cache-Control": "public, max-age=86400"})
         if is_url(row.source):

@@ -27,14 +27,14 @@ from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
 from .embed import Embedder, Preprocess, pick_device
 from .errors import FilterError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
-from .fsutil import atomic_write_bytes
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
+from .imagestore import ImageStore
 from .index import VectorIndex, choose_factory
 from .ingest import IngestReport, ingest_items
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
-from .query import Hit, SearchOptions, matches_category, region_boxes, suggest_categories
+from .query import Hit, SearchOptions, category_tree, matches_category, region_boxes, suggest_categories
 from .sources import Item, read_source_items
 
 __all__ = ["Engine", "Hit", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
@@ -62,6 +62,7 @@ class Engine:
         self.projection = Projection.load(paths.projection)
         self.preprocess = Preprocess(manifest.model)
         self.index: VectorIndex | None = None
+        self.image_store = ImageStore(paths.root / "images")
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         self._categories: dict[str, np.ndarray] | None = None
@@ -264,7 +265,7 @@ class Engine:
 
     def image_bytes(self, row: ImageRow, fetch_policy: FetchPolicy = TRUSTED) -> bytes:
         """An image's bytes: the stored upload, the local file, or the URL."""
-        stored = self._stored_path(row.sha256)
+        stored = self.image_store.path(row.sha256)
         if stored is not None:
             return stored.read_bytes()
         if is_url(row.source):
@@ -274,17 +275,7 @@ class Engine:
     def categories(self) -> list[dict[str, Any]]:
         """The category tree: ``name``, ``path``, ``products`` (with descendants), ``children``."""
         with self._rw.read():
-            counts = self.catalog.product_counts_by_category()
-        root: dict[str, Any] = {"children": {}}
-        for path, n in sorted(counts.items()):
-            node = root
-            parts = [p for p in path.split("/") if p]
-            for depth, part in enumerate(parts):
-                node = node["children"].setdefault(
-                    part, {"name": part, "path": "/".join(parts[: depth + 1]), "products": 0, "children": {}}
-                )
-                node["products"] += n
-        return _tree_lists(root)["children"]
+            return category_tree(self.catalog.product_counts_by_category())
 
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Query vectors (query-side TTA per the model config), before projection."""
@@ -495,24 +486,10 @@ class Engine:
         image = decode_image(data, label, max_pixels=max_pixels)
         sha = sha256_bytes(data)
         if isinstance(source, bytes):
-            label = str(self._store(data, sha, image))  # uploads live in the index directory
+            label = str(self.image_store.put(data, sha))  # uploads live in the index directory
         elif is_url(source):
-            self._store(data, sha, image)  # a local copy for thumbnails; the URL stays the source
+            self.image_store.put(data, sha)  # a local copy for thumbnails; the URL stays the source
         return label, sha, image.width, image.height, image
-
-    def _store(self, data: bytes, sha: str, image: Image.Image) -> Path:
-        folder = self.paths.root / "images"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{sha}.{(image.format or 'bin').lower()}"
-        existing = self._stored_path(sha)
-        if existing is not None:
-            return existing
-        atomic_write_bytes(path, data)
-        return path
-
-    def _stored_path(self, sha: str) -> Path | None:
-        matches = sorted((self.paths.root / "images").glob(f"{sha}.*"))
-        return matches[0] if matches else None
 
     def _embed_sources(self, sources: list[str], *, tta: bool) -> np.ndarray:
         """Raw vectors of readable images among ``sources``; unreadable ones are skipped."""
@@ -577,11 +554,6 @@ class Engine:
 def _raw_dim(catalog: Catalog) -> int:
     sample = catalog.sample_vectors(1)
     return int(sample.shape[1]) if sample.size else 0
-
-
-def _tree_lists(node: dict[str, Any]) -> dict[str, Any]:
-    node["children"] = [_tree_lists(child) for child in node["children"].values()]
-    return node
 
 
 def _describe(model: ModelConfig) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Hit", "SearchOptions", "matches_category", "region_boxes", "suggest_categories", "MAX_K"]
+__all__ = ["Hit", "SearchOptions", "category_tree", "matches_category", "region_boxes", "suggest_categories", "MAX_K"]
 
 MAX_K = 1000
 
@@ -53,6 +53,26 @@ def region_boxes() -> list[tuple[float, float, float, float]]:
     for size, starts in ((0.6, (0.0, 0.4)), (0.45, (0.0, 0.275, 0.55))):
         boxes += [(x, y, size, size) for y in starts for x in starts]
     return boxes
+
+
+def category_tree(counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Nested ``{name, path, products, children}`` from product counts per category path;
+    a node's count includes its descendants."""
+    root: dict[str, Any] = {"children": {}}
+    for path, n in sorted(counts.items()):
+        node = root
+        parts = [p for p in path.split("/") if p]
+        for depth, part in enumerate(parts):
+            node = node["children"].setdefault(
+                part, {"name": part, "path": "/".join(parts[: depth + 1]), "products": 0, "children": {}}
+            )
+            node["products"] += n
+    return _as_lists(root)["children"]
+
+
+def _as_lists(node: dict[str, Any]) -> dict[str, Any]:
+    node["children"] = [_as_lists(child) for child in node["children"].values()]
+    return node
 
 
 def matches_category(category: str, pattern: str) -> bool:

@@ -1,0 +1,36 @@
+"""Image bytes kept in the index directory, addressed by their sha256: uploads
+through the API, and local copies of URL images (for thumbnails)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from .fsutil import atomic_write_bytes
+
+__all__ = ["ImageStore"]
+
+
+class ImageStore:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def put(self, data: bytes, sha256: str) -> Path:
+        """Store ``data`` (once) and return its path; the suffix is the image format."""
+        existing = self.path(sha256)
+        if existing is not None:
+            return existing
+        try:
+            fmt = (Image.open(io.BytesIO(data)).format or "bin").lower()
+        except OSError:
+            fmt = "bin"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{sha256}.{fmt}"
+        atomic_write_bytes(path, data)
+        return path
+
+    def path(self, sha256: str) -> Path | None:
+        matches = sorted(self.folder.glob(f"{sha256}.*")) if self.folder.is_dir() else []
+        return matches[0] if matches else None
