@@ -268,12 +268,18 @@ class Catalog:
             vectors += [np.frombuffer(r[0], dtype=np.float32) for r in rows]
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
-    @_locked
     def image_products(self, image_ids: list[int]) -> dict[int, str]:
+        return self._image_column(image_ids, "product_id")
+
+    def image_sources(self, image_ids: list[int]) -> dict[int, str]:
+        return self._image_column(image_ids, "source")
+
+    @_locked
+    def _image_column(self, image_ids: list[int], column: str) -> dict[int, str]:
         found: dict[int, str] = {}
         for chunk in _chunks(image_ids, 500):
             marks = ",".join("?" * len(chunk))
-            found.update(self.db.execute(f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk).fetchall())
+            found.update(self.db.execute(f"SELECT id, {column} FROM images WHERE id IN ({marks})", chunk).fetchall())
         return found
 
     @_locked
@@ -303,14 +309,6 @@ class Catalog:
         rows = self.db.execute("SELECT vector FROM images WHERE product_id = ? AND vector IS NOT NULL", [product_id])
         vectors = [np.frombuffer(r[0], dtype=np.float32) for r in rows]
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-
-    @_locked
-    def image_sources(self, image_ids: list[int]) -> dict[int, str]:
-        found: dict[int, str] = {}
-        for chunk in _chunks(image_ids, 500):
-            marks = ",".join("?" * len(chunk))
-            found.update(self.db.execute(f"SELECT id, source FROM images WHERE id IN ({marks})", chunk).fetchall())
-        return found
 
     @_locked
     def category_counts(self) -> dict[str, int]:
