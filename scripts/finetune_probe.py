@@ -63,10 +63,16 @@ aug = T.Compose(
         T.RandomRotation(10),
     ]
 )
+
+
 def norm(im):
     return (torch.from_numpy(np.array(im, dtype=np.float32)).permute(2, 0, 1) / 255 - 0.5) / 0.5
+
+
 def load(p):
     return decode_image(read_source(p), p)
+
+
 CUT = 5  # frozen: stem + blocks[:5]
 
 
