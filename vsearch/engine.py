@@ -25,7 +25,7 @@ from PIL import Image
 from .catalog import Catalog, ImageRow, Product
 from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
 from .embed import Embedder, Preprocess, pick_device
-from .errors import FilterError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
+from .errors import ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
 from .imagestore import ImageStore
@@ -34,7 +34,8 @@ from .ingest import IngestReport, ingest_items
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
-from .query import Hit, SearchOptions, category_tree, matches_category, region_boxes, suggest_categories
+from .query import Hit, SearchOptions, category_tree, region_boxes
+from .results import category_blocks, collect_hits, vote
 from .sources import Item, read_source_items
 
 __all__ = ["Engine", "Hit", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
@@ -361,11 +362,11 @@ class Engine:
                 start = time.perf_counter()
                 D, I = self.index.search(xq, k_img, blocks)
                 middle = time.perf_counter()
-                hits = [self._hits(d, i, want, options) for d, i in zip(D, I)]
+                hits = [collect_hits(self.catalog, d, i, want, options) for d, i in zip(D, I)]
                 if neighbours:
                     if blocks is not None:
                         I = self.index.search(xq, min(neighbours, self.index.ntotal))[1]
-                    votes = [self._vote(row[:neighbours]) for row in I]
+                    votes = [vote(self.catalog, row[:neighbours]) for row in I]
                 timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
                 timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
                 if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
@@ -506,49 +507,12 @@ class Engine:
         return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
     def _blocks(self, categories: Sequence[str], exclude: Sequence[str]) -> dict[object, np.ndarray] | None:
-        if not categories and not exclude:
-            return None
-        if self._categories is None:
+        if (categories or exclude) and self._categories is None:
             self._categories = self.catalog.category_image_ids()
-        leaves = self._categories
-        chosen = set(leaves)
-        if categories:
-            chosen = {c for c in leaves if any(matches_category(c, p) for p in categories)}
-            unknown = [p for p in categories if not any(matches_category(c, p) for c in leaves)]
-            if unknown:
-                raise FilterError(f"no category matches {', '.join(map(repr, unknown))}")
-        if exclude:
-            chosen = {c for c in chosen if not any(matches_category(c, p) for p in exclude)}
-        return {c: leaves[c] for c in sorted(chosen)}
-
-    def _vote(self, image_ids: np.ndarray) -> list[tuple[str, float]]:
-        owners = self.catalog.image_products([int(i) for i in image_ids if i >= 0])
-        products = self.catalog.products(sorted(set(owners.values())))
-        return suggest_categories([products[p].category for p in owners.values() if p in products])
+        return category_blocks(self._categories or {}, categories, exclude)
 
     def _past_min_score(self, D: np.ndarray, options: SearchOptions) -> bool:
         return options.min_score is not None and bool((D[:, -1] < options.min_score).all())
-
-    def _hits(self, D: np.ndarray, I: np.ndarray, k: int, options: SearchOptions) -> list[Hit]:
-        valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0 and (options.min_score is None or d >= options.min_score)]
-        owners = self.catalog.image_products([i for _, i in valid])
-        excluded = set(options.exclude_products)
-        picked: list[tuple[float, int, str]] = []
-        seen: set[str] = set()
-        for score, image_id in valid:
-            product_id = owners.get(image_id)
-            if product_id is None or product_id in excluded or (options.group_by_product and product_id in seen):
-                continue
-            seen.add(product_id)
-            picked.append((score, image_id, product_id))
-            if len(picked) == k:
-                break
-        products = self.catalog.products([p for _, _, p in picked])
-        sources = self.catalog.image_sources([i for _, i, _ in picked])
-        return [
-            Hit(pid, iid, score, products[pid].title, products[pid].category, products[pid].attributes, sources.get(iid, ""))
-            for score, iid, pid in picked
-        ]
 
 
 def _raw_dim(catalog: Catalog) -> int:
