@@ -17,6 +17,7 @@ from vsearch.cli import build_parser, main
 from .conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
+N_KILL = 240  # images in the kill -9 test: enough that the kill lands mid-run
 
 
 def commands() -> list[str]:
@@ -79,7 +80,7 @@ def test_ingest_search_info_json(catalog_folder: Path, tmp_path: Path, capsys: p
 
 def test_kill_9_mid_ingest_then_rerun_gives_one_vector_per_image(tmp_path: Path) -> None:
     source = tmp_path / "many"
-    for n in range(120):
+    for n in range(N_KILL):
         folder = source / f"c{n % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         make_image(n, size=(160, 160)).save(folder / f"{n}.png")
@@ -97,13 +98,13 @@ def test_kill_9_mid_ingest_then_rerun_gives_one_vector_per_image(tmp_path: Path)
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < _committed(index / "catalog.db") < 120, "the kill must land mid-run for this test to mean anything"
+    assert 0 < _committed(index / "catalog.db") < N_KILL, "the kill must land mid-run for this test to mean anything"
     done = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
-    assert report["embedded"] + report["unchanged"] == 120
-    assert report["index"]["images"] == report["index"]["vectors"] == 120
+    assert report["embedded"] + report["unchanged"] == N_KILL
+    assert report["index"]["images"] == report["index"]["vectors"] == N_KILL
     with sqlite3.connect(index / "catalog.db") as db:
-        assert db.execute("SELECT count(DISTINCT sha256) FROM images").fetchone()[0] == 120
+        assert db.execute("SELECT count(DISTINCT sha256) FROM images").fetchone()[0] == N_KILL
 
 
 def _committed(db_path: Path) -> int:
