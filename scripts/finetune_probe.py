@@ -133,6 +133,23 @@ opt = torch.optim.AdamW(
 )
 
 
+ZERO = None
+if os.environ.get("ZERO_SHOT_INDEX"):  # also score zero-shot + fine-tuned similarities, summed
+    from vsearch import Engine
+
+    with Engine.open(os.environ["ZERO_SHOT_INDEX"]) as zero:
+        gal_ids = {int(p): i for i, p in zero.catalog.image_products(list(range(1, 1000))).items()}
+        order = [gal_ids[c] for c in range(81)]
+        zg = torch.from_numpy(zero.index.reconstruct(np.array(order, dtype=np.int64)))
+        zq = torch.cat(
+            [
+                torch.from_numpy(zero.projection.apply(zero.embed_queries([load(p) for p, _ in val[i : i + 32]])))
+                for i in range(0, len(val), 32)
+            ]
+        )
+    ZERO = zq @ zg.T
+
+
 def evaluate():
     head.eval()
     with torch.no_grad():
@@ -145,13 +162,22 @@ def evaluate():
             ys += [c for _, c in val[i : i + 32]]
         Q = torch.cat(qs)
         ys = torch.tensor(ys)
-        top = (Q @ gal.T).topk(10, dim=1).indices
+        S = Q @ gal.T
+        top = S.topk(10, dim=1).indices
         r1 = (top[:, 0] == ys).float()
         r10 = (top == ys[:, None]).any(1).float()
         un = torch.tensor([y.item() not in seen for y in ys])
         out = f"R@1 {r1.mean():.3f} R@10 {r10.mean():.3f}"
         if un.any():
             out += f" | unseen R@1 {r1[un].mean():.3f} R@10 {r10[un].mean():.3f} | seen R@1 {r1[~un].mean():.3f}"
+        if ZERO is not None:
+            for w in (0.5, 1.0):
+                top = (ZERO + w * S).topk(10, dim=1).indices
+                c1 = (top[:, 0] == ys).float()
+                c10 = (top == ys[:, None]).any(1).float()
+                out += f" || zero+{w}*ft R@1 {c1.mean():.3f} R@10 {c10.mean():.3f}"
+                if un.any():
+                    out += f" unseen {c1[un].mean():.3f}/{c10[un].mean():.3f} seen {c1[~un].mean():.3f}"
         return out
 
 
