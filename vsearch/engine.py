@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +163,16 @@ class Engine:
             )
             self._categories = None
             if center_on is not None or not self.manifest.projection_fitted:
-                self.fit_projection(center_on)
-            elif self._factory_outgrown():
-                self.rebuild_index()
-            self._save()
+                self.fit_projection(center_on)  # saves
+            else:
+                if self._factory_outgrown():
+                    self.rebuild_index()
+                self._save()
         return report
 
     def fit_projection(self, center_on: str | os.PathLike[str] | None = None) -> None:
-        """Fit centring/PCA (on in-domain photos if given, else the catalog) and rebuild the index."""
+        """Fit centring/PCA (on in-domain photos if given, else the catalog), rebuild the
+        index and save."""
         with self._writer:
             if center_on is not None:
                 sources = [item.image for item in read_source_items(center_on)]
@@ -178,6 +180,7 @@ class Engine:
             else:
                 raw = self.catalog.sample_vectors(FIT_SAMPLE)
             if len(raw) == 0:
+                self._save()
                 return
             projection = Projection.fit(raw, self.manifest.projection)
             index = self._build_index(projection)
@@ -231,8 +234,9 @@ class Engine:
                     self._add_raw(np.array(ids, dtype=np.int64), raw)
                 self._categories = None
             if not self.manifest.projection_fitted:
-                self.fit_projection()
-            self._save()
+                self.fit_projection()  # saves
+            else:
+                self._save()
         return self.product(product_id)
 
     def delete_product(self, product_id: str) -> None:
@@ -383,14 +387,7 @@ class Engine:
         options = options or SearchOptions()
         boxes = region_boxes()
         raw = np.concatenate([self.embed_queries([image]), self.embedder.embed_regions(image, boxes[1:])])
-        wide = SearchOptions(
-            k=options.k + options.offset,
-            categories=options.categories,
-            exclude_categories=options.exclude_categories,
-            exclude_products=options.exclude_products,
-            min_score=options.min_score,
-            group_by_product=True,
-        )
+        wide = replace(options, k=options.k + options.offset, offset=0, group_by_product=True)
         best: dict[str, Hit] = {}
         for row in self.search_vectors(raw, wide):
             for hit in row:
@@ -499,7 +496,7 @@ class Engine:
             images = []
             for source in sources[start : start + 32]:
                 try:
-                    images.append(decode_image(read_source(source), source))
+                    images.append(self.load_query(source))
                 except ImageError:
                     continue
             if images:

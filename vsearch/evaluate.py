@@ -19,7 +19,6 @@ from typing import Any
 
 from .engine import Engine, Hit, SearchOptions
 from .errors import ImageError, ManifestError, VsearchError
-from .images import decode_image, read_source
 from .sources import read_manifest
 
 __all__ = ["EvalError", "Query", "read_queries", "evaluate", "evaluate_index", "score"]
@@ -141,7 +140,7 @@ def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32,
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(queries), batch):
             chunk = queries[start : start + batch]
-            images = list(pool.map(_load, [q.image for q in chunk]))
+            images = list(pool.map(lambda source: _load(engine, source), [q.image for q in chunk]))
             ok = [i for i, im in enumerate(images) if im is not None]
             found: list[list[Hit]] = [[] for _ in chunk]
             if ok and regions:
@@ -155,9 +154,9 @@ def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32,
     return results
 
 
-def _load(source: str) -> Any:
+def _load(engine: Engine, source: str) -> Any:
     try:
-        return decode_image(read_source(source), source)
+        return engine.load_query(source)
     except ImageError:
         return None  # counted as a miss: an unreadable query retrieves nothing
 
