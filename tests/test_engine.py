@@ -270,3 +270,12 @@ def test_a_pairs_file_adds_photos_to_existing_products(index_dir: Path, catalog_
         assert len(product.images) == 2 and engine.info()["vectors"] == 26
         hits = engine.search(photo, k=5)
         assert hits[0].product_id == "Bakery/p04" and [h.product_id for h in hits].count("Bakery/p04") == 1
+
+
+def test_suggested_categories_follow_the_nearest_matches() -> None:
+    from vsearch.query import suggest_categories
+
+    # the best match's category wins over a category that merely has more neighbours
+    votes = suggest_categories(["Veg/Carrots", "Fruit/Melon", "Veg/Potato", "Fruit/Melon", "Fruit/Melon", "Dairy"])
+    assert votes[0][0] == "Veg/Carrots"
+    assert abs(sum(share for _, share in votes) - 1) < 1e-3

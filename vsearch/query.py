@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,15 @@ def matches_category(category: str, pattern: str) -> bool:
 
 
 def suggest_categories(neighbour_categories: Sequence[str], limit: int = 5) -> list[tuple[str, float]]:
-    """Categories voted by nearest neighbours, with their share of the vote."""
-    votes = Counter(c for c in neighbour_categories if c)
+    """Categories voted by nearest neighbours (nearest first), with their share of the vote.
+
+    A neighbour's vote weighs 1 / rank, so the closest matches decide: with one image
+    per product, plain counting let a category with many products outvote the best match.
+    """
+    votes: dict[str, float] = defaultdict(float)
+    for rank, category in enumerate(neighbour_categories, start=1):
+        if category:
+            votes[category] += 1.0 / rank
     total = sum(votes.values())
-    return [(c, round(n / total, 4)) for c, n in votes.most_common(limit)] if total else []
+    best = sorted(votes.items(), key=lambda cv: -cv[1])[:limit]
+    return [(c, math.floor(n / total * 10_000) / 10_000) for c, n in best]  # rounded down: shares never sum past 1

@@ -55,7 +55,8 @@ def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options
 
 
 def vote(catalog: Catalog, image_ids: np.ndarray) -> list[tuple[str, float]]:
-    """The categories of these neighbour images, with their share of the vote."""
-    owners = catalog.image_products([int(i) for i in image_ids if i >= 0])
+    """The categories of these neighbour images (nearest first), with their share of the vote."""
+    ranked = [int(i) for i in image_ids if i >= 0]
+    owners = catalog.image_products(ranked)
     products = catalog.products(sorted(set(owners.values())))
-    return suggest_categories([products[p].category for p in owners.values() if p in products])
+    return suggest_categories([products[owners[i]].category for i in ranked if owners.get(i) in products])
