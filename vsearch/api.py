@@ -89,6 +89,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         service = SearchService(engine, config, on_batch=metrics.embed_batch.observe)
         app.state.metrics, app.state.service = metrics, service
         await run_in_threadpool(service.warm_up)
+        service.watch_index()
         app.state.ready = True
         try:
             yield

@@ -25,7 +25,7 @@ import sqlite_utils
 
 from .errors import ProductNotFoundError
 
-__all__ = ["Catalog", "Product", "ImageRow"]
+__all__ = ["BASE_MODEL", "Catalog", "Product", "ImageRow"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,7 +52,16 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model_vectors (
+    model TEXT NOT NULL,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model, image_id)
+);
 """
+
+BASE_MODEL = "base"  # the index's original model; its vectors live in images.vector
 
 
 @dataclass(frozen=True)
@@ -109,17 +118,19 @@ class Catalog:
         self.db.conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One atomic write: all of it lands, or none of it; bumps the generation."""
+    def transaction(self, bump: bool = True) -> Iterator[None]:
+        """One atomic write: all of it lands, or none of it; bumps the generation
+        unless ``bump`` is False (writes the served index does not depend on)."""
         conn = self.db.conn
         with self._mutex:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES('generation', '1') "
-                    "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-                )
+                if bump:
+                    conn.execute(
+                        "INSERT INTO meta(key, value) VALUES('generation', '1') "
+                        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                    )
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -218,36 +229,100 @@ class Catalog:
         return [ImageRow(*row) for row in rows]
 
     @_locked
-    def put_image(self, product_id: str, source: str, sha256: str, width: int, height: int, vector: np.ndarray) -> int:
-        """Insert or replace an image's content; an existing (product, source) keeps its id."""
+    def put_image(
+        self,
+        product_id: str,
+        source: str,
+        sha256: str,
+        width: int,
+        height: int,
+        vector: np.ndarray,
+        model: str = BASE_MODEL,
+    ) -> int:
+        """Insert or replace an image's content with its vector from ``model``; an
+        existing (product, source) keeps its id. New content invalidates the vectors
+        other models had for the old content."""
         now = time.time()
         blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        base_blob = blob if model == BASE_MODEL else None
         existing = self.image(product_id, source)
         if existing is None:
             cursor = self.db.execute(
                 "INSERT INTO images(product_id, source, sha256, width, height, vector, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [product_id, source, sha256, width, height, blob, now, now],
+                [product_id, source, sha256, width, height, base_blob, now, now],
             )
-            return int(cursor.lastrowid or 0)
-        self.db.execute(
-            "UPDATE images SET sha256 = ?, width = ?, height = ?, vector = ?, updated_at = ? WHERE id = ?",
-            [sha256, width, height, blob, now, existing.id],
-        )
-        return existing.id
+            image_id = int(cursor.lastrowid or 0)
+        else:
+            image_id = existing.id
+            if existing.sha256 != sha256:
+                self.db.execute("DELETE FROM model_vectors WHERE image_id = ?", [image_id])
+            keep_base = model != BASE_MODEL and existing.sha256 == sha256
+            self.db.execute(
+                "UPDATE images SET sha256 = ?, width = ?, height = ?, updated_at = ?"
+                + ("" if keep_base else ", vector = ?")
+                + " WHERE id = ?",
+                [sha256, width, height, now] + ([] if keep_base else [base_blob]) + [image_id],
+            )
+        if model != BASE_MODEL:
+            self.db.execute(
+                "INSERT OR REPLACE INTO model_vectors(model, image_id, sha256, vector) VALUES (?, ?, ?, ?)",
+                [model, image_id, sha256, blob],
+            )
+        return image_id
+
+    @_locked
+    def put_vectors(self, model: str, rows: list[tuple[int, str, np.ndarray]]) -> int:
+        """Store ``model``'s vectors for ``(image_id, sha256, vector)`` rows; a row whose
+        image has changed content (or is gone) since it was read is skipped. Returns
+        how many were stored."""
+        stored = 0
+        for image_id, sha256, vector in rows:
+            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+            if model == BASE_MODEL:
+                cursor = self.db.execute("UPDATE images SET vector = ? WHERE id = ? AND sha256 = ?", [blob, image_id, sha256])
+            else:
+                cursor = self.db.execute(
+                    "INSERT OR REPLACE INTO model_vectors(model, image_id, sha256, vector) "
+                    "SELECT ?, id, sha256, ? FROM images WHERE id = ? AND sha256 = ?",
+                    [model, blob, image_id, sha256],
+                )
+            stored += cursor.rowcount
+        return stored
+
+    @_locked
+    def images_without_vectors(self, model: str) -> list[ImageRow]:
+        """Images that have no current vector from ``model`` (new or changed content)."""
+        columns = "i.id, i.product_id, i.source, i.sha256, i.width, i.height"
+        if model == BASE_MODEL:
+            rows = self.db.execute(f"SELECT {columns} FROM images i WHERE i.vector IS NULL ORDER BY i.id")
+        else:
+            rows = self.db.execute(
+                f"SELECT {columns} FROM images i LEFT JOIN model_vectors m ON m.image_id = i.id AND m.model = ? "
+                "WHERE m.image_id IS NULL OR m.sha256 != i.sha256 ORDER BY i.id",
+                [model],
+            )
+        return [ImageRow(*row) for row in rows]
+
+    @_locked
+    def drop_model_vectors(self, model: str) -> None:
+        if model == BASE_MODEL:
+            raise ValueError("the base model's vectors cannot be dropped")
+        self.db.execute("DELETE FROM model_vectors WHERE model = ?", [model])
 
     @_locked
     def remove_images(self, image_ids: list[int]) -> None:
         for chunk in _chunks(image_ids, 500):
             self.db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
-    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, raw vectors) in id order, a chunk at a time."""
+    def iter_vectors(self, batch: int = 4096, model: str = BASE_MODEL) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, raw vectors from ``model``) in id order, a chunk at a time."""
         last = -1
+        table, where, args = _vector_rows(model)
         while True:
             with self._mutex:
                 rows = self.db.execute(
-                    "SELECT id, vector FROM images WHERE id > ? AND vector IS NOT NULL ORDER BY id LIMIT ?", [last, batch]
+                    f"SELECT id, vector FROM {table} WHERE {where} AND id > ? ORDER BY id LIMIT ?", [*args, last, batch]
                 ).fetchall()
             if not rows:
                 return
@@ -257,14 +332,16 @@ class Catalog:
             last = int(ids[-1])
 
     @_locked
-    def sample_vectors(self, n: int, seed: int = 0) -> np.ndarray:
-        """Up to ``n`` raw vectors drawn uniformly at random (all of them if fewer)."""
-        ids = [r[0] for r in self.db.execute("SELECT id FROM images WHERE vector IS NOT NULL ORDER BY id")]
+    def sample_vectors(self, n: int, seed: int = 0, model: str = BASE_MODEL) -> np.ndarray:
+        """Up to ``n`` raw vectors from ``model``, drawn uniformly at random (all if fewer)."""
+        table, where, args = _vector_rows(model)
+        ids = [r[0] for r in self.db.execute(f"SELECT id FROM {table} WHERE {where} ORDER BY id", args)]
         if len(ids) > n:
             ids = sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
         vectors = []
         for chunk in _chunks(ids, 500):
-            rows = self.db.execute(f"SELECT vector FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(f"SELECT vector FROM {table} WHERE {where} AND id IN ({marks})", [*args, *chunk])
             vectors += [np.frombuffer(r[0], dtype=np.float32) for r in rows]
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
@@ -305,8 +382,12 @@ class Catalog:
         return dict(self.db.execute("SELECT category, count(*) FROM products GROUP BY category").fetchall())
 
     @_locked
-    def vectors_of(self, product_id: str) -> np.ndarray:
-        rows = self.db.execute("SELECT vector FROM images WHERE product_id = ? AND vector IS NOT NULL", [product_id])
+    def vectors_of(self, product_id: str, model: str = BASE_MODEL) -> np.ndarray:
+        table, where, args = _vector_rows(model)
+        rows = self.db.execute(
+            f"SELECT vector FROM {table} WHERE {where} AND id IN (SELECT id FROM images WHERE product_id = ?)",
+            [*args, product_id],
+        )
         vectors = [np.frombuffer(r[0], dtype=np.float32) for r in rows]
         return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
@@ -320,6 +401,15 @@ class Catalog:
 
 def _product(row: tuple[Any, ...]) -> Product:
     return Product(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+
+def _vector_rows(model: str) -> tuple[str, str, list[Any]]:
+    """FROM and WHERE clauses (and their arguments) that yield ``id, vector`` of ``model``."""
+    if model == BASE_MODEL:
+        return "images", "vector IS NOT NULL", []
+    # put_image deletes other models' vectors when an image's content changes, so
+    # every model_vectors row is current.
+    return "(SELECT image_id AS id, vector, model FROM model_vectors)", "model = ?", [model]
 
 
 def _chunks(values: list[Any], size: int) -> Iterator[list[Any]]:

@@ -91,6 +91,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--json", action="store_true")
 
+    p = command("finetune", _finetune, "Train a new model version on labelled shopper photos (image,product_id pairs).")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--pairs", required=True, type=Path, help="CSV/JSONL with columns image,product_id (products in the index)")
+    p.add_argument("--name", help="version name (default: ft-001, ft-002, ...; an interrupted run with the same data resumes)")
+    p.add_argument("--epochs", type=int, default=5, help="most epochs (default 5; early stopping may end sooner)")
+    p.add_argument("--train-from", default="stage4", help="first retrained stage; earlier ones stay frozen (default stage4)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="photos held out for validation (default 0.1)")
+    p.add_argument("--patience", type=int, default=2, help="epochs without better validation Recall@1 before stopping")
+    p.add_argument(
+        "--zero-shot-weight", type=float, default=0.5, help="share of similarity kept from the pretrained model (default 0.5)"
+    )
+    p.add_argument("--views", type=int, default=2, help="augmented views cached per photo (default 2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the training report as JSON")
+
+    p = command("reindex", _reindex, "Embed the catalog with a model version (only what it lacks; resumable), then serve it.")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--model", help="model version (default: the active one); see `vsearch model list`")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: by device and cores)")
+    p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    p = command("model", _model, "List an index's model versions, switch to one (rollback), or remove one.")
+    _index_arg(p, env.index_dir)
+    p.add_argument("action", choices=["list", "use", "remove"], help="list | use NAME | remove NAME")
+    p.add_argument("name", nargs="?", help="version name (base = the pretrained model)")
+    p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+
     p = command("models", _models, "List the built-in models and their layers.")
     p.add_argument("--json", action="store_true")
 
@@ -212,6 +246,76 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     for key, value in metrics.items():
         print(f"{key:<22} {'-' if value is None else value}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        train_from=args.train_from,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        zero_shot_weight=args.zero_shot_weight,
+        views=args.views,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    with Engine.open(args.index, device=args.device) as engine:
+        report = finetune(engine, args.pairs, name=args.name, config=config, quiet=args.quiet)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    r1 = "-" if report.val_recall_at_1 is None else f"{report.val_recall_at_1:.3f}"
+    print(
+        f"model version {report.name}: best epoch {report.best_epoch}, val Recall@1 {r1}, "
+        f"{report.data['train_photos']} train photos, {report.seconds:.0f} s"
+    )
+    print(f"serve it with: vsearch reindex --index {args.index} --model {report.name}")
+    return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    with Engine.open(args.index, device=args.device) as engine:
+        report = engine.reindex(args.model, quiet=args.quiet, workers=args.workers)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(
+        f"model {report.model}: {report.embedded} images embedded, {report.unreadable} unreadable, "
+        f"{report.changed} changed on disk (re-ingest them); {report.vectors} vectors served"
+        + (" (switched)" if report.switched else "")
+    )
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .errors import ConfigError
+
+    if args.action != "list" and not args.name:
+        raise ConfigError(f"vsearch model {args.action} needs a version name (see: vsearch model list)")
+    with Engine.open(args.index, device=args.device) as engine:
+        if args.action == "use":
+            report = engine.use_model(args.name, quiet=args.quiet)
+            print(f"serving model {args.name} ({report.embedded} images embedded, {report.vectors} vectors)")
+            return 0
+        if args.action == "remove":
+            engine.remove_model(args.name)
+            print(f"removed model version {args.name}")
+            return 0
+        versions = [v.to_dict() for v in engine.models()]
+    if args.json:
+        _print_json(versions)
+        return 0
+    for v in versions:
+        r1 = v.get("val_recall_at_1")
+        detail = v["kind"] + (f", val Recall@1 {r1:.3f}, {v.get('trained_on')} photos" if r1 is not None else "")
+        print(f"{'*' if v['active'] else ' '} {v['name']:<12} {detail}")
     return 0
 
 

@@ -173,6 +173,7 @@ class ServeConfig:
     url_timeout_s: float = 8.0
     thumbnail_px: int = 256
     web_dir: str | None = None  # default: the repository's web/ folder
+    reload_interval_s: float = 2.0  # how often to look for a model switch made by another process; 0: never
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or (self.batch_max or 1) <= 0:

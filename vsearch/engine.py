@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .catalog import Catalog, ImageRow, Product
+from .adapter import AdaptedEmbedder
+from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
 from .embed import Embedder, Preprocess, pick_device
-from .errors import ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
+from .errors import ConfigError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError, VersionError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
 from .imagestore import ImageStore
@@ -35,15 +36,22 @@ from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
 from .query import Hit, SearchOptions, category_tree, region_boxes
+from .reindex import ReindexReport, embed_missing
 from .results import category_blocks, collect_hits, vote
 from .sources import Item, read_source_items
+from .versions import VersionInfo, list_versions, remove_version_dir, version_dir
 
-__all__ = ["Engine", "Hit", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
+__all__ = ["Engine", "Hit", "ModelChanged", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet-lite2"
 FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 QueryImage = bytes | str | os.PathLike[str] | Image.Image
 ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
+
+
+class ModelChanged(Exception):
+    """The served model version changed between embedding a query and searching it;
+    embed again. (Internal: :class:`vsearch.service.SearchService` retries.)"""
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,14 @@ class Engine:
         self.manifest = manifest
         self.catalog = catalog
         self.device = device
-        self.projection = Projection.load(paths.projection)
+        self.active = manifest.active_model
+        self.epoch = 0  # bumped whenever the served model version changes
+        self.projection = self._projection_for(self.active)
         self.preprocess = Preprocess(manifest.model)
         self.index: VectorIndex | None = None
         self.image_store = ImageStore(paths.root / "images")
         self._embedder: Embedder | None = None
+        self._embedder_name = ""
         self._embedder_lock = threading.Lock()
         self._categories: dict[str, np.ndarray] | None = None
         self._rw = RWLock()
@@ -123,13 +134,26 @@ class Engine:
     def embedder(self) -> Embedder:
         """The model, loaded on first use (a re-ingest of unchanged data never loads it)."""
         with self._embedder_lock:
-            if self._embedder is None:
-                self._embedder = Embedder(self.manifest.model, device=self.device)
+            name = self.active  # a switch may land while we load; then the next call reloads
+            if self._embedder is None or self._embedder_name != name:
+                self._embedder, self._embedder_name = self._load_embedder(name), name
             return self._embedder
+
+    def _load_embedder(self, name: str) -> Embedder:
+        if name == BASE_MODEL:
+            return Embedder(self.manifest.model, device=self.device)
+        return AdaptedEmbedder(version_dir(self.paths.root, name), device=self.device)
+
+    def _projection_for(self, name: str) -> Projection:
+        # A fine-tuned version's vectors come out final (its zero-shot part carries
+        # the base projection it was trained with), so only renormalisation is left.
+        return Projection.load(self.paths.projection) if name == BASE_MODEL else Projection()
 
     @property
     def has_text(self) -> bool:
-        return self.manifest.model.family == "open_clip" and self.manifest.model.layers == ("embed",)
+        return (
+            self.active == BASE_MODEL and self.manifest.model.family == "open_clip" and self.manifest.model.layers == ("embed",)
+        )
 
     # writing ------------------------------------------------------------------
     def ingest(
@@ -160,6 +184,7 @@ class Engine:
                 device=pick_device(self.device),
                 quiet=quiet,
                 rejects_path=self.paths.rejects,
+                model=self.active,
             )
             self._categories = None
             if center_on is not None or not self.manifest.projection_fitted:
@@ -174,16 +199,22 @@ class Engine:
         """Fit centring/PCA (on in-domain photos if given, else the catalog), rebuild the
         index and save."""
         with self._writer:
+            if self.active != BASE_MODEL:
+                if center_on is not None:
+                    raise ConfigError(f"--center-on refits the base model's projection; model {self.active!r} is active")
+                self.rebuild_index()
+                self._save()
+                return
             if center_on is not None:
                 sources = [item.image for item in read_source_items(center_on)]
                 raw = self._embed_sources(sources, tta=self.manifest.model.query_tta)
             else:
-                raw = self.catalog.sample_vectors(FIT_SAMPLE)
+                raw = self.catalog.sample_vectors(FIT_SAMPLE, model=self.active)
             if len(raw) == 0:
                 self._save()
                 return
             projection = Projection.fit(raw, self.manifest.projection)
-            index = self._build_index(projection)
+            index = self._build_index(projection, self.active)
             with self._rw.write():
                 projection.save(self.paths.projection)
                 self.projection, self.index = projection, index
@@ -196,10 +227,117 @@ class Engine:
     def rebuild_index(self) -> None:
         """Rebuild the faiss index from the catalog's stored vectors (no model work)."""
         with self._writer:
-            index = self._build_index(self.projection)
+            index = self._build_index(self.projection, self.active)
             with self._rw.write():
                 self.index = index
                 self.manifest.factory = index.factory
+
+    # model versions -------------------------------------------------------------
+    def models(self) -> list[VersionInfo]:
+        """``base`` and the fine-tuned versions in ``DIR/models``, oldest first."""
+        return list_versions(self.paths.root, self.active)
+
+    def use_model(self, name: str, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+        """Serve model version ``name``: embed every image that has no vector from it
+        yet (resumable), build its index, then switch.
+
+        Searches go on meanwhile with the old version; the switch swaps model, index
+        and projection under the write lock, so each search uses one version
+        completely. The old version's vectors stay, so switching back is quick.
+        """
+        with self._writer:
+            if name != BASE_MODEL:
+                version_dir(self.paths.root, name)  # exists and is complete
+            same = name == self.active
+            embedder: Embedder | None = self._embedder if same else None
+
+            def get_embedder() -> Embedder:
+                nonlocal embedder
+                if embedder is None:
+                    embedder = self._load_embedder(name)
+                return embedder
+
+            report = embed_missing(
+                self.catalog,
+                get_embedder,
+                name,
+                resolve=self._local_source,
+                bump=same,
+                workers=workers,
+                device=pick_device(self.device),
+                quiet=quiet,
+            )
+            projection = self.projection if same else self._projection_for(name)
+            index = self._build_index(projection, name)
+            raw_dim = _raw_dim(self.catalog, name)
+            with self._rw.write():
+                self.active, self.projection, self.index = name, projection, index
+                if not same:
+                    self._embedder, self._embedder_name = embedder, name
+                    self.epoch += 1
+                    self._categories = None
+                self.manifest.active_model = name
+                self.manifest.raw_dim, self.manifest.dim = raw_dim, projection.out_dim(raw_dim)
+                self.manifest.factory = index.factory
+                # Written before the index: a crash in between leaves an index marked
+                # stale, which the next open rebuilds for the new version.
+                self.manifest.catalog_generation = -1
+                self.manifest.save(self.paths)
+            self._save()
+            report.vectors = index.ntotal
+            report.switched = not same
+        return report
+
+    def reindex(self, name: str | None = None, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+        """Embed what model version ``name`` (default: the active one) lacks and serve it."""
+        return self.use_model(name or self.active, quiet=quiet, workers=workers)
+
+    def remove_model(self, name: str) -> None:
+        """Delete a fine-tuned version and its vectors (not the active one, not base)."""
+        with self._writer:
+            if name == BASE_MODEL:
+                raise VersionError("the base model cannot be removed")
+            if name == self.active:
+                raise VersionError(f"model version {name!r} is active; switch first: vsearch model use base")
+            version_dir(self.paths.root, name)
+            with self.catalog.transaction(bump=False):
+                self.catalog.drop_model_vectors(name)
+            remove_version_dir(self.paths.root, name)
+
+    def refresh(self) -> bool:
+        """Pick up a switch or write that another process (e.g. ``vsearch reindex``
+        next to ``vsearch serve``) saved to the index directory. Returns True if
+        something was reloaded. Cheap when nothing changed: one small file read."""
+        try:
+            disk = IndexManifest.load(self.paths)
+        except (IndexFormatError, IndexNotFoundError):
+            return False
+        mine = self.manifest
+        if disk.catalog_generation == -1 or disk.updated_at <= mine.updated_at:
+            return False  # mid-save elsewhere, or our own save
+        if disk.active_model == self.active and disk.catalog_generation == mine.catalog_generation:
+            return False
+        with self._writer:
+            name = disk.active_model
+            embedder = self._embedder if name == self.active else self._load_embedder(name)
+            projection = self._projection_for(name)
+            fresh = disk.catalog_generation == self.catalog.generation and self.paths.index.exists()
+            if fresh:
+                index = VectorIndex.load(self.paths.index, disk.factory, nprobe=disk.index.nprobe)
+                index.to_gpu()
+            else:
+                index = self._build_index(projection, name)
+            with self._rw.write():
+                if name != self.active:
+                    self.epoch += 1
+                    self._embedder, self._embedder_name = embedder, name
+                self.manifest, self.active, self.projection, self.index = disk, name, projection, index
+                self._categories = None
+        return True
+
+    def _local_source(self, row: ImageRow) -> str:
+        stored = self.image_store.path(row.sha256)
+        return str(stored) if stored is not None else row.source
 
     def put_product(
         self,
@@ -221,7 +359,7 @@ class Engine:
                 with self.catalog.transaction():
                     self.catalog.upsert_product(product_id, title=title, category=category, attributes=attributes)
                     ids = [
-                        self.catalog.put_image(product_id, src, sha, w, h, vector)
+                        self.catalog.put_image(product_id, src, sha, w, h, vector, model=self.active)
                         for (src, sha, w, h, _), vector in zip(prepared, raw if raw is not None else [])
                     ]
                     removed: list[int] = []
@@ -297,7 +435,7 @@ class Engine:
     def product_vector(self, product_id: str) -> np.ndarray:
         """The mean raw vector of a product's images: the query for "more like this"."""
         with self._rw.read():
-            vectors = self.catalog.vectors_of(product_id)
+            vectors = self.catalog.vectors_of(product_id, model=self.active)
         if len(vectors) == 0:
             if not self._product_exists(product_id):
                 raise ProductNotFoundError(f"no product {product_id!r}")
@@ -322,11 +460,17 @@ class Engine:
         group_by_product: bool = True,
     ) -> list[Hit]:
         """The catalog items most similar to ``image`` (bytes, path or PIL image)."""
-        raw = self.embed_queries([self.load_query(image)])
+        query = self.load_query(image)
         options = SearchOptions(
             k=k, categories=categories or (), exclude_categories=exclude_categories or (), group_by_product=group_by_product
         )
-        return self.search_vectors(raw, options)[0]
+        while True:  # a model switch between embedding and searching: embed again
+            epoch = self.epoch
+            raw = self.embed_queries([query])
+            try:
+                return self.search_and_suggest(raw, options, neighbours=0, epoch=epoch)[0][0]
+            except ModelChanged:
+                continue
 
     def search_vectors(
         self, raw: np.ndarray, options: SearchOptions | None = None, timings: dict[str, float] | None = None
@@ -344,15 +488,21 @@ class Engine:
         options: SearchOptions | None = None,
         timings: dict[str, float] | None = None,
         neighbours: int = 20,
+        epoch: int | None = None,
     ) -> tuple[list[list[Hit]], list[list[tuple[str, float]]]]:
         """Hits, plus the categories the ``neighbours`` nearest images vote for.
 
         Without filters the vote comes from the same faiss search as the hits.
+        ``epoch``: the :attr:`epoch` read before ``raw`` was computed; if the model
+        version has changed since, :class:`ModelChanged` is raised instead of
+        searching new vectors with an old query (or the reverse).
         """
         options = options or SearchOptions()
         timings = timings if timings is not None else {}
         want = options.k + options.offset
         with self._rw.read():
+            if epoch is not None and epoch != self.epoch:
+                raise ModelChanged(f"model version changed to {self.active!r}")
             if self.index is None or self.index.ntotal == 0:
                 return [[] for _ in raw], [[] for _ in raw]
             xq = self.projection.apply(raw)
@@ -409,6 +559,7 @@ class Engine:
             **counts,
             "vectors": vectors,
             "model": self.manifest.model.name,
+            "active_model": self.active,
             "layers": list(self.manifest.model.layers),
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
@@ -431,14 +582,14 @@ class Engine:
             self.rebuild_index()
             self._save()
 
-    def _build_index(self, projection: Projection) -> VectorIndex:
+    def _build_index(self, projection: Projection, model: str) -> VectorIndex:
         n = self.catalog.counts()["images"]
-        dim = projection.out_dim(self.manifest.raw_dim or _raw_dim(self.catalog))
+        dim = projection.out_dim(_raw_dim(self.catalog, model) or self.manifest.raw_dim)
         factory = self.manifest.index.factory or choose_factory(n, dim)
         index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
         if not index.is_trained:
-            index.train(projection.apply(self.catalog.sample_vectors(FIT_SAMPLE)))
-        for ids, raw in self.catalog.iter_vectors():
+            index.train(projection.apply(self.catalog.sample_vectors(FIT_SAMPLE, model=model)))
+        for ids, raw in self.catalog.iter_vectors(model=model):
             index.add(ids, projection.apply(raw))
         index.to_gpu()
         return index
@@ -512,8 +663,8 @@ class Engine:
         return options.min_score is not None and bool((D[:, -1] < options.min_score).all())
 
 
-def _raw_dim(catalog: Catalog) -> int:
-    sample = catalog.sample_vectors(1)
+def _raw_dim(catalog: Catalog, model: str) -> int:
+    sample = catalog.sample_vectors(1, model=model)
     return int(sample.shape[1]) if sample.size else 0
 
 

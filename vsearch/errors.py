@@ -16,6 +16,8 @@ __all__ = [
     "ProductNotFoundError",
     "FilterError",
     "ConflictError",
+    "TrainingDataError",
+    "VersionError",
 ]
 
 
@@ -70,3 +72,11 @@ class FilterError(VsearchError):
 
 class ConflictError(VsearchError):
     """The thing to create exists already."""
+
+
+class TrainingDataError(VsearchError):
+    """The labelled photos cannot train a model (none usable, no known products)."""
+
+
+class VersionError(VsearchError):
+    """A model version is missing, incomplete, or cannot be removed."""

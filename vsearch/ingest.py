@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .catalog import Catalog
+from .catalog import BASE_MODEL, Catalog
 from .embed import Embedder, LoadedImage, Preprocess, load_images
 from .fsutil import atomic_write_bytes
 from .images import is_url
@@ -88,6 +88,7 @@ def ingest_items(
     quiet: bool = False,
     checkpoint_every_s: float = 30.0,
     rejects_path: Path | None = None,
+    model: str = BASE_MODEL,
 ) -> IngestReport:
     """Bring the catalog in line with ``items``.
 
@@ -136,7 +137,9 @@ def ingest_items(
                     for loaded, vector in zip(todo, vectors):
                         item = ordered[int(loaded.key)]  # type: ignore[call-overload]
                         ids.append(
-                            catalog.put_image(item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector)
+                            catalog.put_image(
+                                item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector, model=model
+                            )
                         )
                 on_batch(np.array(ids, dtype=np.int64), vectors)
                 report.embedded += len(todo)

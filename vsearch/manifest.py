@@ -6,6 +6,8 @@ DIR/catalog.db      products and images (SQLite), raw vectors included
 DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
 DIR/projection.npz  fitted centring/PCA
 DIR/rejects.jsonl   what the last ingestion could not use, and why
+DIR/models/NAME/    fine-tuned model versions (weights, config, training report);
+                    the manifest's active_model says which one serves
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .fsutil import atomic_write_bytes
 
 __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model versions (active_model, DIR/models/)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class IndexManifest:
     factory: str = ""
     projection_fitted: bool = False
     catalog_generation: int = -1
+    active_model: str = "base"  # which model version's vectors the index holds
     counts: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     vsearch_version: str = ""
@@ -87,10 +91,11 @@ class IndexManifest:
         except (OSError, json.JSONDecodeError) as exc:
             raise IndexFormatError(f"{paths.manifest}: unreadable manifest: {exc}") from exc
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IndexFormatError(
                 f"{paths.root} has index format {version}, this vsearch reads format {FORMAT_VERSION}; rebuild the index"
             )
+        data["format_version"] = FORMAT_VERSION  # format 1 is format 2 with only the base model
         data["model"] = ModelConfig.from_dict(data["model"])
         data["projection"] = ProjectionConfig(**data["projection"])
         data["index"] = IndexConfig(**data["index"])

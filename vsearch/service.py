@@ -18,7 +18,7 @@ from PIL import Image
 from .batcher import MicroBatcher, Overloaded
 from .config import ServeConfig
 from .embed import pick_device
-from .engine import Engine
+from .engine import Engine, ModelChanged
 from .errors import ConfigError, ImageTooLargeError
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
@@ -101,8 +101,29 @@ class SearchService:
                 on_batch=on_batch,
             )
         self._slots = threading.BoundedSemaphore(config.queue_size)  # bounds in-flight work with batching off
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def watch_index(self) -> None:
+        """Poll the index directory for a model switch (or write) made by another
+        process, e.g. ``vsearch reindex`` beside this server, and adopt it."""
+        if self.config.reload_interval_s <= 0 or self._watcher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.config.reload_interval_s):
+                try:
+                    self.engine.refresh()
+                except Exception as exc:  # keep serving the current version; say why once per try
+                    print(f"vsearch: could not reload {self.engine.paths.root}: {exc}", flush=True)
+
+        self._watcher = threading.Thread(target=loop, name="vsearch-reload", daemon=True)
+        self._watcher.start()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
         if self._batcher is not None:
             self._batcher.close()
 
@@ -114,20 +135,27 @@ class SearchService:
     def search(self, query: Query, options: SearchOptions) -> SearchResult:
         timing: dict[str, float] = {"decode": 0.0, "embed": 0.0, "search": 0.0, "lookup": 0.0}
         start = time.perf_counter()
+        image: Image.Image | None = None
         if query.product_id:
-            raw = self.engine.product_vector(query.product_id)
             options = replace(options, exclude_products=(*options.exclude_products, query.product_id))
-            timing["lookup"] += _ms(start)
-        elif query.text:
-            raw = self.embed(query.text)
-            timing["embed"] = _ms(start)
-        else:
+        elif not query.text:
             image = self.load(query)
             timing["decode"] = _ms(start)
-            embed_start = time.perf_counter()
-            raw = self.embed(image)
-            timing["embed"] = _ms(embed_start)
-        hits, suggested = self.engine.search_and_suggest(raw, options, timing)
+        for attempt in range(3):  # a model switch between embedding and searching: embed again
+            epoch = self.engine.epoch
+            step = time.perf_counter()
+            if query.product_id:
+                raw = self.engine.product_vector(query.product_id)
+                timing["lookup"] += _ms(step)
+            else:
+                raw = self.embed(image if image is not None else query.text or "")
+                timing["embed"] += _ms(step)
+            try:
+                hits, suggested = self.engine.search_and_suggest(raw, options, timing, epoch=epoch)
+                break
+            except ModelChanged:
+                if attempt == 2:
+                    raise Overloaded("the model version is changing; retry shortly") from None
         timing["total"] = _ms(start)
         return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()})
 

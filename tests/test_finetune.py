@@ -1,0 +1,229 @@
+"""Fine-tuning, model versions, reindex, switch and rollback on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageEnhance
+
+from tests.conftest import CATEGORIES, make_image, write_catalog
+from vsearch import Engine
+from vsearch.adapter import AdaptedNet, AdapterConfig
+from vsearch.catalog import BASE_MODEL
+from vsearch.errors import ConfigError, TrainingDataError, VersionError
+from vsearch.finetune import FinetuneConfig, _Trainer, finetune
+
+SMALL = FinetuneConfig(epochs=3, views=2, catalog_repeat=2, batch_size=16, val_fraction=0.2, patience=5)
+
+
+def product_id(n: int) -> str:
+    return f"{CATEGORIES[n % len(CATEGORIES)]}/p{n:02d}"
+
+
+def write_photos(root: Path, per_product: int = 4) -> Path:
+    """Shopper-photo stand-ins: crops of each product's picture in other light."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["image,product_id"]
+    for n in range(25):
+        picture = make_image(n)
+        w, h = picture.size
+        for j in range(per_product):
+            photo = ImageEnhance.Brightness(picture.crop((3 * j, 2 * j, w - 5, h - 4))).enhance(0.7 + 0.15 * j)
+            path = root / f"{n}_{j}.jpg"
+            photo.save(path)
+            lines.append(f"{path},{product_id(n)}")
+    pairs = root / "pairs.csv"
+    pairs.write_text("\n".join(lines) + "\n")
+    return pairs
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[Engine, Path]:
+    engine = Engine.open(tmp_path / "index", model="tiny-test", create=True)
+    engine.ingest(write_catalog(tmp_path / "catalog"), quiet=True)
+    yield engine, write_photos(tmp_path / "photos")
+    engine.close()
+
+
+def test_zero_shot_part_equals_the_base_models_vectors(tiny: tuple[Engine, Path]) -> None:
+    engine, _ = tiny
+    net = AdaptedNet(AdapterConfig(base=engine.manifest.model), engine.projection)
+    batch = torch.stack([engine.preprocess(make_image(n)) for n in range(4)])
+    with torch.no_grad():
+        _, zero_shot = net.encode_trunk(batch)
+    expected = engine.projection.apply(engine.embedder.embed_tensor(batch))
+    np.testing.assert_allclose(zero_shot.numpy(), expected, atol=1e-5)
+
+
+def test_training_lowers_the_loss_and_saves_a_version(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    report = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
+    losses = [row["loss"] for row in report.epochs]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert report.data["train_photos"] == 80 and report.data["val_photos"] == 20
+    assert all("val_recall_at_1" in row for row in report.epochs)
+    folder = engine.paths.root / "models" / report.name
+    assert {p.name for p in folder.iterdir()} == {"adapter.json", "weights.pt", "base_projection.npz", "report.json"}
+    assert not list((engine.paths.root / "models").glob(".partial-*"))  # work files cleaned up
+    assert [v.name for v in engine.models()] == [BASE_MODEL, report.name]
+    assert engine.active == BASE_MODEL  # training alone changes nothing that serves
+
+
+def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
+    tiny: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, pairs = tiny
+    whole = finetune(engine, pairs, name="whole", config=SMALL, quiet=True, log=lambda _: None)
+
+    real_epoch = _Trainer.run_epoch
+
+    def stop_in_epoch_2(self: _Trainer, quiet: bool) -> dict[str, float]:
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, quiet)
+
+    monkeypatch.setattr(_Trainer, "run_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
+    partial = list((engine.paths.root / "models").glob(".partial-*"))
+    assert len(partial) == 1 and (partial[0] / "checkpoint.pt").exists()
+    monkeypatch.setattr(_Trainer, "run_epoch", real_epoch)
+    resumed = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
+    assert resumed.resumed_from_epoch == 1
+    assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
+    a = torch.load(engine.paths.root / "models" / "whole" / "weights.pt")
+    b = torch.load(engine.paths.root / "models" / resumed.name / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same weights
+
+
+def test_bad_pairs_are_counted_and_skipped(tiny: tuple[Engine, Path], tmp_path: Path) -> None:
+    engine, pairs = tiny
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    with open(pairs, "a") as fh:
+        fh.write(f"{tmp_path / 'photos' / '0_0.jpg'},no-such-product\n")
+        fh.write(f"{tmp_path / 'junk.jpg'},{product_id(1)}\n")
+        fh.write(f"{tmp_path / 'missing.jpg'},{product_id(1)}\n")
+    warnings: list[str] = []
+    report = finetune(engine, pairs, config=FinetuneConfig(epochs=1, views=1, batch_size=16), quiet=True, log=warnings.append)
+    assert report.data["unknown_product_pairs"] == 1
+    assert report.data["unreadable_photos"] == 2
+    assert any("not in the catalog" in w for w in warnings) and any("could not be read" in w for w in warnings)
+
+
+def test_pairs_that_cannot_train_raise_a_clear_error(tiny: tuple[Engine, Path], tmp_path: Path) -> None:
+    engine, _ = tiny
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text(f"image,product_id\n{tmp_path / 'photos' / '0_0.jpg'},nope\n")
+    with pytest.raises(TrainingDataError, match="no usable pairs"):
+        finetune(engine, unknown, quiet=True, log=lambda _: None)
+    one = tmp_path / "one.csv"
+    one.write_text(f"image,product_id\n{tmp_path / 'photos' / '0_0.jpg'},{product_id(0)}\n")
+    with pytest.raises(TrainingDataError, match="at least 2 products"):
+        finetune(engine, one, quiet=True, log=lambda _: None)
+
+
+def _top(engine: Engine, image: object) -> list[tuple[str, float]]:
+    return [(h.product_id, round(h.score, 5)) for h in engine.search(image, k=5)]  # type: ignore[arg-type]
+
+
+def test_switch_rollback_and_remove(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    query = make_image(3)
+    before = _top(engine, query)
+    report = engine.use_model(name, quiet=True)
+    assert report.switched and report.embedded == 25 and engine.active == name
+    after = _top(engine, query)
+    assert after != before and after[0][0] == product_id(3)
+    assert engine.index is not None and engine.index.d == engine.manifest.dim != 256
+    # new products ingested now are embedded by the active version
+    engine.put_product("new", images=[str(pairs.parent / "7_1.jpg")])
+    assert engine.search(make_image(7), k=1)[0].product_id in {"new", product_id(7)}
+    # rollback: base vectors are kept; only the new product's image needs embedding
+    back = engine.use_model(BASE_MODEL, quiet=True)
+    assert back.embedded == 1 and engine.active == BASE_MODEL
+    rolled_back = [hit for hit in _top(engine, query) if hit[0] != "new"]
+    assert rolled_back == before[: len(rolled_back)]  # the same vectors and scores as before the switch
+    with pytest.raises(VersionError, match="cannot be removed"):
+        engine.remove_model(BASE_MODEL)
+    engine.use_model(name, quiet=True)
+    with pytest.raises(VersionError, match="is active"):
+        engine.remove_model(name)
+    engine.use_model(BASE_MODEL, quiet=True)
+    engine.remove_model(name)
+    assert [v.name for v in engine.models()] == [BASE_MODEL]
+    with pytest.raises(VersionError, match="no model version"):
+        engine.use_model(name)
+
+
+def test_the_switch_persists_and_survives_reopening(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    engine.use_model(name, quiet=True)
+    expected = _top(engine, make_image(5))
+    with Engine.open(engine.paths.root) as reopened:
+        assert reopened.active == name
+        assert _top(reopened, make_image(5)) == expected
+
+
+def test_searches_during_a_switch_see_one_version_completely(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    queries = [make_image(n) for n in range(3)]
+    old = [_top(engine, q) for q in queries]
+    engine.use_model(name, quiet=True)
+    new = [_top(engine, q) for q in queries]
+    engine.use_model(BASE_MODEL, quiet=True)
+    seen: list[tuple[int, list[tuple[str, float]]]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        try:
+            while not stop.is_set():
+                for i, q in enumerate(queries):
+                    seen.append((i, _top(engine, q)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for target in (name, BASE_MODEL, name, BASE_MODEL):
+        done = len(seen)
+        engine.use_model(target, quiet=True)
+        while len(seen) < done + 6 and not errors:  # let searches run on each version
+            time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seen and all(result in (old[i], new[i]) for i, result in seen)
+    assert {result == new[i] for i, result in seen} == {True, False}  # both versions served meanwhile
+
+
+def test_another_process_switch_is_picked_up_by_refresh(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    before = _top(engine, make_image(2))
+    with Engine.open(engine.paths.root) as other:  # stands in for `vsearch reindex` in another process
+        other.use_model(name, quiet=True)
+        expected = _top(other, make_image(2))
+    epoch = engine.epoch
+    assert engine.refresh() is True
+    assert engine.active == name and engine.epoch == epoch + 1
+    assert _top(engine, make_image(2)) == expected != before
+    assert engine.refresh() is False  # nothing new
+
+
+def test_center_on_is_refused_while_a_fine_tuned_version_serves(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    engine.use_model(name, quiet=True)
+    with pytest.raises(ConfigError, match="center-on"):
+        engine.fit_projection(pairs)

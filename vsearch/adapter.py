@@ -1,0 +1,219 @@
+"""Fine-tuned model versions: a frozen pretrained trunk, a retrained tail and head.
+
+An adapted version keeps the base model's early stages frozen and retrains its
+last stage(s) plus a linear projection head on the catalog's labelled photos
+(:mod:`vsearch.finetune`). With ``w = zero_shot_weight`` its vector joins two
+L2-normalised parts,
+
+    sqrt(w) * zero-shot vector  ++  sqrt(1 - w) * adapted vector
+
+so the cosine of two such vectors is ``w * zero-shot + (1 - w) * adapted``
+similarity. The zero-shot part (the base model's layers, pooled and projected
+exactly as the base index does) keeps products the training never saw as
+findable as before; the adapted part learns the shop's domain (shelves, hands,
+lighting). Both parts come from one forward pass through the shared trunk.
+
+A version lives in ``DIR/models/NAME/``: ``adapter.json`` (this config),
+``weights.pt`` (the retrained parameters only), ``base_projection.npz`` (the
+base centring/PCA, frozen at training time) and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbones import build_backbone
+from .config import ModelConfig
+from .embed import Embedder, Preprocess, pick_device
+from .errors import ConfigError, ModelError
+from .malloc import tune_malloc
+from .projection import Projection
+
+__all__ = ["AdapterConfig", "AdaptedNet", "AdaptedEmbedder", "ADAPTER_FILE", "WEIGHTS_FILE", "PROJECTION_FILE"]
+
+ADAPTER_FILE = "adapter.json"
+WEIGHTS_FILE = "weights.pt"
+PROJECTION_FILE = "base_projection.npz"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What a fine-tuned version is: which base model, where training starts, the head."""
+
+    base: ModelConfig
+    train_from: str = "stage4"  # first retrained stage ("head": only the final conv)
+    head_dim: int = 512
+    zero_shot_weight: float = 0.5  # share of the similarity left to the zero-shot part; 0 = adapted only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.zero_shot_weight < 1.0:
+            raise ConfigError("zero_shot_weight must be in [0, 1)")
+        if self.head_dim <= 0:
+            raise ConfigError("head_dim must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["base"] = self.base.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        data["base"] = ModelConfig.from_dict(data["base"])
+        return cls(**data)
+
+    def save(self, folder: Path) -> None:
+        (folder / ADAPTER_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> AdapterConfig:
+        try:
+            return cls.from_dict(json.loads((folder / ADAPTER_FILE).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise ModelError(f"{folder}: unreadable model version: {exc}") from exc
+
+
+class AdaptedNet(torch.nn.Module):
+    """Base EfficientNet split at ``train_from``: a frozen trunk, the frozen original
+    tail (for the zero-shot part) and a trainable copy of the tail plus a head."""
+
+    def __init__(self, config: AdapterConfig, base_projection: Projection) -> None:
+        super().__init__()
+        if config.base.family != "timm-efficientnet-lite":
+            raise ModelError(f"fine-tuning supports EfficientNet-Lite models, not {config.base.family!r} ({config.base.name})")
+        self.config = config
+        net: Any = build_backbone(config.base).model  # type: ignore[attr-defined]
+        self.stage_ends = [int(info["module"].split(".")[1]) for info in net.feature_info]
+        self.cut = self._cut(config.train_from)
+        self.stem = torch.nn.Sequential(net.conv_stem, net.bn1)
+        self.trunk = torch.nn.Sequential(*net.blocks[: self.cut])
+        self.base_tail = torch.nn.ModuleList(net.blocks[self.cut :])
+        self.base_head = torch.nn.Sequential(net.conv_head, net.bn2)
+        self.tail = copy.deepcopy(torch.nn.Sequential(*net.blocks[self.cut :]))
+        self.head = copy.deepcopy(self.base_head)
+        self.proj = torch.nn.Linear(net.num_features, config.head_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            torch.nn.init.orthogonal_(self.proj.weight)
+            torch.nn.init.zeros_(self.proj.bias)
+        self.weight = config.zero_shot_weight
+        mean = base_projection.mean
+        self.register_buffer("proj_mean", torch.from_numpy(mean) if mean is not None else torch.zeros(0))
+        comps = base_projection.components
+        self.register_buffer("proj_components", torch.from_numpy(comps) if comps is not None else torch.zeros(0))
+        for module in (self.stem, self.trunk, self.base_tail, self.base_head):
+            module.requires_grad_(False)
+        self.eval()  # BatchNorm keeps its ImageNet statistics, also while training
+
+    def _cut(self, train_from: str) -> int:
+        if train_from == "head":
+            return self.stage_ends[-1] + 1
+        names = [f"stage{i}" for i in range(len(self.stage_ends))]
+        if train_from not in names or train_from == "stage0":
+            raise ConfigError(f"train_from must be one of {', '.join(names[1:])} or head, not {train_from!r}")
+        return self.stage_ends[names.index(train_from) - 1] + 1
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        return {"tail": self.tail, "head": self.head, "proj": self.proj}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, m in self.trainable().items() for k, v in m.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, module in self.trainable().items():
+            prefix = name + "."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def encode_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trunk activations, zero-shot vectors): what training caches per image."""
+        layers = self.config.base.layers
+        maps: dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        for i, block in enumerate(self.trunk):
+            x = block(x)
+            if i in self.stage_ends:
+                maps[f"stage{self.stage_ends.index(i)}"] = x
+        return x, self.zero_shot(x, maps) if self.weight > 0 else torch.zeros(len(x), 0)
+
+    def zero_shot(self, x: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The base model's projected vector, computed from the trunk's output."""
+        for offset, block in enumerate(self.base_tail):
+            x = block(x)
+            if self.cut + offset in self.stage_ends:
+                maps[f"stage{self.stage_ends.index(self.cut + offset)}"] = x
+        base = self.config.base
+        if "head" in base.layers:
+            maps["head"] = self.base_head(x)
+        parts = [F.normalize(_pool(maps[name], how, base.gem_p), dim=1) for name, how in zip(base.layers, base.poolings)]
+        raw = F.normalize(torch.cat(parts, dim=1), dim=1)
+        if self.proj_mean.numel():
+            raw = raw - self.proj_mean
+        if self.proj_components.numel():
+            raw = raw @ self.proj_components.T
+        return F.normalize(raw, dim=1)
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """The retrained part's vector from trunk activations (differentiable)."""
+        pooled = _pool(self.head(self.tail(x)), "gem", self.config.base.gem_p)
+        return F.normalize(self.proj(pooled), dim=1)
+
+    def combine(self, zero_shot: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+        if self.weight == 0:
+            return adapted
+        return torch.cat([math.sqrt(self.weight) * zero_shot, math.sqrt(1 - self.weight) * adapted], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trunk, zero_shot = self.encode_trunk(x)
+        return self.combine(zero_shot, self.adapted(trunk))
+
+
+def _pool(feature: torch.Tensor, how: str, p: float) -> torch.Tensor:
+    if feature.ndim == 2:
+        return feature
+    if how == "gem":
+        return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+    return feature.mean(dim=(2, 3))
+
+
+class AdaptedEmbedder(Embedder):
+    """An :class:`Embedder` for a fine-tuned version directory."""
+
+    def __init__(self, folder: Path, device: str | None = None) -> None:
+        tune_malloc()
+        adapter = AdapterConfig.load(folder)
+        self.config = adapter.base
+        self.device = pick_device(device)
+        self.net = AdaptedNet(adapter, Projection.load(folder / PROJECTION_FILE))
+        try:
+            state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            self.net.load_trainable_state(state)
+        except (OSError, RuntimeError) as exc:
+            raise ModelError(f"{folder}: cannot load weights: {exc}") from exc
+        self.net.to(self.device)
+        self.preprocess = Preprocess(adapter.base)
+        self._dim = None
+
+    @property
+    def has_text(self) -> bool:
+        return False
+
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), self._autocast():
+            vectors = self.net(batch.to(self.device, non_blocking=True)).float()
+        return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_regions(self, image: Image.Image, boxes: list[tuple[float, float, float, float]]) -> np.ndarray:
+        raise ModelError("region search needs the base model; switch with: vsearch model use base")
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        raise ModelError("this model has no text tower")
