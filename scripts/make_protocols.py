@@ -5,7 +5,11 @@ grocery:  gallery = the 81 iconic images, queries = the train + val in-store pho
           (expected_id = the photo's fine class); center.csv = the train photos, as
           unlabelled in-domain photos to centre on; queries-val.csv = the val photos
           only; train-pairs.csv = the train photos labelled with their product, to
-          add as extra product images (`vsearch ingest train-pairs.csv`).
+          add as extra product images (`vsearch ingest train-pairs.csv`) or to
+          fine-tune on (`vsearch finetune --pairs train-pairs.csv`): protocol A.
+          Protocol B (unseen products) splits the 81 products by id: train-pairs-B.csv
+          = train photos of products 0-40; queries-val-B-seen.csv / -unseen.csv = the
+          val photos of products 0-40 / 41-80.
 clothing: gallery = the train photos (one product each, category = class),
           queries = the validation photos, scored at class level.
 
@@ -50,10 +54,22 @@ def grocery(root: Path, out: Path) -> None:
         writer = csv.writer(dst)
         writer.writerow(["image", "product_id"])
         writer.writerows([path, fine] for path, fine in photos["train"])
+    first_half = {str(n) for n in range(41)}
+    _write(out / "train-pairs-B.csv", ["image", "product_id"], [[p, f] for p, f in photos["train"] if f in first_half])
+    for name, keep in (("seen", True), ("unseen", False)):
+        rows = [[p, f, fine_to_category[f]] for p, f in photos["val"] if (f in first_half) == keep]
+        _write(out / f"queries-val-B-{name}.csv", ["image", "expected_id", "category"], rows)
     with open(out / "center.csv", "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["id", "image"])
         writer.writerows([f"photo{n}", path] for n, (path, _) in enumerate(photos["train"]))
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _grocery_split(dataset: Path, split: str) -> list[tuple[str, str]]:

@@ -227,3 +227,102 @@ def test_center_on_is_refused_while_a_fine_tuned_version_serves(tiny: tuple[Engi
     engine.use_model(name, quiet=True)
     with pytest.raises(ConfigError, match="center-on"):
         engine.fit_projection(pairs)
+
+
+def test_cli_reindex_switches_a_running_server_without_failed_searches(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.api_helpers import jpeg
+    from tests.test_browser import free_port
+
+    with Engine.open(tmp_path / "index", model="tiny-test", create=True) as engine:
+        engine.ingest(write_catalog(tmp_path / "catalog"), quiet=True)
+        name = finetune(engine, write_photos(tmp_path / "photos"), config=SMALL, quiet=True, log=lambda _: None).name
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"reload_interval_s": 0.2}))
+    serve = [sys.executable, "-m", "vsearch", "serve", "--index", str(tmp_path / "index"), "--port", str(port)]
+    proc = subprocess.Popen([*serve, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def get(path: str) -> dict[str, object]:
+        with urllib.request.urlopen(base + path, timeout=10) as r:  # noqa: S310 - loopback
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def search() -> list[object]:
+        body, boundary = jpeg(3), "vsearchboundary"
+        data = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode()
+            + body
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            base + "/v1/search?k=3", data=data, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:  # noqa: S310 - loopback
+            assert r.status == 200
+            return [hit["product_id"] for hit in json.loads(r.read())["results"]]
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get("/readyz")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        info = get("/v1/info")
+        assert info["active_model"] == BASE_MODEL
+        before = search()
+        switch = subprocess.run(
+            [sys.executable, "-m", "vsearch", "reindex", "--index", str(tmp_path / "index"), "--model", name, "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert switch.returncode == 0, switch.stderr
+        results = []
+        while get("/v1/info")["active_model"] != name:
+            results.append(search())  # answered by one version or the other, never an error
+            assert time.monotonic() < deadline + 60, "the server never picked up the switch"
+        after = search()
+        assert get("/v1/info")["dim"] != info["dim"] and after[0] == product_id(3)
+        assert all(r in (before, after) for r in results)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_catalog_keeps_vectors_per_model_and_drops_stale_ones(tmp_path: Path) -> None:
+    from vsearch.catalog import Catalog
+
+    catalog = Catalog.open(tmp_path / "c.db")
+    one, two = np.ones(4, dtype=np.float32), np.full(3, 2.0, dtype=np.float32)
+    with catalog.transaction():
+        catalog.upsert_product("p")
+        image_id = catalog.put_image("p", "a.jpg", "sha-1", 10, 10, one)
+    assert [r.id for r in catalog.images_without_vectors("ft")] == [image_id]
+    with catalog.transaction(bump=False):
+        generation = catalog.generation
+        assert catalog.put_vectors("ft", [(image_id, "sha-1", two), (image_id + 1, "sha-x", two)]) == 1
+    assert catalog.generation == generation  # vectors of a model that does not serve leave the index fresh
+    assert catalog.images_without_vectors("ft") == []
+    np.testing.assert_array_equal(catalog.vectors_of("p", model="ft"), [two])
+    np.testing.assert_array_equal(catalog.vectors_of("p"), [one])
+    with catalog.transaction():  # new content, written by "ft": base's vector is stale now
+        catalog.put_image("p", "a.jpg", "sha-2", 10, 10, two, model="ft")
+    assert [r.id for r in catalog.images_without_vectors(BASE_MODEL)] == [image_id]
+    assert catalog.sample_vectors(10).size == 0
+    with catalog.transaction():
+        catalog.put_image("p", "a.jpg", "sha-3", 10, 10, one)  # and the reverse
+    assert [r.id for r in catalog.images_without_vectors("ft")] == [image_id]
+    with catalog.transaction():
+        catalog.put_image("p", "a.jpg", "sha-3", 10, 10, two, model="ft")
+        catalog.remove_products(["p"])
+    assert catalog.db.execute("SELECT count(*) FROM model_vectors").fetchone()[0] == 0
+    catalog.close()

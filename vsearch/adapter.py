@@ -107,9 +107,10 @@ class AdaptedNet(torch.nn.Module):
             torch.nn.init.orthogonal_(self.proj.weight)
             torch.nn.init.zeros_(self.proj.bias)
         self.weight = config.zero_shot_weight
-        mean = base_projection.mean
+        mean, comps = base_projection.mean, base_projection.components
+        self.proj_mean: torch.Tensor
+        self.proj_components: torch.Tensor
         self.register_buffer("proj_mean", torch.from_numpy(mean) if mean is not None else torch.zeros(0))
-        comps = base_projection.components
         self.register_buffer("proj_components", torch.from_numpy(comps) if comps is not None else torch.zeros(0))
         for module in (self.stem, self.trunk, self.base_tail, self.base_head):
             module.requires_grad_(False)
@@ -136,7 +137,6 @@ class AdaptedNet(torch.nn.Module):
 
     def encode_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(trunk activations, zero-shot vectors): what training caches per image."""
-        layers = self.config.base.layers
         maps: dict[str, torch.Tensor] = {}
         x = self.stem(x)
         for i, block in enumerate(self.trunk):

@@ -63,6 +63,8 @@ class FinetuneConfig:
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05
+    feature_crop: float = 0.75  # each batch also sees a random crop (this side fraction or more) of the cached maps
+    feature_flip: bool = True  # and random horizontal flips of them: cheap extra views against overfitting
     val_fraction: float = 0.1
     patience: int = 2  # epochs without a better validation Recall@1 before stopping
     seed: int = 0
@@ -227,12 +229,13 @@ def _prepare(engine: Engine, items: list[Item], config: FinetuneConfig) -> _Data
     if without_gallery:
         warnings.append(f"{without_gallery} products have no readable catalog image; their photos train only their proxy")
 
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # noqa: S311 - a reproducible split, not a secret
     order = list(readable)
     rng.shuffle(order)
     want_val = round(config.val_fraction * len(order))
     left = {pid: len(v) for pid, v in by_product.items()}
-    train, val = [], []
+    train: list[tuple[str, str]] = []
+    val: list[tuple[str, str]] = []
     for source, pid in order:
         if len(val) < want_val and left[pid] > 1:
             val.append((source, pid))
@@ -308,7 +311,10 @@ def _load(source: str | bytes) -> Image.Image:
 
 
 def _encode(
-    net: AdaptedNet, images: list[tuple[str | bytes, Callable[[Image.Image], torch.Tensor]]], device: torch.device, bar: tqdm
+    net: AdaptedNet,
+    images: Sequence[tuple[str | bytes, Callable[[Image.Image], torch.Tensor]]],
+    device: torch.device,
+    bar: tqdm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Trunk activations (fp16) and zero-shot vectors for images, 32 at a time."""
     trunks, zeros = [], []
@@ -423,7 +429,8 @@ class _Trainer:
         )
         for start in bar:
             idx = order[start : start + self.config.batch_size]
-            out = self.net.combine(z[idx].to(self.device), self.net.adapted(x[idx].to(self.device).float()))
+            maps = self._jitter(x[idx].to(self.device).float())
+            out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
             logits = out @ self._proxy_matrix().T / self.config.temperature
             loss = F.cross_entropy(logits, y[idx].to(self.device))
             self.optimizer.zero_grad()
@@ -443,6 +450,20 @@ class _Trainer:
             self.best_epoch, self.best_recall = self.epoch, (r1, r10)
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
+
+    def _jitter(self, maps: torch.Tensor) -> torch.Tensor:
+        """Random crop (one per batch) and per-sample horizontal flips of trunk maps."""
+        h, w = maps.shape[2:]
+        if self.config.feature_crop < 1:
+            low = max(1, round(self.config.feature_crop * min(h, w)))
+            side = int(torch.randint(low, min(h, w) + 1, (1,), generator=self.generator))
+            top = int(torch.randint(0, h - side + 1, (1,), generator=self.generator))
+            left = int(torch.randint(0, w - side + 1, (1,), generator=self.generator))
+            maps = maps[:, :, top : top + side, left : left + side]
+        if self.config.feature_flip:
+            flip = (torch.rand(len(maps), generator=self.generator) < 0.5).to(maps.device)
+            maps = torch.where(flip[:, None, None, None], maps.flip(3), maps)
+        return maps
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, float | None]:

@@ -114,7 +114,7 @@ class SearchService:
             while not self._stop.wait(self.config.reload_interval_s):
                 try:
                     self.engine.refresh()
-                except Exception as exc:  # keep serving the current version; say why once per try
+                except Exception as exc:  # noqa: BLE001 - keep serving the current version; say why
                     print(f"vsearch: could not reload {self.engine.paths.root}: {exc}", flush=True)
 
         self._watcher = threading.Thread(target=loop, name="vsearch-reload", daemon=True)
