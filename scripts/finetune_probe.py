@@ -5,7 +5,7 @@ photos against the 81 iconic images after every epoch, from one shared cache of
 trunk activations (built once under artifacts/probe-cache, reused by later runs).
 
     python scripts/finetune_probe.py INDEX EPOCHS [KEY=VALUE ...]
-    e.g. python scripts/finetune_probe.py artifacts/grocery-index 6 feature_crop=1 feature_flip=False
+    e.g. python scripts/finetune_probe.py artifacts/grocery-index 6 zero_shot_weight=0.3
 
 INDEX: a base index of the 81 iconic images (see scripts/bench_adapt.sh).
 KEY=VALUE: FinetuneConfig fields (views and catalog_repeat change the cache).

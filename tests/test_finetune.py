@@ -326,3 +326,28 @@ def test_catalog_keeps_vectors_per_model_and_drops_stale_ones(tmp_path: Path) ->
         catalog.remove_products(["p"])
     assert catalog.db.execute("SELECT count(*) FROM model_vectors").fetchone()[0] == 0
     catalog.close()
+
+
+def test_an_interrupted_reindex_resumes_with_what_is_missing(tiny: tuple[Engine, Path]) -> None:
+    from vsearch.reindex import embed_missing
+
+    engine, pairs = tiny
+    name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
+    embedder = engine._load_embedder(name)
+    real = embedder.embed_tensor
+    calls = 0
+
+    def fail_on_third_batch(batch: torch.Tensor) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    embedder.embed_tensor = fail_on_third_batch  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        embed_missing(engine.catalog, lambda: embedder, name, resolve=engine._local_source, bump=False, batch_size=8, quiet=True)
+    assert len(engine.catalog.images_without_vectors(name)) == 25 - 16
+    assert engine.active == BASE_MODEL  # nothing switched
+    report = engine.reindex(name, quiet=True)
+    assert report.embedded == 9 and report.vectors == 25 and engine.active == name

@@ -63,8 +63,6 @@ class FinetuneConfig:
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05
-    feature_crop: float = 0.75  # each batch also sees a random crop (this side fraction or more) of the cached maps
-    feature_flip: bool = True  # and random horizontal flips of them: cheap extra views against overfitting
     val_fraction: float = 0.1
     patience: int = 2  # epochs without a better validation Recall@1 before stopping
     seed: int = 0
@@ -429,8 +427,7 @@ class _Trainer:
         )
         for start in bar:
             idx = order[start : start + self.config.batch_size]
-            maps = self._jitter(x[idx].to(self.device).float())
-            out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
+            out = self.net.combine(z[idx].to(self.device), self.net.adapted(x[idx].to(self.device).float()))
             logits = out @ self._proxy_matrix().T / self.config.temperature
             loss = F.cross_entropy(logits, y[idx].to(self.device))
             self.optimizer.zero_grad()
@@ -450,20 +447,6 @@ class _Trainer:
             self.best_epoch, self.best_recall = self.epoch, (r1, r10)
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
-
-    def _jitter(self, maps: torch.Tensor) -> torch.Tensor:
-        """Random crop (one per batch) and per-sample horizontal flips of trunk maps."""
-        h, w = maps.shape[2:]
-        if self.config.feature_crop < 1:
-            low = max(1, round(self.config.feature_crop * min(h, w)))
-            side = int(torch.randint(low, min(h, w) + 1, (1,), generator=self.generator))
-            top = int(torch.randint(0, h - side + 1, (1,), generator=self.generator))
-            left = int(torch.randint(0, w - side + 1, (1,), generator=self.generator))
-            maps = maps[:, :, top : top + side, left : left + side]
-        if self.config.feature_flip:
-            flip = (torch.rand(len(maps), generator=self.generator) < 0.5).to(maps.device)
-            maps = torch.where(flip[:, None, None, None], maps.flip(3), maps)
-        return maps
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, float | None]:
