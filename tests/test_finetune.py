@@ -351,3 +351,13 @@ def test_an_interrupted_reindex_resumes_with_what_is_missing(tiny: tuple[Engine,
     assert engine.active == BASE_MODEL  # nothing switched
     report = engine.reindex(name, quiet=True)
     assert report.embedded == 9 and report.vectors == 25 and engine.active == name
+
+
+def test_bad_settings_fail_before_any_image_is_read(tiny: tuple[Engine, Path]) -> None:
+    engine, _ = tiny  # the pairs are empty: reading them would fail with another error
+    with pytest.raises(ConfigError, match="train_from"):
+        finetune(engine, [], config=FinetuneConfig(train_from="stage9"), quiet=True, log=lambda _: None)
+    with pytest.raises(VersionError, match="bad version name"):
+        finetune(engine, [], name="../escape", quiet=True, log=lambda _: None)
+    with pytest.raises(TrainingDataError, match="epochs"):
+        FinetuneConfig(epochs=0)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .adapter import PROJECTION_FILE, WEIGHTS_FILE, AdaptedNet, AdapterConfig
 from .embed import Preprocess, center_crop, pick_device
-from .errors import ImageError, TrainingDataError
+from .errors import ImageError, TrainingDataError, VersionError
 from .fsutil import atomic_write, atomic_write_bytes
 from .images import decode_image, read_source
 from .projection import Projection
@@ -122,12 +122,9 @@ def finetune(
     items = read_source_items(pairs) if isinstance(pairs, (str, Path)) else list(pairs)
     started = time.perf_counter()
     _seed(config.seed)
-    data = _prepare(engine, items, config)
-    for warning in data.warnings:
-        say(f"warning: {warning}")
     root = engine.paths.root
-    plan = _plan_key(engine, data, config)
-    name, work = _work_dir(root, name, plan)
+    if name is not None and (models_dir(root) / check_name(name)).exists():
+        raise VersionError(f"model version {name!r} exists already; choose another --name or remove it")
     device = pick_device(engine.device)
     base_projection = Projection.load(engine.paths.projection)
     adapter = AdapterConfig(
@@ -136,7 +133,12 @@ def finetune(
         head_dim=config.head_dim,
         zero_shot_weight=config.zero_shot_weight,
     )
-    net = AdaptedNet(adapter, base_projection).to(device)
+    net = AdaptedNet(adapter, base_projection).to(device)  # checks the model and train_from before the slow part
+    data = _prepare(engine, items, config)
+    for warning in data.warnings:
+        say(f"warning: {warning}")
+    plan = _plan_key(engine, data, config)
+    name, work = _work_dir(root, name, plan)
     report = FinetuneReport(name=name, config=asdict(config), data=data.stats, warnings=data.warnings, device=device.type)
 
     cache_start = time.perf_counter()
@@ -196,12 +198,11 @@ def _prepare(engine: Engine, items: list[Item], config: FinetuneConfig) -> _Data
         warnings.append(f"{len(unknown)} of {len(items)} pairs name products not in the catalog (e.g. {sample}); skipped")
     pairs = sorted({(it.image, it.product_id) for it in items if it.product_id in known})
     readable, unreadable = [], 0
-    for source, pid in pairs:
+    for source, pid in pairs:  # decoded as training will decode them, so caching cannot fail later
         try:
-            with Image.open(source if not source.startswith("http") else _bytes_io(read_source(source))) as im:
-                im.verify()
+            _load(source)
             readable.append((source, pid))
-        except (OSError, ValueError, SyntaxError, ImageError):
+        except ImageError:
             unreadable += 1
     if unreadable:
         warnings.append(f"{unreadable} photos could not be read; skipped")
@@ -253,12 +254,6 @@ def _prepare(engine: Engine, items: list[Item], config: FinetuneConfig) -> _Data
     return _Data(sorted(train), sorted(val), gallery, products, stats, warnings)
 
 
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
-
-
 def _plan_key(engine: Engine, data: _Data, config: FinetuneConfig) -> str:
     """What a resumed run must agree on: data, settings and base model."""
     digest = hashlib.sha256()
@@ -277,8 +272,6 @@ def _work_dir(root: Path, name: str | None, plan: str) -> tuple[str, Path]:
         name = next_version_name(root)
     check_name(name)
     if (base / name).exists():
-        from .errors import VersionError
-
         raise VersionError(f"model version {name!r} exists already; choose another --name or remove it")
     work = base / f".partial-{name}"
     if work.exists() and not ((work / "plan").is_file() and (work / "plan").read_text() == plan):
