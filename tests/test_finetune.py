@@ -16,7 +16,7 @@ from vsearch import Engine
 from vsearch.adapter import AdaptedNet, AdapterConfig
 from vsearch.catalog import BASE_MODEL
 from vsearch.errors import ConfigError, TrainingDataError, VersionError
-from vsearch.finetune import FinetuneConfig, _Trainer, finetune
+from vsearch.finetune import FinetuneConfig, FinetuneReport, _Trainer, finetune
 
 SMALL = FinetuneConfig(epochs=3, views=2, catalog_repeat=2, batch_size=16, val_fraction=0.2, patience=5)
 
@@ -63,15 +63,23 @@ def test_zero_shot_part_equals_the_base_models_vectors(tiny: tuple[Engine, Path]
 def test_training_lowers_the_loss_and_saves_a_version(tiny: tuple[Engine, Path]) -> None:
     engine, pairs = tiny
     report = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
-    losses = [row["loss"] for row in report.epochs]
+    assert report.epochs[0]["epoch"] == 0 and "loss" not in report.epochs[0]  # the untrained starting point
+    losses = [row["loss"] for row in report.epochs[1:]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert report.data["train_photos"] == 80 and report.data["val_photos"] == 20
     assert all("val_recall_at_1" in row for row in report.epochs)
+    best = max(r["val_recall_at_1"] for r in report.epochs[1:])
+    assert report.val_recall_at_1 is not None and round(report.val_recall_at_1, 4) == best
+    assert report.epochs[report.best_epoch]["val_recall_at_1"] == best
     folder = engine.paths.root / "models" / report.name
     assert {p.name for p in folder.iterdir()} == {"adapter.json", "weights.pt", "base_projection.npz", "report.json"}
     assert not list((engine.paths.root / "models").glob(".partial-*"))  # work files cleaned up
     assert [v.name for v in engine.models()] == [BASE_MODEL, report.name]
     assert engine.active == BASE_MODEL  # training alone changes nothing that serves
+
+
+def curve(report: FinetuneReport) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in report.epochs]
 
 
 def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
@@ -95,7 +103,7 @@ def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
     monkeypatch.setattr(_Trainer, "run_epoch", real_epoch)
     resumed = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
     assert resumed.resumed_from_epoch == 1
-    assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
+    assert curve(resumed) == curve(whole)
     a = torch.load(engine.paths.root / "models" / "whole" / "weights.pt")
     b = torch.load(engine.paths.root / "models" / resumed.name / "weights.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same weights

@@ -462,7 +462,9 @@ class Engine(ModelVersions):
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
             "factory": self.manifest.factory,
-            "projection": {**self.manifest.projection.__dict__, "fitted_on": self.projection.fitted_on},
+            "projection": {**self.manifest.projection.__dict__, "fitted_on": self.projection.fitted_on}
+            if self.active == BASE_MODEL
+            else f"part of model version {self.active} (its zero-shot half)",
             "text_search": self.has_text,
             "format_version": self.manifest.format_version,
         }

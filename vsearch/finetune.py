@@ -151,8 +151,11 @@ def finetune(
         report.epochs = list(trainer.history)
         say(f"resuming {name} after epoch {report.resumed_from_epoch}")
     if trainer.epoch == 0:
-        recall = trainer.validate()
-        say(f"epoch 0 (untrained head): val R@1 {_fmt(recall[0])} R@10 {_fmt(recall[1])}")
+        r1, r10 = trainer.validate()
+        if r1 is not None and r10 is not None:  # the curve starts from the untrained head
+            trainer.history.append({"epoch": 0, "val_recall_at_1": round(r1, 4), "val_recall_at_10": round(r10, 4)})
+            report.epochs = list(trainer.history)
+        say(f"epoch 0 (untrained head): val R@1 {_fmt(r1)} R@10 {_fmt(r10)}")
     while trainer.epoch < config.epochs and not trainer.should_stop():
         row = trainer.run_epoch(quiet)
         report.epochs.append(row)
