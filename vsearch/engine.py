@@ -474,13 +474,20 @@ class Engine(ModelVersions):
         m = self.manifest
         if not m.projection_fitted:
             return
-        fresh = m.catalog_generation == self.catalog.generation and self.paths.index.exists()
-        if fresh:
-            self.index = VectorIndex.load(self.paths.index, m.factory, nprobe=m.index.nprobe, mmap=mmap)
-            self.index.to_gpu()
+        saved = self._saved_index(m, mmap)
+        if saved is not None:
+            self.index = saved
         else:  # a run stopped between the catalog commit and the index save
             self.rebuild_index()
             self._save()
+
+    def _saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
+        """The saved index file, if ``manifest`` says it matches the catalog; else None."""
+        if manifest.catalog_generation != self.catalog.generation or not self.paths.index.exists():
+            return None
+        index = VectorIndex.load(self.paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
+        index.to_gpu()
+        return index
 
     def _build_index(self, projection: Projection, model: str) -> VectorIndex:
         n = self.catalog.counts()["images"]

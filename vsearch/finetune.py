@@ -270,18 +270,19 @@ def _work_dir(root: Path, name: str | None, plan: str) -> tuple[str, Path]:
     base = models_dir(root)
     if name is None:
         for folder in sorted(base.glob(".partial-*")) if base.exists() else []:
-            if (folder / "plan").is_file() and (folder / "plan").read_text() == plan:
+            if _same_plan(folder, plan):
                 return folder.name.removeprefix(".partial-"), folder
         name = next_version_name(root)
-    check_name(name)
-    if (base / name).exists():
-        raise VersionError(f"model version {name!r} exists already; choose another --name or remove it")
     work = base / f".partial-{name}"
-    if work.exists() and not ((work / "plan").is_file() and (work / "plan").read_text() == plan):
+    if work.exists() and not _same_plan(work, plan):
         shutil.rmtree(work)  # an interrupted run with other data or settings
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(work / "plan", plan.encode())
     return name, work
+
+
+def _same_plan(work: Path, plan: str) -> bool:
+    return (work / "plan").is_file() and (work / "plan").read_text() == plan
 
 
 # cache --------------------------------------------------------------------------
@@ -380,12 +381,11 @@ class _Trainer:
         self.net, self.cache, self.config, self.device = net, cache, config, device
         self.n_products = len(data.products)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.zero_proxies = _class_means(cache["gal_z"], cache["gal_y"], self.n_products, cache["train_z"], cache["train_y"])
+        self.zero_proxies = _class_means(
+            cache["gal_z"], cache["gal_y"], self.n_products, fallback=(cache["train_z"], cache["train_y"])
+        )
         with torch.no_grad():
-            adapted = self._adapted(cache["gal_x"]) if len(cache["gal_x"]) else torch.zeros(0, config.head_dim)
-            init = _class_means(
-                adapted, cache["gal_y"], self.n_products, self._adapted(cache["train_x"][:0]), cache["train_y"][:0]
-            )
+            init = _class_means(self._adapted(cache["gal_x"]), cache["gal_y"], self.n_products)
         missing = init.norm(dim=1) == 0
         init[missing] = F.normalize(torch.randn(int(missing.sum()), init.shape[1], generator=self.generator), dim=1)
         self.proxies = torch.nn.Parameter(init.to(device))
@@ -497,16 +497,15 @@ class _Trainer:
 
 
 def _class_means(
-    vectors: torch.Tensor, labels: torch.Tensor, n: int, fallback: torch.Tensor, fallback_labels: torch.Tensor
+    vectors: torch.Tensor, labels: torch.Tensor, n: int, fallback: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Normalised mean vector per class; classes without vectors use ``fallback``'s."""
-    dim = vectors.shape[1] if len(vectors) else fallback.shape[1]
-    sums = torch.zeros(n, dim, device=vectors.device if len(vectors) else fallback.device)
-    if len(vectors):
-        sums.index_add_(0, labels.to(sums.device), vectors.to(sums.device))
+    """Normalised mean vector per class (zero for a class without vectors); classes
+    without vectors take ``fallback``'s (vectors, labels) mean instead, if given."""
+    sums = torch.zeros(n, vectors.shape[1], device=vectors.device)
+    sums.index_add_(0, labels.to(sums.device), vectors)
     empty = sums.norm(dim=1) == 0
-    if empty.any() and len(fallback):
+    if fallback is not None and empty.any():
         extra = torch.zeros_like(sums)
-        extra.index_add_(0, fallback_labels.to(sums.device), fallback.to(sums.device))
+        extra.index_add_(0, fallback[1].to(sums.device), fallback[0].to(sums.device))
         sums[empty] = extra[empty]
-    return F.normalize(sums, dim=1) if dim else sums
+    return F.normalize(sums, dim=1)

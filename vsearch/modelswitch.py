@@ -45,6 +45,7 @@ class ModelVersions:
         def _load_embedder(self, name: str) -> Embedder: ...
         def _projection_for(self, name: str) -> Projection: ...
         def _build_index(self, projection: Projection, model: str) -> VectorIndex: ...
+        def _saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None: ...
         def _save(self) -> None: ...
 
     def models(self) -> list[VersionInfo]:
@@ -135,12 +136,7 @@ class ModelVersions:
             name = disk.active_model
             embedder = self._embedder if name == self.active else self._load_embedder(name)
             projection = self._projection_for(name)
-            fresh = disk.catalog_generation == self.catalog.generation and self.paths.index.exists()
-            if fresh:
-                index = VectorIndex.load(self.paths.index, disk.factory, nprobe=disk.index.nprobe)
-                index.to_gpu()
-            else:
-                index = self._build_index(projection, name)
+            index = self._saved_index(disk) or self._build_index(projection, name)
             with self._rw.write():
                 if name != self.active:
                     self.epoch += 1

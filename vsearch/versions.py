@@ -78,9 +78,8 @@ def list_versions(root: Path, active: str) -> list[VersionInfo]:
 
 
 def next_version_name(root: Path) -> str:
-    taken = (
-        {p.name.lstrip(".").removeprefix("partial-") for p in models_dir(root).glob("*")} if models_dir(root).exists() else set()
-    )
+    folder = models_dir(root)
+    taken = {p.name.lstrip(".").removeprefix("partial-") for p in folder.glob("*")} if folder.exists() else set()
     n = 1
     while f"ft-{n:03d}" in taken:
         n += 1
