@@ -365,3 +365,11 @@ def test_bad_settings_fail_before_any_image_is_read(tiny: tuple[Engine, Path]) -
         finetune(engine, [], name="../escape", quiet=True, log=lambda _: None)
     with pytest.raises(TrainingDataError, match="epochs"):
         FinetuneConfig(epochs=0)
+
+
+def test_training_without_a_validation_split_keeps_the_last_epoch(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    config = FinetuneConfig(epochs=2, views=1, catalog_repeat=1, batch_size=16, val_fraction=0.0)
+    report = finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
+    assert report.data["val_photos"] == 0 and report.val_recall_at_1 is None
+    assert [row["epoch"] for row in report.epochs] == [1, 2] and report.best_epoch == 2

@@ -312,6 +312,11 @@ def _encode(
     bar: tqdm,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Trunk activations (fp16) and zero-shot vectors for images, 32 at a time."""
+    if not images:  # e.g. no validation photos: empty tensors of the right shapes
+        size = net.config.base.image_size
+        with torch.inference_mode():
+            trunk, zero = net.encode_trunk(torch.zeros(1, 3, size, size, device=device))
+        return trunk[:0].half().cpu(), zero[:0].float().cpu()
     trunks, zeros = [], []
     for start in range(0, len(images), 32):
         batch = torch.stack([prep(_load(src)) for src, prep in images[start : start + 32]]).to(device)
@@ -439,7 +444,7 @@ class _Trainer:
             row.update(val_recall_at_1=round(r1, 4), val_recall_at_10=round(r10, 4))
         row["seconds"] = round(time.perf_counter() - started, 1)
         self.history.append(row)
-        if self.best_state is None or (r1 is not None and r1 > (self.best_recall[0] or -1.0)):
+        if r1 is None or self.best_state is None or r1 > (self.best_recall[0] or -1.0):  # no validation: keep the latest
             self.best_epoch, self.best_recall = self.epoch, (r1, r10)
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row

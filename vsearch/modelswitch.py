@@ -136,7 +136,9 @@ class ModelVersions:
             name = disk.active_model
             embedder = self._embedder if name == self.active else self._load_embedder(name)
             projection = self._projection_for(name)
-            index = self._saved_index(disk) or self._build_index(projection, name)
+            index = self._saved_index(disk)
+            if index is None:
+                index = self._build_index(projection, name)
             with self._rw.write():
                 if name != self.active:
                     self.epoch += 1
