@@ -305,6 +305,13 @@ class Catalog:
         return [ImageRow(*row) for row in rows]
 
     @_locked
+    def vector_dim(self, model: str = BASE_MODEL) -> int:
+        """The dimension of ``model``'s stored vectors (0 if it has none)."""
+        table, where, args = _vector_rows(model)
+        row = self.db.execute(f"SELECT length(vector) FROM {table} WHERE {where} LIMIT 1", args).fetchone()
+        return int(row[0]) // 4 if row else 0  # float32
+
+    @_locked
     def drop_model_vectors(self, model: str) -> None:
         if model == BASE_MODEL:
             raise ValueError("the base model's vectors cannot be dropped")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from .index import VectorIndex, choose_factory
 from .ingest import IngestReport, ingest_items
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
-from .modelswitch import ModelVersions, stored_dim
+from .modelswitch import ModelVersions
 from .projection import Projection
 from .query import Hit, SearchOptions, category_tree, region_boxes
 from .results import category_blocks, collect_hits, vote
@@ -362,13 +362,29 @@ class Engine(ModelVersions):
         options = SearchOptions(
             k=k, categories=categories or (), exclude_categories=exclude_categories or (), group_by_product=group_by_product
         )
-        while True:  # a model switch between embedding and searching: embed again
+        return self.embed_and_search(lambda: self.embed_queries([query]), options, neighbours=0)[0][0]
+
+    def embed_and_search(
+        self,
+        embed: Callable[[], np.ndarray],
+        options: SearchOptions | None = None,
+        timings: dict[str, float] | None = None,
+        neighbours: int = 20,
+        attempts: int = 3,
+    ) -> tuple[list[list[Hit]], list[list[tuple[str, float]]]]:
+        """:meth:`search_and_suggest` on the raw vectors ``embed()`` returns, calling it
+        again if the model version switched in between (:class:`ModelChanged` after
+        ``attempts`` switches in a row)."""
+        switches = 0
+        while True:
             epoch = self.epoch
-            raw = self.embed_queries([query])
+            raw = embed()
             try:
-                return self.search_and_suggest(raw, options, neighbours=0, epoch=epoch)[0][0]
+                return self.search_and_suggest(raw, options, timings, neighbours, epoch=epoch)
             except ModelChanged:
-                continue
+                switches += 1
+                if switches == attempts:
+                    raise
 
     def search_vectors(
         self, raw: np.ndarray, options: SearchOptions | None = None, timings: dict[str, float] | None = None
@@ -491,7 +507,7 @@ class Engine(ModelVersions):
 
     def _build_index(self, projection: Projection, model: str) -> VectorIndex:
         n = self.catalog.counts()["images"]
-        dim = projection.out_dim(stored_dim(self.catalog, model) or self.manifest.raw_dim)
+        dim = projection.out_dim(self.catalog.vector_dim(model) or self.manifest.raw_dim)
         factory = self.manifest.index.factory or choose_factory(n, dim)
         index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
         if not index.is_trained:

@@ -19,7 +19,7 @@ from .projection import Projection
 from .reindex import ReindexReport, embed_missing
 from .versions import VersionInfo, list_versions, remove_version_dir, version_dir
 
-__all__ = ["ModelVersions", "stored_dim"]
+__all__ = ["ModelVersions"]
 
 
 class ModelVersions:
@@ -84,7 +84,7 @@ class ModelVersions:
             )
             projection = self.projection if same else self._projection_for(name)
             index = self._build_index(projection, name)
-            raw_dim = stored_dim(self.catalog, name)
+            raw_dim = self.catalog.vector_dim(name)
             with self._rw.write():
                 self.active, self.projection, self.index = name, projection, index
                 if not same:
@@ -150,8 +150,3 @@ class ModelVersions:
     def _local_source(self, row: ImageRow) -> str:
         stored = self.image_store.path(row.sha256)
         return str(stored) if stored is not None else row.source
-
-
-def stored_dim(catalog: Catalog, model: str) -> int:
-    sample = catalog.sample_vectors(1, model=model)
-    return int(sample.shape[1]) if sample.size else 0

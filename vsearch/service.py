@@ -141,8 +141,8 @@ class SearchService:
         elif not query.text:
             image = self.load(query)
             timing["decode"] = _ms(start)
-        for attempt in range(3):  # a model switch between embedding and searching: embed again
-            epoch = self.engine.epoch
+
+        def query_vector() -> np.ndarray:
             step = time.perf_counter()
             if query.product_id:
                 raw = self.engine.product_vector(query.product_id)
@@ -150,12 +150,12 @@ class SearchService:
             else:
                 raw = self.embed(image if image is not None else query.text or "")
                 timing["embed"] += _ms(step)
-            try:
-                hits, suggested = self.engine.search_and_suggest(raw, options, timing, epoch=epoch)
-                break
-            except ModelChanged:
-                if attempt == 2:
-                    raise Overloaded("the model version is changing; retry shortly") from None
+            return raw
+
+        try:
+            hits, suggested = self.engine.embed_and_search(query_vector, options, timing)
+        except ModelChanged:
+            raise Overloaded("the model version is changing; retry shortly") from None
         timing["total"] = _ms(start)
         return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()})
 
