@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import FinetuneConfig
 from .errors import VsearchError
 from .settings import settings
 
@@ -91,20 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--json", action="store_true")
 
+    tune = FinetuneConfig()  # the defaults, shown in --help
     p = command("finetune", _finetune, "Train a new model version on labelled shopper photos (image,product_id pairs).")
     _index_arg(p, env.index_dir)
     p.add_argument("--pairs", required=True, type=Path, help="CSV/JSONL with columns image,product_id (products in the index)")
     p.add_argument("--name", help="version name (default: ft-001, ft-002, ...; an interrupted run with the same data resumes)")
-    p.add_argument("--epochs", type=int, default=5, help="most epochs (default 5; early stopping may end sooner)")
-    p.add_argument("--train-from", default="stage4", help="first retrained stage; earlier ones stay frozen (default stage4)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="photos held out for validation (default 0.1)")
-    p.add_argument("--patience", type=int, default=2, help="epochs without better validation Recall@1 before stopping")
+    p.add_argument("--epochs", type=int, default=tune.epochs, help="most epochs (default %(default)s; may stop sooner)")
     p.add_argument(
-        "--zero-shot-weight", type=float, default=0.5, help="share of similarity kept from the pretrained model (default 0.5)"
+        "--train-from",
+        default=tune.train_from,
+        help="first retrained stage (default %(default)s); earlier ones stay frozen",
     )
-    p.add_argument("--views", type=int, default=2, help="augmented views cached per photo (default 2)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=tune.val_fraction,
+        help="photos held out to validate (default %(default)s)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=tune.patience,
+        help="epochs without a better val Recall@1 (default %(default)s)",
+    )
+    p.add_argument(
+        "--zero-shot-weight",
+        type=float,
+        default=tune.zero_shot_weight,
+        help="share of similarity kept from the pretrained model (default %(default)s)",
+    )
+    p.add_argument("--views", type=int, default=tune.views, help="augmented views cached per photo (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=tune.batch_size, help="default %(default)s")
+    p.add_argument("--seed", type=int, default=tune.seed, help="default %(default)s")
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the training report as JSON")
@@ -251,7 +270,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import finetune
 
     config = FinetuneConfig(
         epochs=args.epochs,

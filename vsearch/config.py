@@ -9,9 +9,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDataError
 
-__all__ = ["ModelConfig", "ProjectionConfig", "IndexConfig", "ServeConfig", "preset", "preset_names", "resolve_model"]
+__all__ = [
+    "FinetuneConfig",
+    "IndexConfig",
+    "ModelConfig",
+    "ProjectionConfig",
+    "ServeConfig",
+    "preset",
+    "preset_names",
+    "resolve_model",
+]
 
 POOLINGS = ("mean", "gem")
 RESIZE_MODES = ("pad", "crop", "squash")
@@ -153,6 +162,32 @@ def resolve_model(name: str, **overrides: Any) -> ModelConfig:
     if "pooling" in clean and isinstance(clean["pooling"], tuple) and len(clean["pooling"]) == 1:
         clean["pooling"] = clean["pooling"][0]
     return replace(config, **clean) if clean else config
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How ``vsearch finetune`` trains (see :mod:`vsearch.finetune` for the recipe)."""
+
+    epochs: int = 5
+    train_from: str = "stage4"
+    head_dim: int = 512
+    zero_shot_weight: float = 0.5
+    views: int = 2  # augmented views cached per photo
+    catalog_repeat: int = 10  # each catalog image joins the training samples this often
+    batch_size: int = 64
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05
+    val_fraction: float = 0.1
+    patience: int = 2  # epochs without a better validation Recall@1 before stopping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.views < 1 or self.batch_size < 2 or self.catalog_repeat < 0:
+            raise TrainingDataError("epochs and views must be >= 1, batch_size >= 2, catalog_repeat >= 0")
+        if not 0 <= self.val_fraction < 1:
+            raise TrainingDataError("val_fraction must be in [0, 1)")
 
 
 @dataclass(frozen=True)

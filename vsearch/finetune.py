@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .adapter import PROJECTION_FILE, WEIGHTS_FILE, AdaptedNet, AdapterConfig
+from .config import FinetuneConfig
 from .embed import Preprocess, center_crop, pick_device
 from .errors import ImageError, TrainingDataError, VersionError
 from .fsutil import atomic_write, atomic_write_bytes
@@ -48,30 +49,6 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = ["FinetuneConfig", "FinetuneReport", "finetune"]
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    epochs: int = 5
-    train_from: str = "stage4"
-    head_dim: int = 512
-    zero_shot_weight: float = 0.5
-    views: int = 2  # augmented views cached per photo
-    catalog_repeat: int = 10  # each catalog image joins the training samples this often
-    batch_size: int = 64
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.05
-    val_fraction: float = 0.1
-    patience: int = 2  # epochs without a better validation Recall@1 before stopping
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.views < 1 or self.batch_size < 2 or self.catalog_repeat < 0:
-            raise TrainingDataError("epochs and views must be >= 1, batch_size >= 2, catalog_repeat >= 0")
-        if not 0 <= self.val_fraction < 1:
-            raise TrainingDataError("val_fraction must be in [0, 1)")
 
 
 @dataclass
