@@ -127,7 +127,7 @@ def test_pairs_that_cannot_train_raise_a_clear_error(tiny: tuple[Engine, Path], 
     engine, _ = tiny
     unknown = tmp_path / "unknown.csv"
     unknown.write_text(f"image,product_id\n{tmp_path / 'photos' / '0_0.jpg'},nope\n")
-    with pytest.raises(TrainingDataError, match="no usable pairs"):
+    with pytest.raises(TrainingDataError, match="no usable pairs.*product ids look like: Bakery/p04"):
         finetune(engine, unknown, quiet=True, log=lambda _: None)
     one = tmp_path / "one.csv"
     one.write_text(f"image,product_id\n{tmp_path / 'photos' / '0_0.jpg'},{product_id(0)}\n")
@@ -373,3 +373,26 @@ def test_training_without_a_validation_split_keeps_the_last_epoch(tiny: tuple[En
     report = finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
     assert report.data["val_photos"] == 0 and report.val_recall_at_1 is None
     assert [row["epoch"] for row in report.epochs] == [1, 2] and report.best_epoch == 2
+
+
+def test_the_demo_writes_training_pairs_with_its_own_product_ids(tmp_path: Path) -> None:
+    import csv
+
+    from vsearch.demo import _grocery_manifests
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),Iconic Image Path (str),x\n"
+        "Golden-Delicious,0,Apple,0,/iconic/Fruit/Apple/Golden-Delicious/g.jpg,d\n"
+        "Banana,1,Banana,1,/iconic/Fruit/Banana/b.jpg,d\n"
+    )
+    (dataset / "train.txt").write_text("train/Fruit/Banana/b_1.jpg, 1, 1\ntrain/Fruit/Apple/g_1.jpg, 0, 0\n")
+    catalog, _ = _grocery_manifests(dataset, tmp_path)
+    with open(catalog, newline="") as fh:
+        ids = {row["id"] for row in csv.DictReader(fh)}
+    with open(tmp_path / "demo-train-pairs.csv", newline="") as fh:
+        pairs = [(row["image"], row["product_id"]) for row in csv.DictReader(fh)]
+    expected = [("train/Fruit/Banana/b_1.jpg", "Banana"), ("train/Fruit/Apple/g_1.jpg", "Golden-Delicious")]
+    assert pairs == [(str(dataset / path), pid) for path, pid in expected]
+    assert {pid for _, pid in pairs} <= ids

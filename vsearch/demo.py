@@ -61,18 +61,28 @@ def build_demo(data: str | None, index_dir: Path, *, quiet: bool = False) -> Eng
 
 
 def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
+    """The catalog and centring manifests the demo ingests, plus ``demo-train-pairs.csv``
+    (the labelled train photos, with the demo's product ids) for ``vsearch finetune``."""
     catalog = out / "demo-catalog.csv"
     photos = out / "demo-center-photos.csv"
+    names: dict[str, str] = {}  # the dataset's numeric class id -> the demo's product id
     with open(dataset / "classes.csv", newline="") as fh, open(catalog, "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["id", "image", "category", "title", "coarse_class"])
         for row in csv.reader(fh):
             if row[0].startswith("Class Name"):
                 continue
-            name, _, coarse, _, iconic = row[:5]
+            name, class_id, coarse, _, iconic = row[:5]
+            names[class_id] = name
             category = f"{Path(iconic).parts[2]}/{coarse}"  # e.g. Fruit/Apple, Packages/Milk
             writer.writerow([name, str(dataset) + iconic, category, name.replace("-", " "), coarse])
-    lines = (dataset / "train.txt").read_text().splitlines()
+    lines = [line for line in (dataset / "train.txt").read_text().splitlines() if line.strip()]
+    with open(out / "demo-train-pairs.csv", "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["image", "product_id"])
+        for line in lines:
+            path, class_id, _ = (part.strip() for part in line.split(","))
+            writer.writerow([str(dataset / path), names[class_id]])
     step = max(1, len(lines) // CENTER_SAMPLE)
     with open(photos, "w", newline="") as dst:
         writer = csv.writer(dst)

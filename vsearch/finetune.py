@@ -187,7 +187,10 @@ def _prepare(engine: Engine, items: list[Item], config: FinetuneConfig) -> _Data
     if unreadable:
         warnings.append(f"{unreadable} photos could not be read; skipped")
     if not readable:
-        raise TrainingDataError(f"no usable pairs: {len(items)} given, {len(unknown)} unknown products, {unreadable} unreadable")
+        hint = f" (the index's product ids look like: {', '.join(sorted(known)[:3])})" if known and unknown else ""
+        raise TrainingDataError(
+            f"no usable pairs: {len(items)} given, {len(unknown)} unknown products, {unreadable} unreadable{hint}"
+        )
     by_product: dict[str, list[str]] = {}
     for source, pid in readable:
         by_product.setdefault(pid, []).append(source)
