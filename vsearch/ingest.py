@@ -133,15 +133,16 @@ def ingest_items(
             if todo:
                 vectors = get_embedder().embed_tensor(torch.stack([t.tensor for t in todo if t.tensor is not None]))
                 ids = []
-                with catalog.transaction():
-                    for loaded, vector in zip(todo, vectors):
-                        item = ordered[int(loaded.key)]  # type: ignore[call-overload]
-                        ids.append(
-                            catalog.put_image(
-                                item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector, model=model
+                with apply_lock():  # searches see the catalog rows and the vectors together
+                    with catalog.transaction():
+                        for loaded, vector in zip(todo, vectors):
+                            item = ordered[int(loaded.key)]  # type: ignore[call-overload]
+                            ids.append(
+                                catalog.put_image(
+                                    item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector, model=model
+                                )
                             )
-                        )
-                on_batch(np.array(ids, dtype=np.int64), vectors)
+                    on_batch(np.array(ids, dtype=np.int64), vectors)
                 report.embedded += len(todo)
             bar.update(len(batch))
             if time.monotonic() - last_checkpoint > checkpoint_every_s:
