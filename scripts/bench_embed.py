@@ -31,8 +31,8 @@ import numpy as np
 def forward_only(model: str, batch: int, n: int) -> tuple[float, str]:
     import torch
 
-    from vsearch.config import resolve_model
     from vsearch.embed import Embedder
+    from vsearch.presets import resolve_model
 
     embedder = Embedder(resolve_model(model), device="cpu")
     size = embedder.config.image_size

@@ -9,6 +9,7 @@ import pytest
 from vsearch import Engine
 from vsearch.engine import SearchOptions
 from vsearch.errors import FilterError, IndexFormatError, IndexNotFoundError
+from vsearch.writer import IndexWriter, NewImage
 
 from .conftest import make_image
 
@@ -43,7 +44,7 @@ def test_rerun_does_no_model_work(index_dir: Path, catalog_folder: Path) -> None
     with Engine.open(index_dir) as engine:
         report = engine.ingest(catalog_folder, quiet=True, workers=0)
         assert (report.embedded, report.unchanged) == (0, 25)
-        assert engine._embedder is None, "unchanged images must not even load the model"
+        assert not engine.snapshot.embedder.loaded, "unchanged images must not even load the model"
 
 
 def test_changed_image_is_reembedded_under_the_same_id(index_dir: Path, catalog_folder: Path) -> None:
@@ -89,21 +90,25 @@ def test_bad_files_are_rejected_and_the_rest_ingested(index_dir: Path, catalog_f
         assert "truncated" in reasons["truncated.jpg"]
 
 
-def test_crash_after_a_batch_resumes_without_loss_or_duplicates(index_dir: Path, catalog_folder: Path) -> None:
+def test_crash_after_a_batch_resumes_without_loss_or_duplicates(
+    index_dir: Path, catalog_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = Engine.open(index_dir, model=MODEL, create=True)
     calls = 0
-    original = engine._add_raw
+    original = IndexWriter.add_images
 
-    def crash_after_first_batch(ids: np.ndarray, raw: np.ndarray) -> None:
+    def crash_after_first_batch(self: IndexWriter, images: list[NewImage], vectors: np.ndarray) -> list[int]:
         nonlocal calls
         calls += 1
-        original(ids, raw)
+        ids = original(self, images, vectors)
         if calls == 1:
             raise KeyboardInterrupt  # stands in for Ctrl-C in the middle of a run
+        return ids
 
-    engine._add_raw = crash_after_first_batch  # type: ignore[method-assign]
+    monkeypatch.setattr(IndexWriter, "add_images", crash_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
         engine.ingest(catalog_folder, quiet=True, workers=0, batch_size=8)
+    monkeypatch.undo()
     committed = engine.catalog.counts()["images"]
     engine.close()
     assert committed == 8
@@ -120,7 +125,7 @@ def test_stale_index_is_rebuilt_from_the_catalog(index_dir: Path, catalog_folder
     (index_dir / "index.faiss").unlink()  # as if killed before the index was written
     with Engine.open(index_dir) as engine:
         assert engine.info()["vectors"] == 25
-        assert engine._embedder is None
+        assert not engine.snapshot.embedder.loaded
 
 
 def test_category_filters_prefix_and_exclude(index_dir: Path, catalog_folder: Path) -> None:
@@ -141,12 +146,12 @@ def test_filtered_results_equal_brute_force_over_the_category(index_dir: Path, c
         query = catalog_folder / "Dairy/Milk/p02.jpg"
         raw = engine.embed_queries([engine.load_query(query)])
         hits = engine.search_vectors(raw, SearchOptions(k=3, categories=["Dairy"]))[0]
-        xq = engine.projection.apply(raw)[0]
+        xq = engine.snapshot.projection.apply(raw)[0]
         ids, vectors = zip(*[(int(i), v) for chunk_ids, chunk in engine.catalog.iter_vectors() for i, v in zip(chunk_ids, chunk)])
         owners = engine.catalog.image_products(list(ids))
         scored = sorted(
             (
-                (float(engine.projection.apply(v[None])[0] @ xq), owners[i])
+                (float(engine.snapshot.projection.apply(v[None])[0] @ xq), owners[i])
                 for i, v in zip(ids, vectors)
                 if owners[i].startswith("Dairy/")
             ),
@@ -211,20 +216,20 @@ def test_center_on_photos_fits_the_projection_on_them(index_dir: Path, catalog_f
     for n in range(5):
         make_image(100 + n).save(photos / f"{n}.png")
     with build(index_dir, catalog_folder, center_on=photos) as engine:
-        assert engine.projection.fitted_on == 5
+        assert engine.snapshot.projection.fitted_on == 5
         assert engine.search(catalog_folder / "Bakery/p04.jpg", k=1)[0].product_id == "Bakery/p04"
 
 
 def test_region_search_scores_products_by_their_best_region(index_dir: Path, catalog_folder: Path) -> None:
     from PIL import Image
 
-    from vsearch.config import resolve_model
+    from vsearch.presets import resolve_model
 
     photo = Image.new("RGB", (400, 400), (128, 128, 128))  # square: no padding, so the full box is the whole input
     photo.paste(Image.open(catalog_folder / "Bakery/p09.jpg").resize((180, 150)), (200, 220))
     with Engine.open(index_dir, model=resolve_model(MODEL, image_size=256), create=True) as engine:
         engine.ingest(catalog_folder, quiet=True, workers=0)
-        embedder = engine.embedder
+        embedder = engine.snapshot.embedder.get()
         full = embedder.embed_regions(photo, [(0.0, 0.0, 1.0, 1.0)])
         np.testing.assert_allclose(full, embedder.embed_images([photo]), atol=1e-5)  # same maps, same pooling
         corner = embedder.embed_regions(photo, [(0.5, 0.45, 0.5, 0.55)])
@@ -237,8 +242,8 @@ def test_region_search_scores_products_by_their_best_region(index_dir: Path, cat
 
 
 def test_input_box_follows_the_resize_mode() -> None:
-    from vsearch.config import resolve_model
     from vsearch.embed import Preprocess
+    from vsearch.presets import resolve_model
 
     pad = Preprocess(resolve_model(MODEL, resize="pad"))
     assert pad.input_box((200, 100), (0.0, 0.0, 1.0, 1.0)) == (0.0, 0.25, 1.0, 0.5)
@@ -273,7 +278,7 @@ def test_a_pairs_file_adds_photos_to_existing_products(index_dir: Path, catalog_
 
 
 def test_suggested_categories_follow_the_nearest_matches() -> None:
-    from vsearch.query import suggest_categories
+    from vsearch.categories import suggest_categories
 
     # the best match's category wins over a category that merely has more neighbours
     votes = suggest_categories(["Veg/Carrots", "Fruit/Melon", "Veg/Potato", "Fruit/Melon", "Fruit/Melon", "Dairy"])

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from vsearch.cli import main
-from vsearch.engine import Hit
-from vsearch.evaluate import Query, score
+from vsearch.evaluate import LabelledQuery, score
+from vsearch.query import Hit
 
 from .conftest import make_image
 
@@ -17,7 +17,7 @@ def hit(product_id: str, category: str = "") -> Hit:
 
 
 def test_score_recall_and_map() -> None:
-    queries = [Query("a", "p1"), Query("b", "p2"), Query("c", "p9")]
+    queries = [LabelledQuery("a", "p1"), LabelledQuery("b", "p2"), LabelledQuery("c", "p9")]
     results = [
         [hit("p1"), hit("p2")],
         [hit("p1"), hit("p3"), hit("p4"), hit("p5"), hit("p2")],
@@ -31,7 +31,7 @@ def test_score_recall_and_map() -> None:
 
 
 def test_score_category_level() -> None:
-    queries = [Query("a", category="shirt")]
+    queries = [LabelledQuery("a", category="shirt")]
     results = [[hit("x", "shirt"), hit("y", "pants"), hit("z", "shirt")]]
     m = score(queries, results, {"shirt": 2, "pants": 5})
     assert m["category_precision@10"] == pytest.approx(0.2)

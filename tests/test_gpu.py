@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vsearch.config import resolve_model
 from vsearch.embed import Embedder
 from vsearch.index import VectorIndex, gpu_available
+from vsearch.presets import resolve_model
 from vsearch.projection import l2_normalize
 
 from .conftest import make_image

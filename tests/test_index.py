@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vsearch.categories import BlockCache
 from vsearch.errors import ConfigError
 from vsearch.index import FLAT_MAX, VectorIndex, choose_factory, merge_topk
 from vsearch.projection import l2_normalize
@@ -58,16 +59,37 @@ def test_filtered_search_equals_brute_force_over_the_subset(factory: str) -> Non
     index.train(xb)
     index.add(ids, xb)
     rng = np.random.default_rng(1)
-    blocks = {"small": np.sort(rng.choice(ids, 15, replace=False)), "other": np.sort(rng.choice(ids, 30, replace=False))}
-    allowed = np.unique(np.concatenate(list(blocks.values())))
-    blocks = {"all": allowed}
+    picked = rng.permutation(ids)
+    # disjoint blocks, as categories are: a union of several, one smaller than k
+    blocks = {"small": np.sort(picked[:4]), "mid": np.sort(picked[4:19]), "other": np.sort(picked[19:49])}
+    allowed = np.concatenate(list(blocks.values()))
     xq = l2_normalize(rng.standard_normal((5, D)).astype(np.float32))
     k = 10
-    D_, I_ = index.search(xq, k, blocks)
+    cache = BlockCache()
     mask = np.isin(ids, allowed)
     D_bf, I_bf = brute_force(xq, xb[mask], ids[mask], k)
-    np.testing.assert_array_equal(I_, I_bf)
-    np.testing.assert_allclose(D_, D_bf, rtol=1e-5)
+    for _ in range(2):  # the second search reads the blocks' vectors from the cache
+        D_, I_ = index.search(xq, k, blocks, cache)
+        np.testing.assert_array_equal(I_, I_bf)
+        np.testing.assert_allclose(D_, D_bf, rtol=1e-5)
+    assert set(np.unique(I_)) - set(blocks["small"]) and set(np.unique(I_)) - set(blocks["other"])
+
+
+def test_block_cache_stays_within_its_byte_budget() -> None:
+    ids, xb = dataset(400)
+    index = VectorIndex.create("IDMap2,Flat", D)
+    index.add(ids, xb)
+    block_bytes = 100 * D * 4
+    cache = BlockCache(max_bytes=2 * block_bytes)
+    blocks = {f"c{n}": ids[n * 100 : (n + 1) * 100] for n in range(4)}
+    for key, block in blocks.items():
+        _, I_ = index.search(xb[:3], 5, {key: block}, cache)
+        assert np.isin(I_, block).all()
+        assert cache.nbytes <= 2 * block_bytes
+    assert cache.nbytes == 2 * block_bytes  # the two most recent blocks
+    huge = BlockCache(max_bytes=block_bytes // 2)  # a block bigger than the budget is used, not kept
+    D_, _ = index.search(xb[:1], 1, {"c0": blocks["c0"]}, huge)
+    assert D_[0, 0] == pytest.approx(1.0) and huge.nbytes == 0
 
 
 def test_large_filter_on_ivf_returns_k_results_from_the_subset() -> None:

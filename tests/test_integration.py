@@ -10,9 +10,9 @@ import torch
 
 from vsearch import Engine
 from vsearch.backbones import build_backbone
-from vsearch.config import resolve_model
 from vsearch.embed import Preprocess
 from vsearch.images import decode_image, read_source
+from vsearch.presets import resolve_model
 
 from .conftest import shared_dataset
 

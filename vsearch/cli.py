@@ -174,8 +174,9 @@ def _index_arg(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from .config import IndexConfig, ProjectionConfig, resolve_model
+    from .config import IndexConfig, ProjectionConfig
     from .engine import DEFAULT_MODEL, Engine
+    from .presets import resolve_model
 
     model = None  # an existing index keeps the model it was built with
     if args.model or args.layers or args.pooling or args.gem_p:
@@ -339,7 +340,7 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .config import preset, preset_names
+    from .presets import preset, preset_names
 
     configs = [preset(n).to_dict() for n in preset_names()]
     if args.json:

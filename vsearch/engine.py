@@ -1,25 +1,26 @@
-"""The engine: one object that owns an index directory and answers every request.
+"""The engine: an open index directory, the owner of its state.
 
-The CLI and the API are thin adapters over these methods.
+State and who owns it (see also ``vsearch/README.md``):
 
-Concurrency: any number of searches run at once. Writers (ingest, product writes,
-refits) take turns on ``_writer`` and do their slow part (decoding, the model)
-while searches go on; they hold the readers-writer lock exclusively only to apply
-a finished change to the catalog and the index together, so a search sees a write
-completely or not at all.
+- ``catalog`` (SQLite): products, images and every model version's raw vectors;
+  the source of truth.
+- ``manifest``: what the directory holds (model, projection, factory, the catalog
+  generation the saved index reflects); written by the write path only.
+- ``snapshot``: what searches use, swapped whole (:mod:`vsearch.snapshot`).
 
-Model versions (``base`` and fine-tuned ones, see :mod:`vsearch.modelswitch`): the
-catalog keeps each version's vectors; the active one's are in the index. ``epoch``
-counts switches, so a query embedded by one version is never searched against
-another's vectors (:class:`ModelChanged`).
+Read path: :meth:`search` / :meth:`search_vectors` read :attr:`snapshot` once, embed
+with its model, and search its index under the read lock (:mod:`vsearch.search`).
+Write path: every change goes through ``with engine.writer() as w`` (:mod:`vsearch.writer`).
+Workflows live in their own modules: :mod:`vsearch.ingest`, :mod:`vsearch.versions`
+(model switch, reindex, refresh), :mod:`vsearch.finetune`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,36 +28,34 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .adapter import AdaptedEmbedder
+from . import ingest as _ingest
+from . import versions
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
-from .config import IndexConfig, ModelConfig, ProjectionConfig, resolve_model
-from .embed import Embedder, Preprocess, pick_device
+from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
+from .config import IndexConfig, ModelConfig, ProjectionConfig
+from .embed import Preprocess
 from .errors import ConfigError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
 from .imagestore import ImageStore
-from .index import VectorIndex, choose_factory
-from .ingest import IngestReport, ingest_items
+from .index import VectorIndex
+from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
-from .modelswitch import ModelVersions
+from .presets import resolve_model
 from .projection import Projection
-from .query import Hit, SearchOptions, category_tree, region_boxes
-from .results import category_blocks, collect_hits, vote
+from .query import Hit, SearchOptions
+from .search import Votes, region_boxes, search_snapshot
+from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item, read_source_items
-from .versions import version_dir
+from .versions import ReindexReport, VersionInfo
+from .writer import FIT_SAMPLE, IndexWriter, NewImage
 
-__all__ = ["Engine", "Hit", "ModelChanged", "ProductView", "SearchOptions", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "Engine", "Hit", "ProductView", "SearchOptions"]
 
 DEFAULT_MODEL = "efficientnet-lite2"
-FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 QueryImage = bytes | str | os.PathLike[str] | Image.Image
 ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
-
-
-class ModelChanged(Exception):
-    """The served model version changed between embedding a query and searching it;
-    embed again. (Internal: :class:`vsearch.service.SearchService` retries.)"""
 
 
 @dataclass(frozen=True)
@@ -65,26 +64,21 @@ class ProductView:
     images: list[ImageRow] = field(default_factory=list)
 
 
-class Engine(ModelVersions):
+class Engine:
     """An open index directory. Use :meth:`open` and :meth:`close` (or ``with``)."""
 
-    def __init__(self, paths: IndexPaths, manifest: IndexManifest, catalog: Catalog, device: str | None) -> None:
+    def __init__(self, paths: IndexPaths, manifest: IndexManifest, catalog: Catalog, device: str | None, **opts: Any) -> None:
         self.paths = paths
         self.manifest = manifest
         self.catalog = catalog
         self.device = device
-        self.active = manifest.active_model
-        self.epoch = 0  # bumped whenever the served model version changes
-        self.projection = self._projection_for(self.active)
         self.preprocess = Preprocess(manifest.model)
-        self.index: VectorIndex | None = None
         self.image_store = ImageStore(paths.root / "images")
-        self._embedder: Embedder | None = None
-        self._embedder_name = ""
-        self._embedder_lock = threading.Lock()
-        self._categories: dict[str, np.ndarray] | None = None
-        self._rw = RWLock()
-        self._writer = threading.RLock()
+        self.block_cache_bytes: int = opts.get("block_cache_bytes", DEFAULT_BLOCK_CACHE_BYTES)
+        self._rw = RWLock()  # searches read; the write path applies changes exclusively
+        self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
+        name = manifest.active_model
+        self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name), None)
 
     # lifecycle ----------------------------------------------------------------
     @classmethod
@@ -98,8 +92,10 @@ class Engine(ModelVersions):
         create: bool = False,
         device: str | None = None,
         mmap: bool = False,
+        block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
     ) -> Engine:
-        """Open ``index_dir``; with ``create`` a missing one is created for ``model``."""
+        """Open ``index_dir``; with ``create`` a missing one is created for ``model``.
+        ``block_cache_bytes`` bounds the vectors kept for category-filtered search."""
         paths = IndexPaths(Path(index_dir))
         wanted = resolve_model(model) if isinstance(model, str) else model
         if paths.manifest.exists():
@@ -119,15 +115,14 @@ class Engine(ModelVersions):
             manifest.save(paths)
         else:
             raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
-        engine = cls(paths, manifest, Catalog.open(paths.catalog), device)
+        engine = cls(paths, manifest, Catalog.open(paths.catalog), device, block_cache_bytes=block_cache_bytes)
         engine._load_index(mmap=mmap)
         return engine
 
     def close(self) -> None:
-        with self._writer, self._rw.write():
+        with self._write_mutex, self._rw.write():
             self.catalog.close()
-            self.index = None
-            self._embedder = None
+            self._snapshot = replace(self._snapshot, index=None)
 
     def __enter__(self) -> Engine:
         return self
@@ -135,30 +130,48 @@ class Engine(ModelVersions):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # state --------------------------------------------------------------------
     @property
-    def embedder(self) -> Embedder:
-        """The model, loaded on first use (a re-ingest of unchanged data never loads it)."""
-        with self._embedder_lock:
-            name = self.active  # a switch may land while we load; then the next call reloads
-            if self._embedder is None or self._embedder_name != name:
-                self._embedder, self._embedder_name = self._load_embedder(name), name
-            return self._embedder
+    def snapshot(self) -> Snapshot:
+        """What searches use now; read it once per search."""
+        return self._snapshot
 
-    def _load_embedder(self, name: str) -> Embedder:
-        if name == BASE_MODEL:
-            return Embedder(self.manifest.model, device=self.device)
-        return AdaptedEmbedder(version_dir(self.paths.root, name), device=self.device)
+    @property
+    def index(self) -> VectorIndex | None:
+        return self._snapshot.index
 
-    def _projection_for(self, name: str) -> Projection:
-        # A fine-tuned version's vectors come out final (its zero-shot part carries
-        # the base projection it was trained with), so only renormalisation is left.
-        return Projection.load(self.paths.projection) if name == BASE_MODEL else Projection()
+    @property
+    def active(self) -> str:
+        """The served model version's name."""
+        return self._snapshot.model
 
     @property
     def has_text(self) -> bool:
-        return (
-            self.active == BASE_MODEL and self.manifest.model.family == "open_clip" and self.manifest.model.layers == ("embed",)
-        )
+        return self._snapshot.has_text
+
+    @contextmanager
+    def writer(self) -> Iterator[IndexWriter]:
+        """The write path: ``with engine.writer() as w: w.add_images(...)``."""
+        with self._write_mutex:
+            yield IndexWriter(self)
+
+    def new_snapshot(
+        self, model: str, projection: Projection, index: VectorIndex | None, embedder: EmbedderSlot | None = None
+    ) -> Snapshot:
+        """A snapshot of model version ``model`` (its embedder loaded on first use)."""
+        slot = embedder or EmbedderSlot(versions.embedder_loader(self.paths, self.manifest, model, self.device))
+        config = self.manifest.model
+        has_text = model == BASE_MODEL and config.family == "open_clip" and config.layers == ("embed",)
+        filters = CategoryFilter(self.catalog, self.block_cache_bytes)
+        return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta)
+
+    def saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
+        """The saved index file, if ``manifest`` says it matches the catalog; else None."""
+        if manifest.catalog_generation != self.catalog.generation or not self.paths.index.exists():
+            return None
+        index = VectorIndex.load(self.paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
+        index.to_gpu()
+        return index
 
     # writing ------------------------------------------------------------------
     def ingest(
@@ -172,70 +185,31 @@ class Engine(ModelVersions):
         quiet: bool = False,
     ) -> IngestReport:
         """Add or update the products in ``source`` (folder, CSV, JSONL or items)."""
-        items = read_source_items(source) if isinstance(source, (str, os.PathLike)) else list(source)
-        with self._writer:
-            report = ingest_items(
-                self.catalog,
-                self.preprocess,
-                lambda: self.embedder,
-                items,
-                on_batch=self._add_raw,
-                on_remove=self._remove_ids,
-                checkpoint=self._save,
-                apply_lock=self._rw.write,
-                prune=prune,
-                batch_size=batch_size,
-                workers=workers,
-                device=pick_device(self.device),
-                quiet=quiet,
-                rejects_path=self.paths.rejects,
-                model=self.active,
-            )
-            self._categories = None
-            if center_on is not None or not self.manifest.projection_fitted:
-                self.fit_projection(center_on)  # saves
-            else:
-                if self._factory_outgrown():
-                    self.rebuild_index()
-                self._save()
-        return report
+        return _ingest.ingest(self, source, prune=prune, center_on=center_on, batch_size=batch_size, workers=workers, quiet=quiet)
 
     def fit_projection(self, center_on: str | os.PathLike[str] | None = None) -> None:
         """Fit centring/PCA (on in-domain photos if given, else the catalog), rebuild the
         index and save."""
-        with self._writer:
-            if self.active != BASE_MODEL:
+        with self.writer() as writer:
+            snap = writer.snapshot
+            if snap.model != BASE_MODEL:
                 if center_on is not None:
-                    raise ConfigError(f"--center-on refits the base model's projection; model {self.active!r} is active")
-                self.rebuild_index()
-                self._save()
+                    raise ConfigError(f"--center-on refits the base model's projection; model {snap.model!r} is active")
+                writer.rebuild()
                 return
             if center_on is not None:
-                sources = [item.image for item in read_source_items(center_on)]
-                raw = self._embed_sources(sources, tta=self.manifest.model.query_tta)
+                raw = self._embed_sources(snap, [item.image for item in read_source_items(center_on)])
             else:
-                raw = self.catalog.sample_vectors(FIT_SAMPLE, model=self.active)
+                raw = self.catalog.sample_vectors(FIT_SAMPLE, model=snap.model)
             if len(raw) == 0:
-                self._save()
+                writer.save()
                 return
-            projection = Projection.fit(raw, self.manifest.projection)
-            index = self._build_index(projection, self.active)
-            with self._rw.write():
-                projection.save(self.paths.projection)
-                self.projection, self.index = projection, index
-                self.manifest.projection_fitted = True
-                self.manifest.raw_dim = int(raw.shape[1])
-                self.manifest.dim = projection.out_dim(self.manifest.raw_dim)
-                self.manifest.factory = index.factory
-            self._save()
+            writer.refit(raw)
 
     def rebuild_index(self) -> None:
         """Rebuild the faiss index from the catalog's stored vectors (no model work)."""
-        with self._writer:
-            index = self._build_index(self.projection, self.active)
-            with self._rw.write():
-                self.index = index
-                self.manifest.factory = index.factory
+        with self.writer() as writer:
+            writer.rebuild()
 
     def put_product(
         self,
@@ -249,48 +223,48 @@ class Engine(ModelVersions):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> ProductView:
         """Create or replace a product. ``images`` (if given) replace its images."""
-        category = category.strip().strip("/")
-        with self._writer:
+        with self.writer() as writer:
             prepared = [self._prepare_image(source, fetch_policy, max_pixels) for source in images or []]
-            raw = self.embedder.embed_images([p[4] for p in prepared]) if prepared else None
-            with self._rw.write():
-                with self.catalog.transaction():
-                    self.catalog.upsert_product(product_id, title=title, category=category, attributes=attributes)
-                    ids = [
-                        self.catalog.put_image(product_id, src, sha, w, h, vector, model=self.active)
-                        for (src, sha, w, h, _), vector in zip(prepared, raw if raw is not None else [])
-                    ]
-                    removed: list[int] = []
-                    if images is not None:
-                        removed = [row.id for row in self.catalog.images_of(product_id) if row.id not in ids]
-                        self.catalog.remove_images(removed)
-                if self.index is not None:
-                    self.index.remove(np.array(removed, dtype=np.int64))
-                if raw is not None:
-                    self._add_raw(np.array(ids, dtype=np.int64), raw)
-                self._categories = None
-            if not self.manifest.projection_fitted:
-                self.fit_projection()  # saves
-            else:
-                self._save()
+            raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
+            writer.put_product(
+                product_id,
+                title=title,
+                category=category.strip().strip("/"),
+                attributes=attributes,
+                images=[new for new, _ in prepared] if images is not None else None,
+                vectors=raw,
+            )
+            writer.finish()
         return self.product(product_id)
 
     def delete_product(self, product_id: str) -> None:
-        if not self._product_exists(product_id):
-            raise ProductNotFoundError(f"no product {product_id!r}")
+        self.product(product_id)  # ProductNotFoundError if there is none
         self.remove_products([product_id])
 
     def remove_products(self, product_ids: list[str]) -> int:
         """Delete products and their images; returns how many images went."""
-        with self._writer:
-            with self._rw.write():
-                with self.catalog.transaction():
-                    removed = self.catalog.remove_products(product_ids)
-                if self.index is not None:
-                    self.index.remove(np.array(removed, dtype=np.int64))
-                self._categories = None
-            self._save()
+        with self.writer() as writer:
+            removed = writer.remove_products(product_ids)
+            writer.save()
         return len(removed)
+
+    # model versions (see vsearch.versions) --------------------------------------
+    def models(self) -> list[VersionInfo]:
+        """``base`` and the fine-tuned versions in ``DIR/models``, oldest first."""
+        return versions.list_versions(self.paths.root, self.active)
+
+    def use_model(self, name: str, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+        return versions.use_model(self, name, quiet=quiet, workers=workers)
+
+    def reindex(self, name: str | None = None, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+        """Embed what model version ``name`` (default: the active one) lacks and serve it."""
+        return versions.use_model(self, name or self.active, quiet=quiet, workers=workers)
+
+    def remove_model(self, name: str) -> None:
+        versions.remove_model(self, name)
+
+    def refresh(self) -> bool:
+        return versions.refresh(self)
 
     # reading ------------------------------------------------------------------
     def product(self, product_id: str) -> ProductView:
@@ -318,25 +292,31 @@ class Engine(ModelVersions):
         with self._rw.read():
             return category_tree(self.catalog.product_counts_by_category())
 
-    def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def embed_queries(self, images: Sequence[Image.Image], snapshot: Snapshot | None = None) -> np.ndarray:
         """Query vectors (query-side TTA per the model config), before projection."""
-        return self.embedder.embed_images(list(images), tta=self.manifest.model.query_tta)
+        snap = snapshot or self._snapshot
+        return snap.embedder.get().embed_images(list(images), tta=snap.query_tta)
 
-    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
-        if not self.has_text:
+    def embed_text(self, texts: Sequence[str], snapshot: Snapshot | None = None) -> np.ndarray:
+        snap = self.require_text(snapshot or self._snapshot)
+        return snap.embedder.get().embed_text(list(texts))
+
+    def require_text(self, snap: Snapshot) -> Snapshot:
+        """``snap`` if its model can embed text, else the ModelError that says which can."""
+        if not snap.has_text:
             raise ModelError(
                 f"model {self.manifest.model.name!r} cannot search by text; build the index with an open_clip "
                 "model such as --model ViT-B-32:laion2b_s34b_b79k"
             )
-        return self.embedder.embed_text(list(texts))
+        return snap
 
-    def product_vector(self, product_id: str) -> np.ndarray:
+    def product_vector(self, product_id: str, snapshot: Snapshot | None = None) -> np.ndarray:
         """The mean raw vector of a product's images: the query for "more like this"."""
+        snap = snapshot or self._snapshot
         with self._rw.read():
-            vectors = self.catalog.vectors_of(product_id, model=self.active)
+            vectors = self.catalog.vectors_of(product_id, model=snap.model)
         if len(vectors) == 0:
-            if not self._product_exists(product_id):
-                raise ProductNotFoundError(f"no product {product_id!r}")
+            self.product(product_id)  # ProductNotFoundError if there is none
             raise ProductNotFoundError(f"product {product_id!r} has no searchable image")
         return vectors.mean(axis=0, keepdims=True)
 
@@ -362,39 +342,23 @@ class Engine(ModelVersions):
         options = SearchOptions(
             k=k, categories=categories or (), exclude_categories=exclude_categories or (), group_by_product=group_by_product
         )
-        return self.embed_and_search(lambda: self.embed_queries([query]), options, neighbours=0)[0][0]
-
-    def embed_and_search(
-        self,
-        embed: Callable[[], np.ndarray],
-        options: SearchOptions | None = None,
-        timings: dict[str, float] | None = None,
-        neighbours: int = 20,
-        attempts: int = 3,
-    ) -> tuple[list[list[Hit]], list[list[tuple[str, float]]]]:
-        """:meth:`search_and_suggest` on the raw vectors ``embed()`` returns, calling it
-        again if the model version switched in between (:class:`ModelChanged` after
-        ``attempts`` switches in a row)."""
-        switches = 0
-        while True:
-            epoch = self.epoch
-            raw = embed()
-            try:
-                return self.search_and_suggest(raw, options, timings, neighbours, epoch=epoch)
-            except ModelChanged:
-                switches += 1
-                if switches == attempts:
-                    raise
+        snap = self._snapshot
+        return self.search_vectors(self.embed_queries([query], snap), options, snapshot=snap)[0]
 
     def search_vectors(
-        self, raw: np.ndarray, options: SearchOptions | None = None, timings: dict[str, float] | None = None
+        self,
+        raw: np.ndarray,
+        options: SearchOptions | None = None,
+        timings: dict[str, float] | None = None,
+        snapshot: Snapshot | None = None,
     ) -> list[list[Hit]]:
         """Search with raw (unprojected) query vectors; one hit list per row.
 
+        ``snapshot``: the one the vectors were embedded with (default: the current one).
         ``timings``, if given, receives the milliseconds spent in ``search`` (faiss)
         and ``lookup`` (catalog rows for the hits).
         """
-        return self.search_and_suggest(raw, options, timings, neighbours=0)[0]
+        return self.search_and_suggest(raw, options, timings, 0, snapshot)[0]
 
     def search_and_suggest(
         self,
@@ -402,44 +366,12 @@ class Engine(ModelVersions):
         options: SearchOptions | None = None,
         timings: dict[str, float] | None = None,
         neighbours: int = 20,
-        epoch: int | None = None,
-    ) -> tuple[list[list[Hit]], list[list[tuple[str, float]]]]:
-        """Hits, plus the categories the ``neighbours`` nearest images vote for.
-
-        Without filters the vote comes from the same faiss search as the hits.
-        ``epoch``: the :attr:`epoch` read before ``raw`` was computed; if the model
-        version has changed since, :class:`ModelChanged` is raised instead of
-        searching new vectors with an old query (or the reverse).
-        """
-        options = options or SearchOptions()
-        timings = timings if timings is not None else {}
-        want = options.k + options.offset
+        snapshot: Snapshot | None = None,
+    ) -> tuple[list[list[Hit]], list[Votes]]:
+        """Hits, plus the categories the ``neighbours`` nearest images vote for."""
+        snap = snapshot or self._snapshot
         with self._rw.read():
-            if epoch is not None and epoch != self.epoch:
-                raise ModelChanged(f"model version changed to {self.active!r}")
-            if self.index is None or self.index.ntotal == 0:
-                return [[] for _ in raw], [[] for _ in raw]
-            xq = self.projection.apply(raw)
-            blocks = self._blocks(options.categories, options.exclude_categories)
-            ntotal = self.index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
-            k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
-            if blocks is None:
-                k_img = min(ntotal, max(k_img, neighbours))
-            votes: list[list[tuple[str, float]]] = [[] for _ in raw]
-            while True:
-                start = time.perf_counter()
-                D, I = self.index.search(xq, k_img, blocks)
-                middle = time.perf_counter()
-                hits = [collect_hits(self.catalog, d, i, want, options) for d, i in zip(D, I)]
-                if neighbours:
-                    if blocks is not None:
-                        I = self.index.search(xq, min(neighbours, self.index.ntotal))[1]
-                    votes = [vote(self.catalog, row[:neighbours]) for row in I]
-                timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
-                timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
-                if all(len(h) >= want for h in hits) or k_img >= ntotal or self._past_min_score(D, options):
-                    return [h[options.offset :] for h in hits], votes
-                k_img = min(ntotal, k_img * 4)
+            return search_snapshot(snap, self.catalog, raw, options or SearchOptions(), timings or {}, neighbours)
 
     def search_regions(self, image: Image.Image, options: SearchOptions | None = None) -> list[Hit]:
         """Products ranked by their best-matching region of the photo.
@@ -449,106 +381,52 @@ class Engine(ModelVersions):
         For cluttered photos where the product fills only part of the frame.
         """
         options = options or SearchOptions()
+        snap = self._snapshot
         boxes = region_boxes()
-        raw = np.concatenate([self.embed_queries([image]), self.embedder.embed_regions(image, boxes[1:])])
+        raw = np.concatenate([self.embed_queries([image], snap), snap.embedder.get().embed_regions(image, boxes[1:])])
         wide = replace(options, k=options.k + options.offset, offset=0, group_by_product=True)
         best: dict[str, Hit] = {}
-        for row in self.search_vectors(raw, wide):
+        for row in self.search_vectors(raw, wide, snapshot=snap):
             for hit in row:
                 if hit.product_id not in best or hit.score > best[hit.product_id].score:
                     best[hit.product_id] = hit
         ranked = sorted(best.values(), key=lambda h: -h.score)
         return ranked[options.offset : options.offset + options.k]
 
-    def suggest(self, raw: np.ndarray, neighbours: int = 20) -> list[list[tuple[str, float]]]:
-        """Categories the query's nearest neighbours vote for, with their share."""
-        return self.search_and_suggest(raw, SearchOptions(k=1), neighbours=neighbours)[1]
-
     def info(self) -> dict[str, Any]:
+        snap = self._snapshot
         with self._rw.read():
             counts = self.catalog.counts()
-            vectors = self.index.ntotal if self.index is not None else 0
         return {
             "path": str(self.paths.root),
             **counts,
-            "vectors": vectors,
+            "vectors": snap.vectors,
             "model": self.manifest.model.name,
-            "active_model": self.active,
+            "active_model": snap.model,
             "layers": list(self.manifest.model.layers),
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
             "factory": self.manifest.factory,
-            "projection": {**self.manifest.projection.__dict__, "fitted_on": self.projection.fitted_on}
-            if self.active == BASE_MODEL
-            else f"part of model version {self.active} (its zero-shot half)",
-            "text_search": self.has_text,
+            "projection": {**self.manifest.projection.__dict__, "fitted_on": snap.projection.fitted_on}
+            if snap.model == BASE_MODEL
+            else f"part of model version {snap.model} (its zero-shot half)",
+            "text_search": snap.has_text,
             "format_version": self.manifest.format_version,
         }
 
     # internals ----------------------------------------------------------------
     def _load_index(self, mmap: bool) -> None:
-        m = self.manifest
-        if not m.projection_fitted:
+        if not self.manifest.projection_fitted:
             return
-        saved = self._saved_index(m, mmap)
+        saved = self.saved_index(self.manifest, mmap)
         if saved is not None:
-            self.index = saved
-        else:  # a run stopped between the catalog commit and the index save
-            self.rebuild_index()
-            self._save()
+            self._snapshot = replace(self._snapshot, index=saved)
+            return
+        with self.writer() as writer:  # a run stopped between the catalog commit and the index save
+            writer.rebuild()
 
-    def _saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
-        """The saved index file, if ``manifest`` says it matches the catalog; else None."""
-        if manifest.catalog_generation != self.catalog.generation or not self.paths.index.exists():
-            return None
-        index = VectorIndex.load(self.paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
-        index.to_gpu()
-        return index
-
-    def _build_index(self, projection: Projection, model: str) -> VectorIndex:
-        n = self.catalog.counts()["images"]
-        dim = projection.out_dim(self.catalog.vector_dim(model) or self.manifest.raw_dim)
-        factory = self.manifest.index.factory or choose_factory(n, dim)
-        index = VectorIndex.create(factory, dim, nprobe=self.manifest.index.nprobe)
-        if not index.is_trained:
-            index.train(projection.apply(self.catalog.sample_vectors(FIT_SAMPLE, model=model)))
-        for ids, raw in self.catalog.iter_vectors(model=model):
-            index.add(ids, projection.apply(raw))
-        index.to_gpu()
-        return index
-
-    def _remove_ids(self, ids: np.ndarray) -> None:
-        if self.index is not None:
-            self.index.remove(ids)
-        self._categories = None
-
-    def _add_raw(self, ids: np.ndarray, raw: np.ndarray) -> None:
-        if self.index is not None and self.manifest.projection_fitted:
-            self.index.add(ids, self.projection.apply(raw))
-
-    def _save(self) -> None:
-        with self._rw.read():  # saving only reads the index; searches may go on
-            if self.index is not None:
-                self.index.save(self.paths.index)
-            counts = self.catalog.counts()
-            self.manifest.counts = {**counts, "vectors": self.index.ntotal if self.index is not None else 0}
-            self.manifest.catalog_generation = self.catalog.generation if self.index is not None else -1
-            self.manifest.save(self.paths)
-
-    def _factory_outgrown(self) -> bool:
-        if self.manifest.index.factory or self.index is None:
-            return False
-        return choose_factory(self.index.ntotal, self.manifest.dim) != self.manifest.factory
-
-    def _product_exists(self, product_id: str) -> bool:
-        try:
-            self.catalog.product(product_id)
-        except ProductNotFoundError:
-            return False
-        return True
-
-    def _prepare_image(self, source: ImageSource, policy: FetchPolicy, max_pixels: int) -> tuple[str, str, int, int, Image.Image]:
-        """(source, sha256, width, height, image) for an upload, a URL or a path."""
+    def _prepare_image(self, source: ImageSource, policy: FetchPolicy, max_pixels: int) -> tuple[NewImage, Image.Image]:
+        """The stored form of an upload, a URL or a path, and the decoded image."""
         if isinstance(source, bytes):
             data, label = source, "<upload>"
         elif is_url(source):
@@ -561,10 +439,10 @@ class Engine(ModelVersions):
             label = str(self.image_store.put(data, sha))  # uploads live in the index directory
         elif is_url(source):
             self.image_store.put(data, sha)  # a local copy for thumbnails; the URL stays the source
-        return label, sha, image.width, image.height, image
+        return NewImage("", label, sha, image.width, image.height), image
 
-    def _embed_sources(self, sources: list[str], *, tta: bool) -> np.ndarray:
-        """Raw vectors of readable images among ``sources``; unreadable ones are skipped."""
+    def _embed_sources(self, snap: Snapshot, sources: list[str]) -> np.ndarray:
+        """Raw query-style vectors of readable images among ``sources`` (others skipped)."""
         vectors = []
         for start in range(0, len(sources), 32):
             images = []
@@ -574,16 +452,8 @@ class Engine(ModelVersions):
                 except ImageError:
                     continue
             if images:
-                vectors.append(self.embedder.embed_images(images, tta=tta))
+                vectors.append(self.embed_queries(images, snap))
         return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-
-    def _blocks(self, categories: Sequence[str], exclude: Sequence[str]) -> dict[object, np.ndarray] | None:
-        if (categories or exclude) and self._categories is None:
-            self._categories = self.catalog.category_image_ids()
-        return category_blocks(self._categories or {}, categories, exclude)
-
-    def _past_min_score(self, D: np.ndarray, options: SearchOptions) -> bool:
-        return options.min_score is not None and bool((D[:, -1] < options.min_score).all())
 
 
 def _describe(model: ModelConfig) -> str:

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, Hit, SearchOptions
+from .categories import matches_category
+from .engine import Engine
 from .errors import ImageError, ManifestError, VsearchError
+from .query import Hit, SearchOptions
 from .sources import read_manifest
 
-__all__ = ["EvalError", "Query", "read_queries", "evaluate", "evaluate_index", "score"]
+__all__ = ["EvalError", "LabelledQuery", "read_queries", "evaluate", "evaluate_index", "score"]
 
 
 class EvalError(VsearchError):
@@ -29,13 +31,13 @@ class EvalError(VsearchError):
 
 
 @dataclass(frozen=True)
-class Query:
+class LabelledQuery:
     image: str
     expected_id: str = ""
     category: str = ""
 
 
-def read_queries(path: Path) -> list[Query]:
+def read_queries(path: Path) -> list[LabelledQuery]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "image" not in reader.fieldnames:
@@ -49,11 +51,13 @@ def read_queries(path: Path) -> list[Query]:
                 raise ManifestError(f"{path}:{reader.line_num}: empty image")
             if "://" not in image:
                 image = str((path.parent / image).resolve())
-            queries.append(Query(image, (row.get("expected_id") or "").strip(), (row.get("category") or "").strip()))
+            queries.append(LabelledQuery(image, (row.get("expected_id") or "").strip(), (row.get("category") or "").strip()))
     return queries
 
 
-def score(queries: list[Query], results: list[list[Hit]], gallery_per_category: dict[str, int], k: int = 10) -> dict[str, Any]:
+def score(
+    queries: list[LabelledQuery], results: list[list[Hit]], gallery_per_category: dict[str, int], k: int = 10
+) -> dict[str, Any]:
     """The metrics for ranked product lists, one list per query."""
     recall = {n: [] for n in (1, 5, 10)}  # type: dict[int, list[float]]
     ap, cat_precision = [], []
@@ -65,14 +69,14 @@ def score(queries: list[Query], results: list[list[Hit]], gallery_per_category: 
             relevant = [h.product_id == query.expected_id for h in hits[:10]]
             n_relevant = 1
         elif query.category:
-            relevant = [_in_category(h.category, query.category) for h in hits[:10]]
-            n_relevant = sum(n for c, n in gallery_per_category.items() if _in_category(c, query.category))
+            relevant = [matches_category(h.category, query.category) for h in hits[:10]]
+            n_relevant = sum(n for c, n in gallery_per_category.items() if matches_category(c, query.category))
         else:
             continue
         ap.append(_average_precision(relevant, min(n_relevant, 10)))
         if query.category:
             top = hits[:10]
-            cat_precision.append(sum(_in_category(h.category, query.category) for h in top) / 10)
+            cat_precision.append(sum(matches_category(h.category, query.category) for h in top) / 10)
     return {
         "recall@1": _mean(recall[1]),
         "recall@5": _mean(recall[5]),
@@ -124,7 +128,7 @@ def evaluate_index(index_dir: Path, queries_csv: Path, *, k: int = 10, regions: 
         return _measure(engine, queries, k, regions=regions)
 
 
-def _measure(engine: Engine, queries: list[Query], k: int, *, regions: bool) -> dict[str, Any]:
+def _measure(engine: Engine, queries: list[LabelledQuery], k: int, *, regions: bool) -> dict[str, Any]:
     per_category: dict[str, int] = engine.catalog.category_counts()
     start = time.perf_counter()
     results = search_all(engine, queries, k=max(k, 10), regions=regions)
@@ -134,7 +138,9 @@ def _measure(engine: Engine, queries: list[Query], k: int, *, regions: bool) -> 
     return metrics
 
 
-def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32, regions: bool = False) -> list[list[Hit]]:
+def search_all(
+    engine: Engine, queries: list[LabelledQuery], *, k: int, batch: int = 32, regions: bool = False
+) -> list[list[Hit]]:
     """Decode in threads (PIL releases the GIL), embed and search a batch at a time."""
     results: list[list[Hit]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -147,8 +153,9 @@ def search_all(engine: Engine, queries: list[Query], *, k: int, batch: int = 32,
                 for i in ok:
                     found[i] = engine.search_regions(images[i], SearchOptions(k=k))
             elif ok:
-                raw = engine.embed_queries([images[i] for i in ok])
-                for i, hits in zip(ok, engine.search_vectors(raw, SearchOptions(k=k))):
+                snap = engine.snapshot  # embed and search with one model version
+                raw = engine.embed_queries([images[i] for i in ok], snap)
+                for i, hits in zip(ok, engine.search_vectors(raw, SearchOptions(k=k), snapshot=snap)):
                     found[i] = hits
             results.extend(found)
     return results
@@ -170,10 +177,6 @@ def _average_precision(relevant: list[bool], n_relevant: int) -> float:
             hits += 1
             total += hits / rank
     return total / n_relevant
-
-
-def _in_category(category: str, wanted: str) -> bool:
-    return category == wanted or category.startswith(wanted + "/")
 
 
 def _mean(values: list[float]) -> float | None:

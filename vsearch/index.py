@@ -4,11 +4,12 @@ Vocabulary follows faiss: ``xb`` database vectors, ``xq`` queries, ``k`` neighbo
 ``D`` scores (inner products of L2-normalised vectors, i.e. cosine) and ``I`` ids,
 ``-1`` where fewer than k exist.
 
-Filtered search. A filter is a set of allowed ids (e.g. a category). When the set is
-small compared with the index, we search it exactly, on vectors reconstructed once
-and cached per block (e.g. one block per category), so a query restricted to a 1%
-category touches 1% of the data. Large sets go through faiss with an ``IDSelector``
-and fall back to the exact path if the approximate index cannot fill k results.
+Filtered search. A filter is a set of allowed ids in blocks (one per category, see
+:mod:`vsearch.categories`). A ``Flat`` index, or a set small compared with an IVF
+index, is searched exactly on the blocks' vectors, reconstructed once and kept in a
+bounded :class:`~vsearch.categories.BlockCache`, so a query restricted to a 1%
+category touches 1% of the data. A large set on an IVF index goes through faiss with
+an ``IDSelector`` and falls back to the exact path if the probed lists cannot fill k.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .categories import BlockCache
 from .errors import ConfigError, IndexFormatError
 from .fsutil import atomic_write
 
@@ -74,7 +76,6 @@ class VectorIndex:
         self.index = index
         self.factory = factory
         self.nprobe = nprobe
-        self._blocks: dict[object, tuple[np.ndarray, np.ndarray]] = {}
         self._gpu: faiss.Index | None = None
         self._gpu_wanted = False
         self._apply_nprobe()
@@ -130,11 +131,14 @@ class VectorIndex:
             return np.zeros((0, self.d), dtype=np.float32)
         return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
 
-    def search(self, xq: np.ndarray, k: int, blocks: dict[object, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, xq: np.ndarray, k: int, blocks: dict[str, np.ndarray] | None = None, cache: BlockCache | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids and scores, optionally only among the ids in ``blocks``.
 
         ``blocks`` maps a cache key (e.g. a category) to sorted image ids; results come
-        from their union. Rows are padded with id -1 / score -inf past the last hit.
+        from their union. ``cache`` keeps the blocks' vectors between searches. Rows are
+        padded with id -1 / score -inf past the last hit.
         """
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if blocks is None:
@@ -143,10 +147,10 @@ class VectorIndex:
         if allowed == 0:
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
         if allowed <= max(k, SMALL_SUBSET_FRACTION * self.ntotal) or _ivf(self.index) is None:
-            return self._search_blocks(xq, k, blocks)
+            return self._search_blocks(xq, k, blocks, cache)
         D, I = self._search_selected(xq, k, np.concatenate(list(blocks.values())))
         if (I[:, -1] < 0).any():  # the probed lists held too few allowed ids
-            return self._search_blocks(xq, k, blocks)
+            return self._search_blocks(xq, k, blocks, cache)
         return D, I
 
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,29 +172,22 @@ class VectorIndex:
         D, I = self.index.search(xq, min(k, self.ntotal), params=params)
         return merge_topk(D, I, k)
 
-    def _search_blocks(self, xq: np.ndarray, k: int, blocks: dict[object, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_blocks(
+        self, xq: np.ndarray, k: int, blocks: dict[str, np.ndarray], cache: BlockCache | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         parts_D, parts_I = [], []
         for key, ids in blocks.items():
-            block_ids, xb = self._block(key, ids)
-            if len(block_ids) == 0:
+            if len(ids) == 0:
                 continue
-            kk = min(k, len(block_ids))
-            D, pos = faiss.knn(xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+            xb = cache.vectors(key, ids, self.reconstruct) if cache is not None else self.reconstruct(ids)
+            D, pos = faiss.knn(xq, xb, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
             parts_D.append(D)
-            parts_I.append(block_ids[pos])
+            parts_I.append(ids[pos])
         if not parts_D:
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
         return merge_topk(np.concatenate(parts_D, 1), np.concatenate(parts_I, 1), k)
 
-    def _block(self, key: object, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._blocks.get(key)
-        if cached is None or not np.array_equal(cached[0], ids):
-            cached = (ids, self.reconstruct(ids))
-            self._blocks[key] = cached
-        return cached
-
     def _changed(self) -> None:
-        self._blocks.clear()
         self._gpu = None  # re-mirrored lazily on the next search, not on every added batch
 
     def _apply_nprobe(self) -> None:

@@ -1,33 +1,41 @@
-"""Ingestion: items -> catalog rows with raw vectors -> index.
+"""Ingestion: items -> catalog rows with raw vectors -> index, through the write path.
 
 Crash safety comes from ordering: each batch of vectors is committed to the catalog
-in one SQLite transaction, and the faiss index and manifest are written atomically
-afterwards. A run killed at any point leaves a consistent catalog; the next open
-sees that the index lags the catalog's generation and rebuilds it from the stored
-vectors, and the next ingest skips every image whose content hash is already there.
+in one SQLite transaction (with the matching index change), and the faiss index and
+manifest are written atomically afterwards. A run killed at any point leaves a
+consistent catalog; the next open sees that the index lags the catalog's generation
+and rebuilds it from the stored vectors, and the next ingest skips every image whose
+content hash is already there.
+
+:func:`embed_batches` is the load -> embed -> commit loop that ingestion and
+re-embedding with a model version (:mod:`vsearch.versions`) share.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .catalog import BASE_MODEL, Catalog
-from .embed import Embedder, LoadedImage, Preprocess, load_images
+from .embed import LoadedImage, Preprocess, load_images, pick_device
 from .fsutil import atomic_write_bytes
 from .images import is_url
-from .sources import Item
+from .snapshot import EmbedderSlot
+from .sources import Item, read_source_items
+from .writer import NewImage
 
-__all__ = ["IngestReport", "Reject", "ingest_items"]
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["IngestReport", "Reject", "embed_batches", "ingest"]
 
 
 @dataclass(frozen=True)
@@ -68,106 +76,117 @@ class IngestReport:
         }
 
 
-OnBatch = Callable[[np.ndarray, np.ndarray], None]
+Work = tuple[object, str, str]  # (key, source, known sha256: "" for none)
 
 
-def ingest_items(
-    catalog: Catalog,
+def embed_batches(
+    work: Sequence[Work],
+    embedder: EmbedderSlot,
     preprocess: Preprocess,
-    get_embedder: Callable[[], Embedder],
-    items: list[Item],
     *,
-    on_batch: OnBatch,
-    checkpoint: Callable[[], None],
-    on_remove: Callable[[np.ndarray], None] = lambda ids: None,
-    apply_lock: Callable[[], AbstractContextManager[None]] = nullcontext,
-    prune: bool = False,
+    commit: Callable[[list[LoadedImage], np.ndarray], None],
+    skip: Callable[[LoadedImage], None],
+    checkpoint: Callable[[], None] = lambda: None,
+    checkpoint_every_s: float = 30.0,
     batch_size: int = 32,
     workers: int | None = None,
     device: torch.device | None = None,
+    desc: str = "ingest",
     quiet: bool = False,
-    checkpoint_every_s: float = 30.0,
-    rejects_path: Path | None = None,
-    model: str = BASE_MODEL,
-) -> IngestReport:
-    """Bring the catalog in line with ``items``.
+) -> None:
+    """Decode ``work`` a batch at a time (ahead of the model, see :func:`load_images`),
+    embed what decoded and changed, and hand it to ``commit(loaded, raw_vectors)``;
+    unreadable or unchanged sources go to ``skip``. The model is loaded only when a
+    batch needs it. ``checkpoint()`` runs every ``checkpoint_every_s`` seconds."""
+    if not work:
+        return
+    bar = tqdm(total=len(work), unit="img", desc=desc, disable=quiet or not sys.stderr.isatty(), smoothing=0.1)
+    last_checkpoint = time.monotonic()
+    for batch in load_images(work, preprocess, batch_size=batch_size, workers=workers, device=device):
+        todo = [loaded for loaded in batch if loaded.tensor is not None and not loaded.error and not loaded.unchanged]
+        for loaded in batch:
+            if loaded.tensor is None or loaded.error or loaded.unchanged:
+                skip(loaded)
+        if todo:
+            tensors = torch.stack([loaded.tensor for loaded in todo if loaded.tensor is not None])
+            commit(todo, embedder.get().embed_tensor(tensors))
+        bar.update(len(batch))
+        if time.monotonic() - last_checkpoint > checkpoint_every_s:
+            checkpoint()
+            last_checkpoint = time.monotonic()
+    bar.close()
 
-    The model is fetched through ``get_embedder`` only when some image needs it, so a
-    re-run over unchanged images loads no model at all. ``on_batch(ids, raw_vectors)``
-    is called after each committed batch (the engine adds them to its index);
-    ``checkpoint()`` persists the index now and then.
+
+def ingest(
+    engine: Engine,
+    source: str | os.PathLike[str] | Sequence[Item],
+    *,
+    prune: bool = False,
+    center_on: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> IngestReport:
+    """Bring ``engine``'s catalog in line with ``source`` (folder, CSV, JSONL or items).
+
+    A re-run over unchanged images loads no model at all. With ``center_on`` (or on
+    the first ingest) the projection is fitted afterwards and the index rebuilt.
     """
+    items = read_source_items(source) if isinstance(source, (str, os.PathLike)) else list(source)
     start = time.perf_counter()
     report = IngestReport(items=len(items))
     unique: dict[tuple[str, str], Item] = {}
     for item in items:
         unique[(item.product_id, item.image)] = item
     report.duplicates = len(items) - len(unique)
-
-    with apply_lock(), catalog.transaction():
-        for item in unique.values():
-            catalog.upsert_product(item.product_id, title=item.title, category=item.category, attributes=item.attributes)
-
     ordered = list(unique.values())
-    work: list[tuple[object, str, str]] = []
-    for n, item in enumerate(ordered):
-        row = catalog.image(item.product_id, item.image)
-        if row is not None and is_url(item.image):
-            report.unchanged += 1  # URLs are not re-downloaded to check; pass a new URL to refresh
-            continue
-        work.append((n, item.image, row.sha256 if row is not None else ""))
 
-    if work:
-        bar = tqdm(total=len(work), unit="img", desc="ingest", disable=quiet or not sys.stderr.isatty(), smoothing=0.1)
-        last_checkpoint = time.monotonic()
-        for batch in load_images(work, preprocess, batch_size=batch_size, workers=workers, device=device):
-            todo: list[LoadedImage] = []
-            for loaded in batch:
-                item = ordered[int(loaded.key)]  # type: ignore[call-overload]
-                if loaded.error:
-                    report.rejected.append(Reject(item.product_id, item.image, loaded.error))
-                elif loaded.unchanged:
-                    report.unchanged += 1
-                else:
-                    todo.append(loaded)
-            if todo:
-                vectors = get_embedder().embed_tensor(torch.stack([t.tensor for t in todo if t.tensor is not None]))
-                ids = []
-                with apply_lock():  # searches see the catalog rows and the vectors together
-                    with catalog.transaction():
-                        for loaded, vector in zip(todo, vectors):
-                            item = ordered[int(loaded.key)]  # type: ignore[call-overload]
-                            ids.append(
-                                catalog.put_image(
-                                    item.product_id, item.image, loaded.sha256, loaded.width, loaded.height, vector, model=model
-                                )
-                            )
-                    on_batch(np.array(ids, dtype=np.int64), vectors)
-                report.embedded += len(todo)
-            bar.update(len(batch))
-            if time.monotonic() - last_checkpoint > checkpoint_every_s:
-                checkpoint()
-                last_checkpoint = time.monotonic()
-        bar.close()
+    with engine.writer() as writer:
+        writer.upsert_products(ordered)
+        work: list[Work] = []
+        for n, item in enumerate(ordered):
+            row = engine.catalog.image(item.product_id, item.image)
+            if row is not None and is_url(item.image):
+                report.unchanged += 1  # URLs are not re-downloaded to check; pass a new URL to refresh
+                continue
+            work.append((n, item.image, row.sha256 if row is not None else ""))
 
-    if prune:
-        with apply_lock():
-            report.removed_products, report.removed_image_ids = _prune(catalog, unique)
-            on_remove(np.array(report.removed_image_ids, dtype=np.int64))
-        report.removed_images = len(report.removed_image_ids)
-    if rejects_path is not None:
+        def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
+            images = [NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height) for x in loaded]
+            writer.add_images(images, vectors)
+            report.embedded += len(loaded)
+
+        def skip(loaded: LoadedImage) -> None:
+            if loaded.error:
+                item = ordered[_n(loaded)]
+                report.rejected.append(Reject(item.product_id, item.image, loaded.error))
+            else:
+                report.unchanged += 1
+
+        embed_batches(
+            work,
+            writer.snapshot.embedder,
+            engine.preprocess,
+            commit=commit,
+            skip=skip,
+            checkpoint=writer.save,
+            batch_size=batch_size,
+            workers=workers,
+            device=pick_device(engine.device),
+            quiet=quiet,
+        )
+        if prune:
+            report.removed_products, report.removed_image_ids = writer.prune(set(unique))
+            report.removed_images = len(report.removed_image_ids)
         lines = "".join(json.dumps(r.__dict__) + "\n" for r in report.rejected)
-        atomic_write_bytes(rejects_path, lines.encode())
-    report.seconds = time.perf_counter() - start
+        atomic_write_bytes(engine.paths.rejects, lines.encode())
+        report.seconds = time.perf_counter() - start
+        if center_on is not None:
+            engine.fit_projection(center_on)
+        else:
+            writer.finish()
     return report
 
 
-def _prune(catalog: Catalog, unique: dict[tuple[str, str], Item]) -> tuple[int, list[int]]:
-    """Remove products the items do not list, and images their products no longer list."""
-    listed_products = {pid for pid, _ in unique}
-    stale_products = sorted(catalog.product_ids() - listed_products)
-    with catalog.transaction():
-        removed_images = catalog.remove_products(stale_products)
-        stale_images = [row.id for pid in listed_products for row in catalog.images_of(pid) if (pid, row.source) not in unique]
-        catalog.remove_images(stale_images)
-    return len(stale_products), removed_images + stale_images
+def _n(loaded: LoadedImage) -> int:
+    return int(loaded.key)  # type: ignore[call-overload]

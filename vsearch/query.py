@@ -1,18 +1,91 @@
-"""Search options and results: what a query asks for and what it gets back."""
+"""What a search asks and what it gets back.
+
+A query is one of five kinds, a tagged union (:data:`Query`): an uploaded image, an
+image URL, a catalog product ("more like this"), a text, or a raw vector from the
+index's own model. :class:`SearchOptions` is everything else about a search; a
+:class:`Hit` is one result. Adding a query kind means a dataclass here, a handler in
+:mod:`vsearch.service` and a variant in :mod:`vsearch.schemas`.
+"""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Hit", "SearchOptions", "category_tree", "matches_category", "region_boxes", "suggest_categories", "MAX_K"]
+__all__ = [
+    "Crop",
+    "Hit",
+    "ImageQuery",
+    "MAX_K",
+    "ProductQuery",
+    "Query",
+    "SearchOptions",
+    "TextQuery",
+    "UrlQuery",
+    "VectorQuery",
+    "parse_crop",
+]
 
 MAX_K = 1000
+Crop = tuple[float, float, float, float]  # x, y, w, h as fractions of the image
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """An uploaded image file's bytes, optionally cropped."""
+
+    kind: ClassVar[str] = "image"
+    image: bytes
+    crop: Crop | None = None
+
+
+@dataclass(frozen=True)
+class UrlQuery:
+    """An http(s) image URL (fetched under the server's URL policy), optionally cropped."""
+
+    kind: ClassVar[str] = "image_url"
+    url: str
+    crop: Crop | None = None
+
+
+@dataclass(frozen=True)
+class ProductQuery:
+    """ "More like this": the mean vector of a catalog product's images; the product
+    itself is left out of the results."""
+
+    kind: ClassVar[str] = "product_id"
+    product_id: str
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """A text, for models with a text tower (open_clip)."""
+
+    kind: ClassVar[str] = "text"
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
+class VectorQuery:
+    """A raw (unprojected) embedding from the index's served model, e.g. one an
+    integrator computed offline; it is L2-normalised before use."""
+
+    kind: ClassVar[str] = "vector"
+    vector: np.ndarray
+
+    def __post_init__(self) -> None:
+        vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+        if vector.size == 0 or not np.isfinite(vector).all() or not np.linalg.norm(vector) > 0:
+            raise ConfigError("vector must be a non-empty list of finite numbers, not all zero")
+        object.__setattr__(self, "vector", vector / np.linalg.norm(vector))
+
+
+Query = ImageQuery | UrlQuery | ProductQuery | TextQuery | VectorQuery
 
 
 @dataclass(frozen=True)
@@ -48,50 +121,14 @@ class Hit:
         return {**self.__dict__, "score": round(self.score, 6)}
 
 
-def region_boxes() -> list[tuple[float, float, float, float]]:
-    """Overlapping windows at two scales (R-MAC style) plus a centre window."""
-    boxes = [(0.0, 0.0, 1.0, 1.0), (0.2, 0.2, 0.6, 0.6)]
-    for size, starts in ((0.6, (0.0, 0.4)), (0.45, (0.0, 0.275, 0.55))):
-        boxes += [(x, y, size, size) for y in starts for x in starts]
-    return boxes
-
-
-def category_tree(counts: dict[str, int]) -> list[dict[str, Any]]:
-    """Nested ``{name, path, products, children}`` from product counts per category path;
-    a node's count includes its descendants."""
-    root: dict[str, Any] = {"children": {}}
-    for path, n in sorted(counts.items()):
-        node = root
-        parts = [p for p in path.split("/") if p]
-        for depth, part in enumerate(parts):
-            node = node["children"].setdefault(
-                part, {"name": part, "path": "/".join(parts[: depth + 1]), "products": 0, "children": {}}
-            )
-            node["products"] += n
-    return _as_lists(root)["children"]
-
-
-def _as_lists(node: dict[str, Any]) -> dict[str, Any]:
-    node["children"] = [_as_lists(child) for child in node["children"].values()]
-    return node
-
-
-def matches_category(category: str, pattern: str) -> bool:
-    """``Fruit`` matches ``Fruit`` and ``Fruit/Apple``, not ``Fruitcake``."""
-    pattern = pattern.strip("/")
-    return bool(pattern) and (category == pattern or category.startswith(pattern + "/"))
-
-
-def suggest_categories(neighbour_categories: Sequence[str], limit: int = 5) -> list[tuple[str, float]]:
-    """Categories voted by nearest neighbours (nearest first), with their share of the vote.
-
-    A neighbour's vote weighs 1 / rank, so the closest matches decide: with one image
-    per product, plain counting let a category with many products outvote the best match.
-    """
-    votes: dict[str, float] = defaultdict(float)
-    for rank, category in enumerate(neighbour_categories, start=1):
-        if category:
-            votes[category] += 1.0 / rank
-    total = sum(votes.values())
-    best = sorted(votes.items(), key=lambda cv: -cv[1])[:limit]
-    return [(c, math.floor(n / total * 10_000) / 10_000) for c, n in best]  # rounded down: shares never sum past 1
+def parse_crop(text: str | None) -> Crop | None:
+    """``"x,y,w,h"`` in fractions of the image -> a checked tuple."""
+    if text is None or text == "":
+        return None
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError("crop must be x,y,w,h: four numbers between 0 and 1") from None
+    if min(x, y) < 0 or w <= 0 or h <= 0 or x + w > 1.0001 or y + h > 1.0001:
+        raise ConfigError("crop must lie inside the image: 0 <= x, y and x + w, y + h <= 1, with w, h > 0")
+    return x, y, w, h

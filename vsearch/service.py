@@ -1,13 +1,20 @@
-"""The serving layer's library half: turns a shopper's query (an upload, a URL, a
-product, a text) into results, shares model forwards between concurrent requests,
-and makes thumbnails. ``vsearch.api`` only parses HTTP and calls this."""
+"""The serving layer's library half: turns shoppers' queries (:data:`vsearch.query.Query`)
+into results, shares model forwards between concurrent requests, and makes
+thumbnails. ``vsearch.api`` only parses HTTP and calls this.
+
+A search reads the engine's snapshot once: the query is embedded by that snapshot's
+model and searched in its index, whatever switch happens meanwhile. Each query kind
+has one handler in :data:`PREPARE`, which turns it into an image or a text to embed,
+or a raw vector; :meth:`SearchService.search_many` embeds a whole batch's images in
+one forward.
+"""
 
 from __future__ import annotations
 
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,33 +25,15 @@ from PIL import Image
 from .batcher import MicroBatcher, Overloaded
 from .config import ServeConfig
 from .embed import pick_device
-from .engine import Engine, ModelChanged
-from .errors import ConfigError, ImageTooLargeError
+from .engine import Engine
+from .errors import ConfigError, ImageTooLargeError, VsearchError
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import decode_image
-from .query import Hit, SearchOptions
+from .query import Crop, Hit, ImageQuery, ProductQuery, Query, SearchOptions, TextQuery, UrlQuery, VectorQuery
+from .snapshot import Snapshot
 
-__all__ = ["Query", "SearchResult", "SearchService", "default_batch_max", "parse_crop"]
-
-
-@dataclass(frozen=True)
-class Query:
-    """Exactly one of ``image`` (bytes), ``image_url``, ``product_id`` or ``text``."""
-
-    image: bytes | None = None
-    image_url: str | None = None
-    product_id: str | None = None
-    text: str | None = None
-    crop: tuple[float, float, float, float] | None = None  # x, y, w, h as fractions
-
-    def __post_init__(self) -> None:
-        given = ["image"] if self.image is not None else []
-        given += [name for name in ("image_url", "product_id", "text") if getattr(self, name)]
-        if len(given) != 1:
-            raise ConfigError(
-                "give exactly one of image, image_url, product_id or text" + (f" (got {', '.join(given)})" if given else "")
-            )
+__all__ = ["PREPARE", "SearchResult", "SearchService", "default_batch_max"]
 
 
 @dataclass
@@ -52,6 +41,17 @@ class SearchResult:
     hits: list[Hit]
     suggested_categories: list[tuple[str, float]]
     timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    """A query made ready to embed: exactly one of image, text or raw is set."""
+
+    options: SearchOptions
+    timing: dict[str, float]
+    image: Image.Image | None = None
+    text: str | None = None
+    raw: np.ndarray | None = None
 
 
 def default_batch_max(device: str | None) -> int:
@@ -62,19 +62,6 @@ def default_batch_max(device: str | None) -> int:
     throughput (0.92x with 8 clients); it is off there unless configured.
     """
     return 16 if pick_device(device).type in ("cuda", "mps") else 1
-
-
-def parse_crop(text: str | None) -> tuple[float, float, float, float] | None:
-    """``"x,y,w,h"`` in fractions of the image -> a checked tuple."""
-    if text is None or text == "":
-        return None
-    try:
-        x, y, w, h = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError("crop must be x,y,w,h: four numbers between 0 and 1") from None
-    if min(x, y) < 0 or w <= 0 or h <= 0 or x + w > 1.0001 or y + h > 1.0001:
-        raise ConfigError("crop must lie inside the image: 0 <= x, y and x + w, y + h <= 1, with w, h > 0")
-    return x, y, w, h
 
 
 class SearchService:
@@ -90,15 +77,11 @@ class SearchService:
         self._on_batch = on_batch
         # With batching on, the batcher's thread is the only one that runs the model
         # (text queries and the warm-up too), so a single OpenMP team does the work.
-        self._batcher: MicroBatcher[Image.Image | str, np.ndarray] | None = None
+        self._batcher: MicroBatcher[tuple[Snapshot, Image.Image | str], np.ndarray] | None = None
         self.batch_max = config.batch_max or default_batch_max(engine.device)
         if self.batch_max > 1:
             self._batcher = MicroBatcher(
-                self._embed_many,
-                max_batch=self.batch_max,
-                max_wait_ms=config.batch_wait_ms,
-                max_queue=config.queue_size,
-                on_batch=on_batch,
+                self._embed_many, max_batch=self.batch_max, max_wait_ms=config.batch_wait_ms, max_queue=config.queue_size
             )
         self._slots = threading.BoundedSemaphore(config.queue_size)  # bounds in-flight work with batching off
         self._stop = threading.Event()
@@ -130,64 +113,70 @@ class SearchService:
     def warm_up(self) -> None:
         """Load the model now rather than on the first shopper's request."""
         size = self.engine.manifest.model.image_size
-        self.embed(Image.new("RGB", (size, size), "white"))
+        self.embed(self.engine.snapshot, [Image.new("RGB", (size, size), "white")])
 
+    # searching --------------------------------------------------------------------
     def search(self, query: Query, options: SearchOptions) -> SearchResult:
-        timing: dict[str, float] = {"decode": 0.0, "embed": 0.0, "search": 0.0, "lookup": 0.0}
+        result = self.search_many([(query, options)])[0]
+        if isinstance(result, VsearchError):
+            raise result
+        return result
+
+    def search_many(self, requests: Sequence[tuple[Query, SearchOptions]]) -> list[SearchResult | VsearchError]:
+        """Answer several queries from one snapshot, their images embedded together;
+        a query that fails gets its error in its place."""
+        snap = self.engine.snapshot
+        prepared: list[_Prepared | VsearchError] = []
+        for query, options in requests:
+            start = time.perf_counter()
+            try:
+                item = PREPARE[type(query)](self, snap, query, options)
+            except VsearchError as exc:
+                prepared.append(exc)
+                continue
+            item.timing["total"] = _ms(start)
+            prepared.append(item)
+        ready = [p for p in prepared if isinstance(p, _Prepared)]
+        pending = [p for p in ready if p.raw is None]
+        if pending:
+            start = time.perf_counter()
+            inputs: list[Image.Image | str] = [p.image if p.image is not None else p.text or "" for p in pending]
+            for p, raw in zip(pending, self.embed(snap, inputs)):
+                p.raw, p.timing["embed"] = raw, _ms(start)
+        return [p if isinstance(p, VsearchError) else self._search_one(snap, p) for p in prepared]
+
+    def _search_one(self, snap: Snapshot, p: _Prepared) -> SearchResult | VsearchError:
         start = time.perf_counter()
-        image: Image.Image | None = None
-        if query.product_id:
-            options = replace(options, exclude_products=(*options.exclude_products, query.product_id))
-        elif not query.text:
-            image = self.load(query)
-            timing["decode"] = _ms(start)
-
-        def query_vector() -> np.ndarray:
-            step = time.perf_counter()
-            if query.product_id:
-                raw = self.engine.product_vector(query.product_id)
-                timing["lookup"] += _ms(step)
-            else:
-                raw = self.embed(image if image is not None else query.text or "")
-                timing["embed"] += _ms(step)
-            return raw
-
+        assert p.raw is not None
         try:
-            hits, suggested = self.engine.embed_and_search(query_vector, options, timing)
-        except ModelChanged:
-            raise Overloaded("the model version is changing; retry shortly") from None
-        timing["total"] = _ms(start)
+            hits, suggested = self.engine.search_and_suggest(p.raw, p.options, p.timing, snapshot=snap)
+        except VsearchError as exc:
+            return exc
+        timing = {"decode": 0.0, "embed": 0.0, "search": 0.0, "lookup": 0.0, **p.timing}
+        timing["total"] += timing["embed"] + _ms(start)
         return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()})
 
-    def load(self, query: Query) -> Image.Image:
-        """Fetch (for URLs), size-check, decode and crop a query image."""
-        if query.image_url:
-            try:
-                data = fetch_url(query.image_url, self.fetch_policy)
-            except TooLargeError as exc:
-                raise ImageTooLargeError(query.image_url, str(exc)) from exc
-            label = query.image_url
-        else:
-            data, label = query.image or b"", "upload"
+    def load(self, data: bytes, label: str, crop: Crop | None) -> Image.Image:
+        """Size-check, decode and crop a query image."""
         if len(data) > self.config.max_upload_bytes:
             raise ImageTooLargeError(label, f"{len(data)} bytes is more than the {self.config.max_upload_bytes}-byte limit")
         image = decode_image(data, label, max_pixels=self.config.max_pixels)
-        if query.crop is not None:
-            x, y, w, h = query.crop
+        if crop is not None:
+            x, y, w, h = crop
             box = (round(x * image.width), round(y * image.height), round((x + w) * image.width), round((y + h) * image.height))
             image = image.crop((box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)))
         return image
 
-    def embed(self, query: Image.Image | str) -> np.ndarray:
-        """One query vector (an image, or a text); concurrent callers share a forward
-        when batching is on. Without batching each request runs its own forward."""
+    def embed(self, snap: Snapshot, queries: Sequence[Image.Image | str]) -> list[np.ndarray]:
+        """One raw vector per image or text, from ``snap``'s model; concurrent callers
+        share a forward when batching is on."""
         if self._batcher is not None:
-            future: Future[np.ndarray] = self._batcher.submit(query)
-            return future.result()
+            futures: list[Future[np.ndarray]] = [self._batcher.submit((snap, q)) for q in queries]
+            return [f.result() for f in futures]
         if not self._slots.acquire(blocking=False):
             raise Overloaded("too many requests in flight; retry shortly")
         try:
-            return self._embed_many([query])[0]
+            return self._embed_many([(snap, q) for q in queries])
         finally:
             self._slots.release()
 
@@ -206,21 +195,66 @@ class SearchService:
         atomic_write_bytes(path, buffer.getvalue())
         return buffer.getvalue()
 
-    def _embed_many(self, queries: list[Image.Image | str]) -> list[np.ndarray]:
-        images = [(i, q) for i, q in enumerate(queries) if isinstance(q, Image.Image)]
-        texts = [(i, q) for i, q in enumerate(queries) if isinstance(q, str)]
+    def _embed_many(self, queries: list[tuple[Snapshot, Image.Image | str]]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.zeros(0)] * len(queries)
-        if images:
-            if self._on_batch is not None:
-                self._on_batch(len(images))
-            vectors = self.engine.embed_queries([q for _, q in images])
-            for row, (i, _) in enumerate(images):
-                out[i] = vectors[row : row + 1]
-        if texts:
-            vectors = self.engine.embed_text([q for _, q in texts])
-            for row, (i, _) in enumerate(texts):
-                out[i] = vectors[row : row + 1]
+        for snap in {id(s): s for s, _ in queries}.values():  # a switch may land inside a batch
+            images = [(i, q) for i, (s, q) in enumerate(queries) if s is snap and isinstance(q, Image.Image)]
+            texts = [(i, q) for i, (s, q) in enumerate(queries) if s is snap and isinstance(q, str)]
+            if images:
+                if self._on_batch is not None:
+                    self._on_batch(len(images))
+                vectors = self.engine.embed_queries([q for _, q in images], snap)
+                for row, (i, _) in enumerate(images):
+                    out[i] = vectors[row : row + 1]
+            if texts:
+                vectors = self.engine.embed_text([q for _, q in texts], snap)
+                for row, (i, _) in enumerate(texts):
+                    out[i] = vectors[row : row + 1]
         return out
+
+
+# one handler per query kind -------------------------------------------------------------
+def _image(service: SearchService, snap: Snapshot, query: ImageQuery, options: SearchOptions) -> _Prepared:
+    start = time.perf_counter()
+    image = service.load(query.image, "upload", query.crop)
+    return _Prepared(options, {"decode": _ms(start)}, image=image)
+
+
+def _url(service: SearchService, snap: Snapshot, query: UrlQuery, options: SearchOptions) -> _Prepared:
+    start = time.perf_counter()
+    try:
+        data = fetch_url(query.url, service.fetch_policy)
+    except TooLargeError as exc:
+        raise ImageTooLargeError(query.url, str(exc)) from exc
+    return _Prepared(options, {"decode": _ms(start)}, image=service.load(data, query.url, query.crop))
+
+
+def _product(service: SearchService, snap: Snapshot, query: ProductQuery, options: SearchOptions) -> _Prepared:
+    start = time.perf_counter()
+    raw = service.engine.product_vector(query.product_id, snap)
+    options = replace(options, exclude_products=(*options.exclude_products, query.product_id))
+    return _Prepared(options, {"lookup": _ms(start)}, raw=raw)
+
+
+def _text(service: SearchService, snap: Snapshot, query: TextQuery, options: SearchOptions) -> _Prepared:
+    service.engine.require_text(snap)  # refused before any work, so a batch's other queries go on
+    return _Prepared(options, {}, text=query.text)
+
+
+def _vector(service: SearchService, snap: Snapshot, query: VectorQuery, options: SearchOptions) -> _Prepared:
+    want = service.engine.manifest.raw_dim
+    if want and len(query.vector) != want:
+        raise ConfigError(f"vector has {len(query.vector)} numbers; model {snap.model!r} makes {want}-dimensional vectors")
+    return _Prepared(options, {}, raw=query.vector[None, :])
+
+
+PREPARE: dict[type, Callable[[SearchService, Snapshot, Query, SearchOptions], _Prepared]] = {
+    ImageQuery: _image,  # type: ignore[dict-item]
+    UrlQuery: _url,  # type: ignore[dict-item]
+    ProductQuery: _product,  # type: ignore[dict-item]
+    TextQuery: _text,  # type: ignore[dict-item]
+    VectorQuery: _vector,  # type: ignore[dict-item]
+}
 
 
 def _ms(start: float) -> float:

@@ -1,9 +1,12 @@
 """Model versions of an index directory: ``base`` (the model the index was built
-with) and fine-tuned versions under ``DIR/models/NAME/``.
+with) and fine-tuned versions under ``DIR/models/NAME/``; listing, switching (with
+re-embedding what a version lacks), removing, and adopting a switch that another
+process made.
 
-A version directory is written under a temporary name and renamed into place,
-so it is either complete or absent. Which version serves is the manifest's
-``active_model``; see :meth:`vsearch.engine.Engine.use_model`.
+A version directory is written under a temporary name and renamed into place, so
+it is either complete or absent. Which version serves is the manifest's
+``active_model``. Each version's vectors stay in the catalog, so switching back is
+quick; a switch builds the new snapshot aside and installs it with one swap.
 """
 
 from __future__ import annotations
@@ -12,17 +15,41 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .adapter import ADAPTER_FILE
-from .catalog import BASE_MODEL
-from .errors import VersionError
+import numpy as np
+
+from .adapter import ADAPTER_FILE, AdaptedEmbedder
+from .catalog import BASE_MODEL, ImageRow
+from .embed import Embedder, LoadedImage, pick_device
+from .errors import IndexFormatError, IndexNotFoundError, VersionError
 from .fsutil import _fsync_dir
+from .ingest import embed_batches
+from .manifest import IndexManifest, IndexPaths
+from .projection import Projection
 
-__all__ = ["BASE_MODEL", "VersionInfo", "list_versions", "next_version_name", "version_dir", "write_version", "check_name"]
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = [
+    "BASE_MODEL",
+    "ReindexReport",
+    "VersionInfo",
+    "check_name",
+    "embedder_loader",
+    "list_versions",
+    "next_version_name",
+    "projection_for",
+    "refresh",
+    "remove_model",
+    "use_model",
+    "version_dir",
+    "write_version",
+]
 
 REPORT_FILE = "report.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -110,3 +137,117 @@ def write_version(root: Path, name: str, write: Callable[[Path], None]) -> Path:
 
 def remove_version_dir(root: Path, name: str) -> None:
     shutil.rmtree(version_dir(root, name))
+
+
+# serving a version --------------------------------------------------------------------
+@dataclass
+class ReindexReport:
+    model: str
+    embedded: int = 0
+    unreadable: int = 0
+    changed: int = 0  # the file's content no longer matches the catalog: re-ingest it
+    vectors: int = 0
+    seconds: float = 0.0
+    switched: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def embedder_loader(paths: IndexPaths, manifest: IndexManifest, name: str, device: str | None) -> Callable[[], Embedder]:
+    """How to load version ``name``'s embedder (called on first use)."""
+    if name == BASE_MODEL:
+        return lambda: Embedder(manifest.model, device=device)
+    folder = version_dir(paths.root, name)
+    return lambda: AdaptedEmbedder(folder, device=device)
+
+
+def projection_for(paths: IndexPaths, name: str) -> Projection:
+    # A fine-tuned version's vectors come out final (its zero-shot part carries the
+    # base projection it was trained with), so only renormalisation is left.
+    return Projection.load(paths.projection) if name == BASE_MODEL else Projection()
+
+
+def use_model(engine: Engine, name: str, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+    """Serve model version ``name``: embed every image that has no vector from it yet
+    (resumable: a batch per transaction), build its index, then swap it in.
+
+    Searches go on meanwhile with the current snapshot; the old version's vectors
+    stay, so switching back is quick.
+    """
+    start = time.perf_counter()
+    report = ReindexReport(name)
+    with engine.writer() as writer:
+        current = writer.snapshot
+        same = name == current.model
+        snap = current if same else engine.new_snapshot(name, projection_for(engine.paths, name), None)
+        todo = engine.catalog.images_without_vectors(name)
+
+        def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
+            rows = [(x.key.id, x.sha256, v) for x, v in zip(loaded, vectors)]  # type: ignore[attr-defined]
+            stored = writer.store_vectors(name, rows)
+            report.embedded += stored
+            report.changed += len(rows) - stored
+
+        def skip(loaded: LoadedImage) -> None:
+            report.unreadable += 1
+
+        embed_batches(
+            [(row, _local_source(engine, row), "") for row in todo],
+            snap.embedder,
+            engine.preprocess,
+            commit=commit,
+            skip=skip,
+            workers=workers,
+            device=pick_device(engine.device),
+            desc=f"reindex {name}",
+            quiet=quiet,
+        )
+        index = writer.build_index(snap.projection, name)
+        raw_dim = engine.catalog.vector_dim(name)
+        new = engine.new_snapshot(name, snap.projection, index, embedder=snap.embedder)
+        writer.swap(new, active_model=name, raw_dim=raw_dim, dim=snap.projection.out_dim(raw_dim))
+    report.vectors, report.switched = new.vectors, not same
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def remove_model(engine: Engine, name: str) -> None:
+    """Delete a fine-tuned version and its vectors (not the active one, not base)."""
+    with engine.writer() as writer:
+        if name == BASE_MODEL:
+            raise VersionError("the base model cannot be removed")
+        if name == writer.snapshot.model:
+            raise VersionError(f"model version {name!r} is active; switch first: vsearch model use base")
+        version_dir(engine.paths.root, name)
+        writer.drop_model_vectors(name)
+        remove_version_dir(engine.paths.root, name)
+
+
+def refresh(engine: Engine) -> bool:
+    """Adopt a switch or write that another process (e.g. ``vsearch reindex`` beside
+    ``vsearch serve``) saved to the index directory. Returns True if something was
+    reloaded. Cheap when nothing changed: one small file read."""
+    try:
+        disk = IndexManifest.load(engine.paths)
+    except (IndexFormatError, IndexNotFoundError):
+        return False
+    mine, snap = engine.manifest, engine.snapshot
+    if disk.catalog_generation == -1 or disk.updated_at <= mine.updated_at:
+        return False  # mid-save elsewhere, or our own save
+    if disk.active_model == snap.model and disk.catalog_generation == mine.catalog_generation:
+        return False
+    with engine.writer() as writer:
+        name = disk.active_model
+        projection = projection_for(engine.paths, name)
+        index = engine.saved_index(disk)
+        if index is None:
+            index = writer.build_index(projection, name)
+        embedder = snap.embedder if name == snap.model else None
+        writer.swap(engine.new_snapshot(name, projection, index, embedder=embedder), manifest=disk)
+    return True
+
+
+def _local_source(engine: Engine, row: ImageRow) -> str:
+    stored = engine.image_store.path(row.sha256)
+    return str(stored) if stored is not None else row.source

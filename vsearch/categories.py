@@ -1,0 +1,170 @@
+"""Category filtering, in one place: prefix matching, per-category id blocks, the
+neighbours' category vote, the category tree, and the caches behind them.
+
+A filter (``category=Fruit``, ``exclude_category=Fruit/Banana``) becomes a set of
+*blocks*: the sorted image ids of each leaf category it allows. A small filter is
+searched exactly on the blocks' vectors, reconstructed from the index once and
+kept in a :class:`BlockCache` bounded in bytes (least recently used out first), so
+a broad filter on a big ``Flat`` index can no longer keep a second copy of it.
+
+:class:`CategoryFilter` is owned by one served snapshot; the write path calls
+:meth:`CategoryFilter.invalidate` with every change to images or categories.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .catalog import Catalog
+from .errors import FilterError
+
+__all__ = [
+    "DEFAULT_BLOCK_CACHE_BYTES",
+    "BlockCache",
+    "CategoryFilter",
+    "category_blocks",
+    "category_tree",
+    "matches_category",
+    "suggest_categories",
+]
+
+DEFAULT_BLOCK_CACHE_BYTES = 256 * 1024 * 1024
+Blocks = dict[str, np.ndarray]
+
+
+def matches_category(category: str, pattern: str) -> bool:
+    """``Fruit`` matches ``Fruit`` and ``Fruit/Apple``, not ``Fruitcake``."""
+    pattern = pattern.strip("/")
+    return bool(pattern) and (category == pattern or category.startswith(pattern + "/"))
+
+
+def category_blocks(leaves: Blocks, categories: Sequence[str], exclude: Sequence[str]) -> Blocks | None:
+    """The id blocks of the leaf categories a filter allows; None when unfiltered."""
+    if not categories and not exclude:
+        return None
+    chosen = set(leaves)
+    if categories:
+        chosen = {c for c in leaves if any(matches_category(c, p) for p in categories)}
+        unknown = [p for p in categories if not any(matches_category(c, p) for c in leaves)]
+        if unknown:
+            raise FilterError(f"no category matches {', '.join(map(repr, unknown))}")
+    if exclude:
+        chosen = {c for c in chosen if not any(matches_category(c, p) for p in exclude)}
+    return {c: leaves[c] for c in sorted(chosen)}
+
+
+def suggest_categories(neighbour_categories: Sequence[str], limit: int = 5) -> list[tuple[str, float]]:
+    """Categories voted by nearest neighbours (nearest first), with their share of the vote.
+
+    A neighbour's vote weighs 1 / rank, so the closest matches decide: with one image
+    per product, plain counting let a category with many products outvote the best match.
+    """
+    votes: dict[str, float] = defaultdict(float)
+    for rank, category in enumerate(neighbour_categories, start=1):
+        if category:
+            votes[category] += 1.0 / rank
+    total = sum(votes.values())
+    best = sorted(votes.items(), key=lambda cv: -cv[1])[:limit]
+    return [(c, math.floor(n / total * 10_000) / 10_000) for c, n in best]  # rounded down: shares never sum past 1
+
+
+def category_tree(counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Nested ``{name, path, products, children}`` from product counts per category path;
+    a node's count includes its descendants."""
+    root: dict[str, Any] = {"children": {}}
+    for path, n in sorted(counts.items()):
+        node = root
+        parts = [p for p in path.split("/") if p]
+        for depth, part in enumerate(parts):
+            node = node["children"].setdefault(
+                part, {"name": part, "path": "/".join(parts[: depth + 1]), "products": 0, "children": {}}
+            )
+            node["products"] += n
+    return _as_lists(root)["children"]
+
+
+def _as_lists(node: dict[str, Any]) -> dict[str, Any]:
+    node["children"] = [_as_lists(child) for child in node["children"].values()]
+    return node
+
+
+class BlockCache:
+    """Vectors of id blocks, reconstructed from an index on first use, at most
+    ``max_bytes`` of them kept (least recently used evicted). Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_BLOCK_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def vectors(self, key: str, ids: np.ndarray, reconstruct: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The vectors of block ``key`` (whose ids are ``ids``), cached when they fit."""
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None and np.array_equal(cached[0], ids):
+                self._entries.move_to_end(key)
+                return cached[1]
+        xb = reconstruct(ids)
+        with self._lock:
+            self._drop(key)
+            if xb.nbytes <= self.max_bytes:
+                while self._bytes + xb.nbytes > self.max_bytes:
+                    self._drop(next(iter(self._entries)))
+                self._entries[key] = (ids, xb)
+                self._bytes += xb.nbytes
+        return xb
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[1].nbytes
+
+
+class CategoryFilter:
+    """Category -> image-id blocks of one catalog, read lazily and cached until the
+    next write, plus the cache of the blocks' vectors in the served index."""
+
+    def __init__(self, catalog: Catalog, max_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES) -> None:
+        self.catalog = catalog
+        self.cache = BlockCache(max_cache_bytes)
+        self._leaves: Blocks | None = None
+        self._lock = threading.Lock()
+
+    def blocks(self, categories: Sequence[str], exclude: Sequence[str]) -> Blocks | None:
+        """The blocks a filter allows (None: unfiltered); FilterError for unknown categories."""
+        if not categories and not exclude:
+            return None
+        with self._lock:
+            if self._leaves is None:
+                self._leaves = self.catalog.category_image_ids()
+            leaves = self._leaves
+        return category_blocks(leaves, categories, exclude)
+
+    def invalidate(self) -> None:
+        """Forget the blocks and their vectors: images or categories changed."""
+        with self._lock:
+            self._leaves = None
+        self.cache.clear()
+
+    def vote(self, image_ids: np.ndarray) -> list[tuple[str, float]]:
+        """The categories of these neighbour images (nearest first), with their share of the vote."""
+        ranked = [int(i) for i in image_ids if i >= 0]
+        owners = self.catalog.image_products(ranked)
+        products = self.catalog.products(sorted(set(owners.values())))
+        return suggest_categories([products[owners[i]].category for i in ranked if owners.get(i) in products])

@@ -1,0 +1,94 @@
+"""The read path: raw query vectors -> projected -> faiss (with category blocks) ->
+hits grouped by product, plus the neighbours' category vote.
+
+Pure functions over one :class:`~vsearch.snapshot.Snapshot` and the catalog; the
+caller (:class:`vsearch.engine.Engine`) holds the read lock around them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .catalog import Catalog
+from .query import Hit, SearchOptions
+from .snapshot import Snapshot
+
+__all__ = ["collect_hits", "region_boxes", "search_snapshot"]
+
+Votes = list[tuple[str, float]]
+
+
+def search_snapshot(
+    snap: Snapshot,
+    catalog: Catalog,
+    raw: np.ndarray,
+    options: SearchOptions,
+    timings: dict[str, float],
+    neighbours: int = 0,
+) -> tuple[list[list[Hit]], list[Votes]]:
+    """Hits for each row of ``raw`` (unprojected vectors from ``snap``'s model), and
+    the categories the ``neighbours`` nearest images vote for.
+
+    Without filters the vote comes from the same faiss search as the hits. The
+    search widens (4x at a time) until every row has ``k + offset`` hits after
+    grouping by product, the index is exhausted, or ``min_score`` cuts it off.
+    """
+    index = snap.index
+    if index is None or index.ntotal == 0:
+        return [[] for _ in raw], [[] for _ in raw]
+    want = options.k + options.offset
+    xq = snap.projection.apply(raw)
+    blocks = snap.filters.blocks(options.categories, options.exclude_categories)
+    ntotal = index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
+    k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
+    if blocks is None:
+        k_img = min(ntotal, max(k_img, neighbours))
+    votes: list[Votes] = [[] for _ in raw]
+    while True:
+        start = time.perf_counter()
+        D, I = index.search(xq, k_img, blocks, snap.filters.cache)
+        middle = time.perf_counter()
+        hits = [collect_hits(catalog, d, i, want, options) for d, i in zip(D, I)]
+        if neighbours:
+            if blocks is not None:
+                I = index.search(xq, min(neighbours, index.ntotal))[1]
+            votes = [snap.filters.vote(row[:neighbours]) for row in I]
+        timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
+        timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
+        past_min_score = options.min_score is not None and bool((D[:, -1] < options.min_score).all())
+        if all(len(h) >= want for h in hits) or k_img >= ntotal or past_min_score:
+            return [h[options.offset :] for h in hits], votes
+        k_img = min(ntotal, k_img * 4)
+
+
+def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options: SearchOptions) -> list[Hit]:
+    """Up to ``k`` hits from one row of faiss output, best first, per the options."""
+    valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0 and (options.min_score is None or d >= options.min_score)]
+    owners = catalog.image_products([i for _, i in valid])
+    excluded = set(options.exclude_products)
+    picked: list[tuple[float, int, str]] = []
+    seen: set[str] = set()
+    for score, image_id in valid:
+        product_id = owners.get(image_id)
+        if product_id is None or product_id in excluded or (options.group_by_product and product_id in seen):
+            continue
+        seen.add(product_id)
+        picked.append((score, image_id, product_id))
+        if len(picked) == k:
+            break
+    products = catalog.products([p for _, _, p in picked])
+    sources = catalog.image_sources([i for _, i, _ in picked])
+    return [
+        Hit(pid, iid, score, products[pid].title, products[pid].category, products[pid].attributes, sources.get(iid, ""))
+        for score, iid, pid in picked
+    ]
+
+
+def region_boxes() -> list[tuple[float, float, float, float]]:
+    """Overlapping windows at two scales (R-MAC style) plus a centre window."""
+    boxes = [(0.0, 0.0, 1.0, 1.0), (0.2, 0.2, 0.6, 0.6)]
+    for size, starts in ((0.6, (0.0, 0.4)), (0.45, (0.0, 0.275, 0.55))):
+        boxes += [(x, y, size, size) for y in starts for x in starts]
+    return boxes
