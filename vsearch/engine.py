@@ -28,34 +28,34 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import families, products, refit, versions
 from . import ingest as _ingest
-from . import versions
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .embed import Preprocess
-from .errors import ConfigError, ImageError, IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
+from .errors import IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
-from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
+from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source
 from .imagestore import ImageStore
 from .index import VectorIndex
 from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import IndexManifest, IndexPaths
 from .presets import resolve_model
+from .products import ImageSource
 from .projection import Projection
 from .query import Hit, SearchOptions
-from .search import Votes, region_boxes, search_snapshot
+from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
-from .sources import Item, read_source_items
+from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import FIT_SAMPLE, IndexWriter, NewImage
+from .writer import IndexWriter
 
 __all__ = ["DEFAULT_MODEL", "Engine", "Hit", "ProductView", "SearchOptions"]
 
 DEFAULT_MODEL = "efficientnet-lite2"
 QueryImage = bytes | str | os.PathLike[str] | Image.Image
-ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,6 @@ class Engine:
         """The served model version's name."""
         return self._snapshot.model
 
-    @property
-    def has_text(self) -> bool:
-        return self._snapshot.has_text
-
     @contextmanager
     def writer(self) -> Iterator[IndexWriter]:
         """The write path: ``with engine.writer() as w: w.add_images(...)``."""
@@ -161,7 +157,7 @@ class Engine:
         """A snapshot of model version ``model`` (its embedder loaded on first use)."""
         slot = embedder or EmbedderSlot(versions.embedder_loader(self.paths, self.manifest, model, self.device))
         config = self.manifest.model
-        has_text = model == BASE_MODEL and config.family == "open_clip" and config.layers == ("embed",)
+        has_text = model == BASE_MODEL and families.has_text(config)  # fine-tuned versions embed images only
         filters = CategoryFilter(self.catalog, self.block_cache_bytes)
         return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta)
 
@@ -190,26 +186,7 @@ class Engine:
     def fit_projection(self, center_on: str | os.PathLike[str] | None = None) -> None:
         """Fit centring/PCA (on in-domain photos if given, else the catalog), rebuild the
         index and save."""
-        with self.writer() as writer:
-            snap = writer.snapshot
-            if snap.model != BASE_MODEL:
-                if center_on is not None:
-                    raise ConfigError(f"--center-on refits the base model's projection; model {snap.model!r} is active")
-                writer.rebuild()
-                return
-            if center_on is not None:
-                raw = self._embed_sources(snap, [item.image for item in read_source_items(center_on)])
-            else:
-                raw = self.catalog.sample_vectors(FIT_SAMPLE, model=snap.model)
-            if len(raw) == 0:
-                writer.save()
-                return
-            writer.refit(raw)
-
-    def rebuild_index(self) -> None:
-        """Rebuild the faiss index from the catalog's stored vectors (no model work)."""
-        with self.writer() as writer:
-            writer.rebuild()
+        refit.fit_projection(self, center_on)
 
     def put_product(
         self,
@@ -223,18 +200,16 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> ProductView:
         """Create or replace a product. ``images`` (if given) replace its images."""
-        with self.writer() as writer:
-            prepared = [self._prepare_image(source, fetch_policy, max_pixels) for source in images or []]
-            raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
-            writer.put_product(
-                product_id,
-                title=title,
-                category=category.strip().strip("/"),
-                attributes=attributes,
-                images=[new for new, _ in prepared] if images is not None else None,
-                vectors=raw,
-            )
-            writer.finish()
+        products.put_product(
+            self,
+            product_id,
+            title=title,
+            category=category,
+            attributes=attributes,
+            images=images,
+            fetch_policy=fetch_policy,
+            max_pixels=max_pixels,
+        )
         return self.product(product_id)
 
     def delete_product(self, product_id: str) -> None:
@@ -253,12 +228,15 @@ class Engine:
         """``base`` and the fine-tuned versions in ``DIR/models``, oldest first."""
         return versions.list_versions(self.paths.root, self.active)
 
-    def use_model(self, name: str, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
-        return versions.use_model(self, name, quiet=quiet, workers=workers)
+    def use_model(self, name: str, *, quiet: bool = False, workers: int | None = None, batch_size: int = 32) -> ReindexReport:
+        """Serve model version ``name``, embedding what it lacks first (see :func:`vsearch.versions.use_model`)."""
+        return versions.use_model(self, name, quiet=quiet, workers=workers, batch_size=batch_size)
 
-    def reindex(self, name: str | None = None, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+    def reindex(
+        self, name: str | None = None, *, quiet: bool = False, workers: int | None = None, batch_size: int = 32
+    ) -> ReindexReport:
         """Embed what model version ``name`` (default: the active one) lacks and serve it."""
-        return versions.use_model(self, name or self.active, quiet=quiet, workers=workers)
+        return versions.use_model(self, name or self.active, quiet=quiet, workers=workers, batch_size=batch_size)
 
     def remove_model(self, name: str) -> None:
         versions.remove_model(self, name)
@@ -385,13 +363,7 @@ class Engine:
         boxes = region_boxes()
         raw = np.concatenate([self.embed_queries([image], snap), snap.embedder.get().embed_regions(image, boxes[1:])])
         wide = replace(options, k=options.k + options.offset, offset=0, group_by_product=True)
-        best: dict[str, Hit] = {}
-        for row in self.search_vectors(raw, wide, snapshot=snap):
-            for hit in row:
-                if hit.product_id not in best or hit.score > best[hit.product_id].score:
-                    best[hit.product_id] = hit
-        ranked = sorted(best.values(), key=lambda h: -h.score)
-        return ranked[options.offset : options.offset + options.k]
+        return best_per_product(self.search_vectors(raw, wide, snapshot=snap), options)
 
     def info(self) -> dict[str, Any]:
         snap = self._snapshot
@@ -424,36 +396,6 @@ class Engine:
             return
         with self.writer() as writer:  # a run stopped between the catalog commit and the index save
             writer.rebuild()
-
-    def _prepare_image(self, source: ImageSource, policy: FetchPolicy, max_pixels: int) -> tuple[NewImage, Image.Image]:
-        """The stored form of an upload, a URL or a path, and the decoded image."""
-        if isinstance(source, bytes):
-            data, label = source, "<upload>"
-        elif is_url(source):
-            data, label = fetch_url(source, policy), source
-        else:
-            data, label = read_source(source), source
-        image = decode_image(data, label, max_pixels=max_pixels)
-        sha = sha256_bytes(data)
-        if isinstance(source, bytes):
-            label = str(self.image_store.put(data, sha))  # uploads live in the index directory
-        elif is_url(source):
-            self.image_store.put(data, sha)  # a local copy for thumbnails; the URL stays the source
-        return NewImage("", label, sha, image.width, image.height), image
-
-    def _embed_sources(self, snap: Snapshot, sources: list[str]) -> np.ndarray:
-        """Raw query-style vectors of readable images among ``sources`` (others skipped)."""
-        vectors = []
-        for start in range(0, len(sources), 32):
-            images = []
-            for source in sources[start : start + 32]:
-                try:
-                    images.append(self.load_query(source))
-                except ImageError:
-                    continue
-            if images:
-                vectors.append(self.embed_queries(images, snap))
-        return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
 
 def _describe(model: ModelConfig) -> str:

@@ -15,7 +15,7 @@ from .catalog import Catalog
 from .query import Hit, SearchOptions
 from .snapshot import Snapshot
 
-__all__ = ["collect_hits", "region_boxes", "search_snapshot"]
+__all__ = ["best_per_product", "collect_hits", "region_boxes", "search_snapshot"]
 
 Votes = list[tuple[str, float]]
 
@@ -92,3 +92,15 @@ def region_boxes() -> list[tuple[float, float, float, float]]:
     for size, starts in ((0.6, (0.0, 0.4)), (0.45, (0.0, 0.275, 0.55))):
         boxes += [(x, y, size, size) for y in starts for x in starts]
     return boxes
+
+
+def best_per_product(rows: list[list[Hit]], options: SearchOptions) -> list[Hit]:
+    """One ranking from several hit lists (e.g. one per region of a photo): each
+    product scores its best hit; ``options.offset`` and ``k`` apply to the result."""
+    best: dict[str, Hit] = {}
+    for row in rows:
+        for hit in row:
+            if hit.product_id not in best or hit.score > best[hit.product_id].score:
+                best[hit.product_id] = hit
+    ranked = sorted(best.values(), key=lambda h: -h.score)
+    return ranked[options.offset : options.offset + options.k]

@@ -168,7 +168,9 @@ def projection_for(paths: IndexPaths, name: str) -> Projection:
     return Projection.load(paths.projection) if name == BASE_MODEL else Projection()
 
 
-def use_model(engine: Engine, name: str, *, quiet: bool = False, workers: int | None = None) -> ReindexReport:
+def use_model(
+    engine: Engine, name: str, *, quiet: bool = False, workers: int | None = None, batch_size: int = 32
+) -> ReindexReport:
     """Serve model version ``name``: embed every image that has no vector from it yet
     (resumable: a batch per transaction), build its index, then swap it in.
 
@@ -198,6 +200,7 @@ def use_model(engine: Engine, name: str, *, quiet: bool = False, workers: int | 
             engine.preprocess,
             commit=commit,
             skip=skip,
+            batch_size=batch_size,
             workers=workers,
             device=pick_device(engine.device),
             desc=f"reindex {name}",

@@ -1,0 +1,66 @@
+"""Product writes from the API or the library: fetch or read the images, decode,
+embed with the served model, then one write through :class:`~vsearch.writer.IndexWriter`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from .fetch import TRUSTED, FetchPolicy, fetch_url
+from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
+from .imagestore import ImageStore
+from .writer import NewImage
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["ImageSource", "prepare_image", "put_product"]
+
+ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
+
+
+def put_product(
+    engine: Engine,
+    product_id: str,
+    *,
+    title: str = "",
+    category: str = "",
+    attributes: dict[str, Any] | None = None,
+    images: Sequence[ImageSource] | None = None,
+    fetch_policy: FetchPolicy = TRUSTED,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Create or replace a product. ``images`` (if given) replace its images."""
+    with engine.writer() as writer:
+        prepared = [prepare_image(engine.image_store, product_id, source, fetch_policy, max_pixels) for source in images or []]
+        raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
+        writer.put_product(
+            product_id,
+            title=title,
+            category=category.strip().strip("/"),
+            attributes=attributes,
+            images=[new for new, _ in prepared] if images is not None else None,
+            vectors=raw,
+        )
+        writer.finish()
+
+
+def prepare_image(
+    store: ImageStore, product_id: str, source: ImageSource, policy: FetchPolicy, max_pixels: int
+) -> tuple[NewImage, Image.Image]:
+    """The stored form of an upload, a URL or a path, and the decoded image."""
+    if isinstance(source, bytes):
+        data, label = source, "<upload>"
+    elif is_url(source):
+        data, label = fetch_url(source, policy), source
+    else:
+        data, label = read_source(source), source
+    image = decode_image(data, label, max_pixels=max_pixels)
+    sha = sha256_bytes(data)
+    if isinstance(source, bytes):
+        label = str(store.put(data, sha))  # uploads live in the index directory
+    elif is_url(source):
+        store.put(data, sha)  # a local copy for thumbnails; the URL stays the source
+    return NewImage(product_id, label, sha, image.width, image.height), image
