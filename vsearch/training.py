@@ -1,0 +1,167 @@
+"""The fine-tuning loop over cached trunk activations.
+
+Normalised-softmax loss against one learnable proxy per product, initialised from
+the product's catalog images; the loss scores the same blended similarity that
+search uses (zero-shot part fixed), so training learns what the zero-shot part
+gets wrong. Validation is product-level Recall@1/@10 of held-out photos against
+the catalog images; everything that affects the result (weights, proxies,
+optimiser, random generator, best epoch) is checkpointed, so a resumed run ends
+where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .adapter import AdaptedNet
+from .config import FinetuneConfig
+from .fsutil import atomic_write
+from .training_data import TrainingData
+
+__all__ = ["Trainer", "class_means"]
+
+
+class Trainer:
+    """Trains an :class:`AdaptedNet`'s tail, head and projection, plus one proxy per
+    product, on a cache of trunk activations; keeps the best epoch's weights."""
+
+    def __init__(
+        self, net: AdaptedNet, cache: dict[str, torch.Tensor], data: TrainingData, config: FinetuneConfig, device: torch.device
+    ) -> None:
+        self.net, self.cache, self.config, self.device = net, cache, config, device
+        self.n_products = len(data.products)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.zero_proxies = class_means(
+            cache["gal_z"], cache["gal_y"], self.n_products, fallback=(cache["train_z"], cache["train_y"])
+        )
+        with torch.no_grad():
+            init = class_means(self._adapted(cache["gal_x"]), cache["gal_y"], self.n_products)
+        missing = init.norm(dim=1) == 0
+        init[missing] = F.normalize(torch.randn(int(missing.sum()), init.shape[1], generator=self.generator), dim=1)
+        self.proxies = torch.nn.Parameter(init.to(device))
+        trained = net.trainable()
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [*trained["tail"].parameters(), *trained["head"].parameters()], "lr": config.lr_backbone},
+                {"params": [*trained["proj"].parameters(), self.proxies], "lr": config.lr_head},
+            ],
+            weight_decay=config.weight_decay,
+        )
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best_epoch = 0
+        self.best_recall: tuple[float | None, float | None] = (None, None)
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.net.adapted(x[i : i + 256].to(self.device).float()) for i in range(0, len(x), 256)]
+        return torch.cat(outs) if outs else torch.zeros(0, self.config.head_dim, device=self.device)
+
+    def _proxy_matrix(self) -> torch.Tensor:
+        return self.net.combine(self.zero_proxies.to(self.device), F.normalize(self.proxies, dim=1))
+
+    def run_epoch(self, quiet: bool) -> dict[str, float]:
+        started = time.perf_counter()
+        x, z, y = self.cache["train_x"], self.cache["train_z"], self.cache["train_y"]
+        order = torch.randperm(len(x), generator=self.generator)
+        total, seen = 0.0, 0
+        bar = tqdm(
+            range(0, len(order), self.config.batch_size),
+            desc=f"epoch {self.epoch + 1}",
+            unit="batch",
+            disable=quiet or not sys.stderr.isatty(),
+        )
+        for start in bar:
+            idx = order[start : start + self.config.batch_size]
+            out = self.net.combine(z[idx].to(self.device), self.net.adapted(x[idx].to(self.device).float()))
+            logits = out @ self._proxy_matrix().T / self.config.temperature
+            loss = F.cross_entropy(logits, y[idx].to(self.device))
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        self.epoch += 1
+        r1, r10 = self.validate()
+        row: dict[str, float] = {"epoch": self.epoch, "loss": round(total / max(seen, 1), 5)}
+        if r1 is not None and r10 is not None:
+            row.update(val_recall_at_1=round(r1, 4), val_recall_at_10=round(r10, 4))
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        self.history.append(row)
+        if r1 is None or self.best_state is None or r1 > (self.best_recall[0] or -1.0):  # no validation: keep the latest
+            self.best_epoch, self.best_recall = self.epoch, (r1, r10)
+            self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
+        return row
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float | None, float | None]:
+        """Recall@1/@10 of the validation photos (with the query-time centre-crop
+        average) against the trained products' catalog images, product-level."""
+        c = self.cache
+        if len(c["val_y"]) == 0 or len(c["gal_y"]) == 0:
+            return None, None
+        query = self.net.combine(c["val_z"].to(self.device), self._adapted(c["val_x"]))
+        query = F.normalize(query + self.net.combine(c["crop_z"].to(self.device), self._adapted(c["crop_x"])), dim=1)
+        gallery = self.net.combine(c["gal_z"].to(self.device), self._adapted(c["gal_x"]))
+        sims = query @ gallery.T
+        per_product = torch.full((len(query), self.n_products), -2.0, device=self.device)
+        per_product.scatter_reduce_(1, c["gal_y"].to(self.device).expand(len(query), -1), sims, reduce="amax")
+        top = per_product.topk(min(10, self.n_products), dim=1).indices.cpu()
+        truth = c["val_y"][:, None]
+        return float((top[:, :1] == truth).any(1).float().mean()), float((top == truth).any(1).float().mean())
+
+    def should_stop(self) -> bool:
+        if self.best_recall[0] is None:
+            return False
+        return self.epoch - self.best_epoch >= self.config.patience
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.net.load_trainable_state(self.best_state)
+
+    def save(self, path: Path) -> None:
+        state = {
+            "epoch": self.epoch,
+            "net": self.net.trainable_state(),
+            "proxies": self.proxies.detach(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_recall": self.best_recall,
+            "best_state": self.best_state,
+        }
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def restore(self, path: Path) -> int:
+        state = torch.load(path, weights_only=False)
+        self.net.load_trainable_state(state["net"])
+        with torch.no_grad():
+            self.proxies.copy_(state["proxies"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best_epoch, self.best_recall, self.best_state = state["best_epoch"], state["best_recall"], state["best_state"]
+        return self.epoch
+
+
+def class_means(
+    vectors: torch.Tensor, labels: torch.Tensor, n: int, fallback: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Normalised mean vector per class (zero for a class without vectors); classes
+    without vectors take ``fallback``'s (vectors, labels) mean instead, if given."""
+    sums = torch.zeros(n, vectors.shape[1], device=vectors.device)
+    sums.index_add_(0, labels.to(sums.device), vectors)
+    empty = sums.norm(dim=1) == 0
+    if fallback is not None and empty.any():
+        extra = torch.zeros_like(sums)
+        extra.index_add_(0, fallback[1].to(sums.device), fallback[0].to(sums.device))
+        sums[empty] = extra[empty]
+    return F.normalize(sums, dim=1)
