@@ -21,9 +21,12 @@ import torch
 
 from vsearch import Engine
 from vsearch.adapter import AdaptedNet, AdapterConfig
-from vsearch.finetune import FinetuneConfig, _load_or_build_cache, _prepare, _Trainer
+from vsearch.finetune import FinetuneConfig
 from vsearch.projection import Projection
 from vsearch.sources import read_source_items
+from vsearch.training import Trainer
+from vsearch.training_cache import load_or_build_cache
+from vsearch.training_data import prepare
 
 P = Path("artifacts/protocols/grocery")
 index, epochs = sys.argv[1], int(sys.argv[2])
@@ -34,7 +37,7 @@ for arg in sys.argv[3:]:
     overrides[key] = value == "True" if types[key] in ("bool", bool) else type(getattr(FinetuneConfig(), key))(value)
 config = replace(FinetuneConfig(epochs=epochs, val_fraction=0.0), **overrides)
 with Engine.open(index) as engine:
-    data = _prepare(engine, read_source_items(P / "train-pairs.csv"), config)
+    data = prepare(engine, read_source_items(P / "train-pairs.csv"), config)
     with open(P / "queries-val.csv", newline="") as fh:
         data.val = [(row["image"], row["expected_id"]) for row in csv.DictReader(fh)]
     net = AdaptedNet(
@@ -44,9 +47,9 @@ with Engine.open(index) as engine:
     work = Path(f"artifacts/probe-cache/v{config.views}-r{config.catalog_repeat}-{config.train_from}")
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    cache = _load_or_build_cache(work, net, data, config, torch.device("cpu"), quiet=True)
+    cache = load_or_build_cache(work, net, data, config, torch.device("cpu"), quiet=True)
     print(f"cache {len(cache['train_x'])} views, {time.time() - start:.0f} s; {overrides}", flush=True)
-    trainer = _Trainer(net, cache, data, config, torch.device("cpu"))
+    trainer = Trainer(net, cache, data, config, torch.device("cpu"))
     print("epoch 0", trainer.validate(), flush=True)
     for _ in range(epochs):
         row = trainer.run_epoch(quiet=True)

@@ -53,11 +53,11 @@ def tiny(tmp_path: Path) -> tuple[Engine, Path]:
 
 def test_zero_shot_part_equals_the_base_models_vectors(tiny: tuple[Engine, Path]) -> None:
     engine, _ = tiny
-    net = AdaptedNet(AdapterConfig(base=engine.manifest.model), engine.projection)
+    net = AdaptedNet(AdapterConfig(base=engine.manifest.model), engine.snapshot.projection)
     batch = torch.stack([engine.preprocess(make_image(n)) for n in range(4)])
     with torch.no_grad():
         _, zero_shot = net.encode_trunk(batch)
-    expected = engine.projection.apply(engine.embedder.embed_tensor(batch))
+    expected = engine.snapshot.projection.apply(engine.snapshot.embedder.get().embed_tensor(batch))
     np.testing.assert_allclose(zero_shot.numpy(), expected, atol=1e-5)
 
 
@@ -223,9 +223,9 @@ def test_another_process_switch_is_picked_up_by_refresh(tiny: tuple[Engine, Path
     with Engine.open(engine.paths.root) as other:  # stands in for `vsearch reindex` in another process
         other.use_model(name, quiet=True)
         expected = _top(other, make_image(2))
-    epoch = engine.epoch
+    served = engine.snapshot
     assert engine.refresh() is True
-    assert engine.active == name and engine.epoch == epoch + 1
+    assert engine.active == name and engine.snapshot is not served and served.model == BASE_MODEL
     assert _top(engine, make_image(2)) == expected != before
     assert engine.refresh() is False  # nothing new
 
@@ -333,25 +333,25 @@ def test_catalog_keeps_vectors_per_model_and_drops_stale_ones(tmp_path: Path) ->
     catalog.close()
 
 
-def test_an_interrupted_reindex_resumes_with_what_is_missing(tiny: tuple[Engine, Path]) -> None:
-    from vsearch.reindex import embed_missing
+def test_an_interrupted_reindex_resumes_with_what_is_missing(tiny: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from vsearch.writer import IndexWriter
 
     engine, pairs = tiny
     name = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None).name
-    embedder = engine._load_embedder(name)
-    real = embedder.embed_tensor
+    real = IndexWriter.store_vectors
     calls = 0
 
-    def fail_on_third_batch(batch: torch.Tensor) -> np.ndarray:
+    def fail_on_third_batch(self: IndexWriter, model: str, rows: list[tuple[int, str, np.ndarray]]) -> int:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise KeyboardInterrupt
-        return real(batch)
+        return real(self, model, rows)
 
-    embedder.embed_tensor = fail_on_third_batch  # type: ignore[method-assign]
+    monkeypatch.setattr(IndexWriter, "store_vectors", fail_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        embed_missing(engine.catalog, lambda: embedder, name, resolve=engine._local_source, bump=False, batch_size=8, quiet=True)
+        engine.reindex(name, quiet=True, batch_size=8)
+    monkeypatch.undo()
     assert len(engine.catalog.images_without_vectors(name)) == 25 - 16
     assert engine.active == BASE_MODEL  # nothing switched
     report = engine.reindex(name, quiet=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vsearch import Engine
-from vsearch.backbones import build_backbone
 from vsearch.embed import Preprocess
+from vsearch.families import build_backbone
 from vsearch.images import decode_image, read_source
 from vsearch.presets import resolve_model
 

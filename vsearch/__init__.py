@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .errors import VsearchError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Engine", "IndexConfig", "ModelConfig", "ProjectionConfig", "VsearchError", "__version__"]
 

@@ -383,6 +383,6 @@ def _print_json(data: Any) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return f"vsearch {__version__}"
