@@ -284,3 +284,17 @@ def test_suggested_categories_follow_the_nearest_matches() -> None:
     votes = suggest_categories(["Veg/Carrots", "Fruit/Melon", "Veg/Potato", "Fruit/Melon", "Fruit/Melon", "Dairy"])
     assert votes[0][0] == "Veg/Carrots"
     assert abs(sum(share for _, share in votes) - 1) < 1e-3
+
+
+def test_filtered_searches_see_each_write_even_without_a_block_cache(index_dir: Path, catalog_folder: Path) -> None:
+    build(index_dir, catalog_folder).close()
+    photo = (catalog_folder / "Dairy/Milk/p02.jpg").read_bytes()
+    for cache_bytes in (0, 1 << 20):
+        with Engine.open(index_dir, block_cache_bytes=cache_bytes) as engine:
+            assert "new" not in {h.product_id for h in engine.search(photo, k=10, categories=["Bakery"])}
+            engine.put_product("new", title="New", category="Bakery", images=[photo])
+            hits = engine.search(photo, k=10, categories=["Bakery"])
+            assert hits[0].product_id == "new" and all(h.category == "Bakery" for h in hits)
+            assert engine.snapshot.filters.cache.nbytes <= cache_bytes
+            engine.delete_product("new")
+            assert "new" not in {h.product_id for h in engine.search(photo, k=10, categories=["Bakery"])}

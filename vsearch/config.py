@@ -8,7 +8,7 @@ it: turning a model name into a :class:`ModelConfig` (built-in presets in
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ConfigError, TrainingDataError
@@ -93,7 +93,6 @@ class IndexConfig:
 
     factory: str | None = None
     nprobe: int = 16
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,10 +140,13 @@ class ServeConfig:
     thumbnail_px: int = 256
     web_dir: str | None = None  # default: the repository's web/ folder
     reload_interval_s: float = 2.0  # how often to look for a model switch made by another process; 0: never
+    block_cache_mb: float = 256  # vectors kept for category-filtered search (exact search on Flat/small filters)
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or (self.batch_max or 1) <= 0:
             raise ConfigError("limits must be positive")
+        if self.block_cache_mb < 0:
+            raise ConfigError("block_cache_mb must not be negative (0 keeps no vectors between searches)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServeConfig:
