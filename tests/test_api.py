@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import base64
+import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from PIL import Image
 from vsearch.api import create_app
 from vsearch.batcher import Overloaded
 from vsearch.config import ServeConfig
+from vsearch.engine import Engine
 
 from .api_helpers import build_small_index, http_server, jpeg, png
 
@@ -53,8 +57,34 @@ def test_health_ready_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+    assert "/v1/info" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
     assert "vsearch" in client.get("/").text
+
+
+def test_openapi_shows_the_query_kinds_and_options(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema == client.app.openapi()  # type: ignore[attr-defined]
+    search_op = schema["paths"]["/v1/search"]["post"]
+    kinds = {"UploadSearch", "Base64Search", "UrlSearch", "ProductSearch", "TextSearch", "VectorSearch"}
+    for media in ("multipart/form-data", "application/x-www-form-urlencoded", "application/json"):
+        variants = search_op["requestBody"]["content"][media]["schema"]["oneOf"]
+        assert {v["$ref"].rsplit("/", 1)[-1] for v in variants} == kinds
+    assert schema["components"]["schemas"]["VectorSearch"]["properties"]["vector"]["type"] == "array"
+    params = {p["name"]: p for p in search_op["parameters"]}
+    assert set(params) == {"k", "offset", "category", "exclude_category", "min_score", "group_by_product", "crop"}
+    assert (params["k"]["schema"]["minimum"], params["k"]["schema"]["maximum"]) == (1, 100)
+    assert all(p["in"] == "query" and not p["required"] for p in params.values())
+    assert "oneOf" in str(schema["components"]["schemas"]["BatchIn"])
+    assert search_op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in refs(v)]
+        return [r for v in node for r in refs(v)] if isinstance(node, list) else []
+
+    missing = {r for r in refs(schema) if r.rsplit("/", 1)[-1] not in schema["components"]["schemas"]}
+    assert not missing, missing
 
 
 def test_upload_search_shape(client: TestClient) -> None:
@@ -182,6 +212,94 @@ def test_batch(client: TestClient) -> None:
     error(client.post("/v1/search/batch", json={"queries": []}), 422, "invalid_parameter")
 
 
+def raw_vector(client: TestClient, seed: int) -> list[float]:
+    """A photo's raw embedding from the served model, as an integrator would send it."""
+    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    return [float(v) for v in engine.embed_queries([Image.open(io.BytesIO(jpeg(seed)))])[0]]
+
+
+def test_vector_query(client: TestClient) -> None:
+    vector = raw_vector(client, 2)
+    top = client.post("/v1/search", json={"vector": vector, "k": 3}).json()["results"]
+    assert top[0]["product_id"] == "Dairy/Milk/p02"
+    uploaded = search(client, jpeg(2), "k=3")["results"]  # the same photo's upload: the same vector, the same answer
+    assert [r["product_id"] for r in top] == [r["product_id"] for r in uploaded]
+    assert [r["score"] for r in top] == pytest.approx([r["score"] for r in uploaded], abs=1e-5)
+    scaled = client.post("/v1/search?k=3", json={"vector": [v * 7 for v in vector]}).json()["results"]
+    assert [r["product_id"] for r in scaled] == [r["product_id"] for r in top]  # normalised by the server
+    as_form = search(client, vector=json.dumps(vector), params="k=1")["results"]  # a form field: the list's JSON text
+    assert as_form[0]["product_id"] == "Dairy/Milk/p02"
+    assert "3 numbers" in error(client.post("/v1/search", json={"vector": [0.1, 0.2, 0.3]}), 422, "invalid_parameter")
+    assert error(client.post("/v1/search", json={"vector": [0.1, "x"]}), 422, "invalid_parameter").startswith("vector.1:")
+    error(client.post("/v1/search", json={"vector": "nope"}), 422, "invalid_parameter")
+    error(client.post("/v1/search", data={"vector": "[0.1, 0.2"}), 422, "invalid_parameter")
+    assert "not all zero" in error(client.post("/v1/search", json={"vector": [0, 0]}), 422, "invalid_parameter")
+    error(client.post("/v1/search", json={"vector": []}), 422, "invalid_parameter")
+
+
+def test_exactly_one_query_kind(client: TestClient) -> None:
+    kinds = "give exactly one of image, image_base64, image_url, product_id, text or vector"
+    two = error(client.post("/v1/search", data={"product_id": "Bakery/p04", "text": "x"}), 422, "invalid_parameter")
+    assert two == f"{kinds} (got product_id, text)"
+    files = {"image": ("q.jpg", jpeg(1))}
+    upload_and_id = error(client.post("/v1/search", data={"product_id": "Bakery/p04"}, files=files), 422, "invalid_parameter")
+    assert upload_and_id == f"{kinds} (got image, product_id)"
+    json_two = client.post("/v1/search", json={"vector": [1.0], "image_url": "http://example.com/a.jpg"})
+    assert error(json_two, 422, "invalid_parameter") == f"{kinds} (got image_url, vector)"
+    assert error(client.post("/v1/search", json={"k": 3}), 422, "invalid_parameter") == kinds
+    assert error(client.post("/v1/search", json={"text": "", "product_id": ""}), 422, "invalid_parameter") == kinds
+    assert error(client.post("/v1/search", json={"image": "abc"}), 422, "invalid_parameter").startswith("image:")
+    assert "base64" in error(client.post("/v1/search", json={"image_base64": "!!"}), 422, "invalid_parameter")
+    error(client.post("/v1/search", json=["product_id"]), 422, "invalid_parameter")
+    body = client.post("/v1/search?k=2", json={"image_base64": base64.b64encode(jpeg(4)).decode()}).json()
+    assert body["results"][0]["product_id"] == "Bakery/p04" and body["k"] == 2
+
+
+def test_batch_mixes_kinds_and_answers_each(client: TestClient) -> None:
+    queries = [
+        {"image_base64": base64.b64encode(jpeg(3)).decode(), "k": 1},
+        {"product_id": "Bakery/p04", "k": 2},
+        {"vector": raw_vector(client, 5), "k": 1},
+        {"image_url": "http://127.0.0.1:9/x.jpg"},
+        {"product_id": "nope"},
+        {"image_base64": base64.b64encode(b"not an image").decode()},
+    ]
+    results = client.post("/v1/search/batch", json={"queries": queries}).json()["results"]
+    assert results[0]["result"]["results"][0]["product_id"] == "Dairy/Yoghurt/p03" and results[0]["error"] is None
+    assert len(results[1]["result"]["results"]) == 2 and results[1]["result"]["k"] == 2
+    assert results[2]["result"]["results"][0]["product_id"].endswith("/p05")
+    assert results[3]["error"] == {"code": "url_blocked", "message": results[3]["error"]["message"], "status": "400"}
+    assert results[4]["error"]["code"] == "not_found" and results[4]["error"]["status"] == "404"
+    assert results[5]["error"]["code"] == "unsupported_image" and results[5]["result"] is None
+    # a malformed query is a malformed request: 422, naming the query
+    bad_kinds = {"queries": [{"product_id": "Bakery/p04"}, {"product_id": "Bakery/p04", "text": "x"}]}
+    message = error(client.post("/v1/search/batch", json=bad_kinds), 422, "invalid_parameter")
+    assert message.startswith("queries.1: give exactly one of") and message.endswith("(got product_id, text)")
+    bad_k = {"queries": [{"product_id": "Bakery/p04", "k": 0}]}
+    assert error(client.post("/v1/search/batch", json=bad_k), 422, "invalid_parameter").startswith("queries.0.k:")
+
+
+def test_batch_embeds_its_images_in_one_forward(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    forwards: list[int] = []
+    real = Engine.embed_queries
+
+    def counting(self: Engine, images: list[Image.Image], snapshot: object = None) -> object:
+        forwards.append(len(images))
+        return real(self, images, snapshot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Engine, "embed_queries", counting)
+    images = [{"image_base64": base64.b64encode(jpeg(seed)).decode(), "k": 1} for seed in (1, 6, 8)]
+    queries = [
+        *images,
+        {"product_id": "Bakery/p04", "k": 1},
+        {"image_base64": base64.b64encode(jpeg(9)).decode(), "crop": "0,0,1,1"},
+    ]
+    results = client.post("/v1/search/batch", json={"queries": queries}).json()["results"]
+    assert forwards == [4]
+    tops = [r["result"]["results"][0]["product_id"].rsplit("/", 1)[-1] for r in results]
+    assert tops[:3] + tops[4:] == ["p01", "p06", "p08", "p09"]
+
+
 def test_product_reads_categories_and_images(client: TestClient) -> None:
     product = client.get("/v1/products/Fruit/Apple/p00").json()
     assert product["category"] == "Fruit/Apple" and len(product["images"]) == 1
@@ -247,7 +365,7 @@ def test_product_lifecycle(index_dir: Path, tmp_path: Path) -> None:
 def test_overload_answers_429(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     service = client.app.state.service  # type: ignore[attr-defined]
 
-    def full(image: object) -> object:
+    def full(*args: object) -> object:
         raise Overloaded("too many requests waiting for the model; retry shortly")
 
     monkeypatch.setattr(service, "embed", full)

@@ -1,12 +1,36 @@
-"""The API's JSON shapes: what clients send (``*In``) and what they get (``*Out``)."""
+"""The API's shapes: what clients send (``*In``, the search variants) and what they get (``*Out``).
+
+A search request is :class:`SearchParams` (everything but the query) plus exactly one
+query field; the field that is present picks the variant of :data:`SearchIn`, a
+pydantic discriminated union whose tags are those field names, and each variant turns
+itself into the matching :data:`vsearch.query.Query` kind. The same models read the
+query string, multipart and urlencoded forms, JSON bodies and batches.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import json
+from typing import Annotated, Any, get_args, get_origin
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, Discriminator, Field, PlainValidator, Tag, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+from .query import Crop, ImageQuery, ProductQuery, SearchOptions, TextQuery, UrlQuery, VectorQuery, parse_crop
 
 __all__ = [
+    "QUERY_FIELDS",
+    "REPEATED",
+    "SearchParams",
+    "UploadSearch",
+    "Base64Search",
+    "UrlSearch",
+    "ProductSearch",
+    "TextSearch",
+    "VectorSearch",
     "SearchIn",
     "BatchIn",
     "ProductIn",
@@ -18,24 +42,176 @@ __all__ = [
     "ImageOut",
     "ProductOut",
     "CategoryNode",
+    "BatchError",
+    "ErrorBody",
     "ErrorOut",
 ]
 
 
-class SearchIn(BaseModel):
-    """One query for JSON clients: exactly one of image_url, product_id, text, image_base64."""
+def _crop(value: Any) -> Crop | None:
+    if value is not None and not isinstance(value, str):
+        raise PydanticCustomError("crop", "crop must be a string x,y,w,h")
+    try:
+        return parse_crop(value)
+    except ConfigError as exc:
+        raise PydanticCustomError("crop", str(exc)) from None
 
-    image_url: str | None = None
-    product_id: str | None = None
-    text: str | None = None
-    image_base64: str | None = Field(None, description="the image file's bytes, base64-encoded")
-    k: int = Field(10, ge=1, le=100)
-    offset: int = Field(0, ge=0, le=1000)
-    category: list[str] = Field(default_factory=list)
-    exclude_category: list[str] = Field(default_factory=list)
-    min_score: float | None = Field(None, ge=-1, le=1)
-    group_by_product: bool = True
-    crop: str | None = Field(None, description="x,y,w,h as fractions of the image")
+
+def _base64(value: Any) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise PydanticCustomError("base64", "image_base64 is not valid base64") from None
+
+
+def _json_text(value: Any) -> Any:
+    """A list sent as a form field or in the query string comes as its JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise PydanticCustomError("json", "a JSON list of numbers is needed") from None
+
+
+CropField = Annotated[
+    Crop | None,
+    PlainValidator(_crop),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string"}, {"type": "null"}],
+            "description": "x,y,w,h as fractions of the image (image queries)",
+            "examples": ["0.1,0.1,0.5,0.6"],
+        }
+    ),
+]
+
+
+# ---------------------------------------------------------------------------- search requests
+class SearchParams(BaseModel):
+    """Everything about a search but the query: query-string parameters, form fields or
+    JSON fields alike (a body's values win over the query string's)."""
+
+    k: int = Field(10, ge=1, le=100, description="how many results")
+    offset: int = Field(0, ge=0, le=1000, description="results to skip, for paging")
+    category: list[str] = Field(default_factory=list, description="only these categories (repeatable; Fruit matches Fruit/Apple)")
+    exclude_category: list[str] = Field(default_factory=list, description="not these categories (repeatable)")
+    min_score: float | None = Field(None, ge=-1, le=1, description="drop results scoring less")
+    group_by_product: bool = Field(True, description="one result per product, its best image")
+    crop: CropField = None
+
+    def options(self) -> SearchOptions:
+        return SearchOptions(
+            k=self.k,
+            offset=self.offset,
+            categories=tuple(self.category),
+            exclude_categories=tuple(self.exclude_category),
+            min_score=self.min_score,
+            group_by_product=self.group_by_product,
+        )
+
+
+class UploadSearch(SearchParams):
+    """An uploaded image file (multipart field ``image``)."""
+
+    image: bytes = Field(strict=True, description="the image file (multipart only; JSON sends image_base64)")
+
+    def query(self) -> ImageQuery:
+        return ImageQuery(self.image, self.crop)
+
+
+class Base64Search(SearchParams):
+    """An image file's bytes, base64-encoded (JSON bodies and batches)."""
+
+    image_base64: Annotated[bytes, PlainValidator(_base64), WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+
+    def query(self) -> ImageQuery:
+        return ImageQuery(self.image_base64, self.crop)
+
+
+class UrlSearch(SearchParams):
+    """An http(s) image URL, fetched under the server's URL policy."""
+
+    image_url: str
+
+    def query(self) -> UrlQuery:
+        return UrlQuery(self.image_url, self.crop)
+
+
+class ProductSearch(SearchParams):
+    """More like this: a catalog product's images, the product left out of its own results."""
+
+    product_id: str
+
+    def query(self) -> ProductQuery:
+        return ProductQuery(self.product_id)
+
+
+class TextSearch(SearchParams):
+    """A text (models with a text tower only, e.g. open_clip)."""
+
+    text: str
+
+    def query(self) -> TextQuery:
+        return TextQuery(self.text)
+
+
+class VectorSearch(SearchParams):
+    """A raw embedding from the index's served model (see GET /v1/info), L2-normalised by the server."""
+
+    vector: Annotated[list[float], BeforeValidator(_json_text)] = Field(
+        description="a JSON list of numbers (in a form field or the query string: that list's JSON text)"
+    )
+
+    @field_validator("vector")
+    @classmethod
+    def _usable(cls, vector: list[float]) -> list[float]:
+        try:
+            VectorQuery(np.asarray(vector))  # its checks, once: empty, not finite, all zero
+        except ConfigError as exc:
+            raise PydanticCustomError("vector", str(exc)) from None
+        return vector
+
+    def query(self) -> VectorQuery:
+        return VectorQuery(np.asarray(self.vector))
+
+
+def _given(value: Any) -> list[str]:
+    """The query fields present in a request: set and not the empty string (an empty
+    upload is present, and refused as an empty file)."""
+    get = value.get if isinstance(value, dict) else lambda name: getattr(value, name, None)
+    return [name for name in QUERY_FIELDS if (field := get(name)) is not None and field != ""]
+
+
+def _query_field(value: Any) -> str | None:
+    given = _given(value)
+    return given[0] if len(given) == 1 else None
+
+
+def _exactly_one(value: Any) -> Any:
+    given = _given(value)
+    if len(given) != 1:
+        wanted = f"{', '.join(QUERY_FIELDS[:-1])} or {QUERY_FIELDS[-1]}"
+        raise PydanticCustomError("query_kind", f"give exactly one of {wanted}" + (f" (got {', '.join(given)})" if given else ""))
+    return value
+
+
+# One variant per query kind, tagged with its field's name (the tags are QUERY_FIELDS,
+# which the "exactly one" check and the error paths use). Adding a kind: a variant
+# class above, with its query(), and its line here.
+SearchIn = Annotated[
+    Annotated[UploadSearch, Tag("image")]
+    | Annotated[Base64Search, Tag("image_base64")]
+    | Annotated[UrlSearch, Tag("image_url")]
+    | Annotated[ProductSearch, Tag("product_id")]
+    | Annotated[TextSearch, Tag("text")]
+    | Annotated[VectorSearch, Tag("vector")],
+    Discriminator(_query_field),
+    BeforeValidator(_exactly_one),
+]
+QUERY_FIELDS: tuple[str, ...] = tuple(get_args(member)[1].tag for member in get_args(get_args(SearchIn)[0]))
+# form fields and query parameters that repeat (category=A&category=B)
+REPEATED: tuple[str, ...] = tuple(n for n, f in SearchParams.model_fields.items() if get_origin(f.annotation) is list)
 
 
 class BatchIn(BaseModel):
@@ -74,9 +250,26 @@ class SearchOut(BaseModel):
     offset: int
 
 
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable: not_found, invalid_parameter, too_large, ...")
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error response's body."""
+
+    error: ErrorBody
+
+
+class BatchError(ErrorBody):
+    status: str = Field(description="the HTTP status this query alone would have got")
+
+
 class BatchItemOut(BaseModel):
+    """Exactly one of result and error."""
+
     result: SearchOut | None = None
-    error: dict[str, str] | None = None
+    error: BatchError | None = None
 
 
 class BatchOut(BaseModel):
@@ -108,7 +301,3 @@ class CategoryNode(BaseModel):
     path: str
     products: int
     children: list[CategoryNode]
-
-
-class ErrorOut(BaseModel):
-    error: dict[str, str]
