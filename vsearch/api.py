@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await run_in_threadpool(Engine.open, config.index_dir)
+        cache_bytes = int(config.block_cache_mb * 1024 * 1024)
+        engine = await run_in_threadpool(partial(Engine.open, config.index_dir, block_cache_bytes=cache_bytes))
         metrics = Metrics(lambda: float(engine.index.ntotal) if engine.index is not None else 0.0)
         service = SearchService(engine, config, on_batch=metrics.embed_batch.observe)
         app.state.metrics, app.state.service = metrics, service

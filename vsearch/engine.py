@@ -159,7 +159,8 @@ class Engine:
         config = self.manifest.model
         has_text = model == BASE_MODEL and families.has_text(config)  # fine-tuned versions embed images only
         filters = CategoryFilter(self.catalog, self.block_cache_bytes)
-        return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta)
+        raw_dim = self.catalog.vector_dim(model)
+        return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta, raw_dim)
 
     def saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
         """The saved index file, if ``manifest`` says it matches the catalog; else None."""
@@ -378,6 +379,7 @@ class Engine:
             "layers": list(self.manifest.model.layers),
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
+            "vector_dim": snap.raw_dim,  # the length of a `vector` query (before projection)
             "factory": self.manifest.factory,
             "projection": {**self.manifest.projection.__dict__, "fitted_on": snap.projection.fitted_on}
             if snap.model == BASE_MODEL

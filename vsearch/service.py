@@ -242,7 +242,7 @@ def _text(service: SearchService, snap: Snapshot, query: TextQuery, options: Sea
 
 
 def _vector(service: SearchService, snap: Snapshot, query: VectorQuery, options: SearchOptions) -> _Prepared:
-    want = service.engine.manifest.raw_dim
+    want = snap.raw_dim  # the snapshot's model, which will search this vector
     if want and len(query.vector) != want:
         raise ConfigError(f"vector has {len(query.vector)} numbers; model {snap.model!r} makes {want}-dimensional vectors")
     return _Prepared(options, {}, raw=query.vector[None, :])

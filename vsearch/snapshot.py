@@ -56,6 +56,7 @@ class Snapshot:
     filters: CategoryFilter  # category blocks and their cached vectors, for this index
     has_text: bool  # whether this version can embed text queries
     query_tta: bool  # queries average the photo with its centre crop
+    raw_dim: int  # length of this version's raw vectors (0 before any is stored)
 
     @property
     def vectors(self) -> int:
