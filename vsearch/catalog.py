@@ -1,10 +1,14 @@
 """The catalog: products and their images in SQLite (WAL), through sqlite-utils.
 
-The catalog is the source of truth. Each image row holds its FAISS id (the row's
-integer primary key, never reused thanks to AUTOINCREMENT) and its raw embedding,
-so the FAISS index can always be rebuilt from here without any model work. Every
-write transaction bumps ``generation``; the index manifest records the generation
-it reflects, which is how a crash between the two is detected and repaired.
+The catalog is the source of truth. Each image row's integer primary key is its
+FAISS id (never reused thanks to AUTOINCREMENT), and every model version's raw
+vectors are kept here too (:mod:`vsearch.vectorstore`), so the FAISS index can
+always be rebuilt from here without any model work. Every write transaction bumps
+``generation``; the index manifest records the generation it reflects, which is how
+a crash between the two is detected and repaired.
+
+The schema has a version (``meta.schema_version``); :meth:`Catalog.open` brings an
+older catalog up to date in one transaction (:func:`vsearch.vectorstore.upgrade`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import numpy as np
 import sqlite_utils
 
 from .errors import ProductNotFoundError
+from .vectorstore import VECTOR_SCHEMA, VectorStore, upgrade
 
 __all__ = ["BASE_MODEL", "Catalog", "Product", "ImageRow"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-SCHEMA = """
+TABLES = """
 CREATE TABLE IF NOT EXISTS products (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL DEFAULT '',
@@ -45,23 +50,16 @@ CREATE TABLE IF NOT EXISTS images (
     sha256 TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    vector BLOB,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     UNIQUE (product_id, source)
 );
 CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS model_vectors (
-    model TEXT NOT NULL,
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    sha256 TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    PRIMARY KEY (model, image_id)
-);
 """
+SCHEMA = TABLES + VECTOR_SCHEMA
 
-BASE_MODEL = "base"  # the index's original model; its vectors live in images.vector
+BASE_MODEL = "base"  # the index's original model; stored like any other version
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,7 @@ class Catalog:
         # One connection shared by threads: each method (and each whole transaction)
         # holds this lock, so statements of concurrent callers never interleave.
         self._mutex = threading.RLock()
+        self._vectors = VectorStore(db.conn)
 
     @classmethod
     def open(cls, path: str | Path) -> Catalog:
@@ -110,8 +109,12 @@ class Catalog:
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.conn.executescript(SCHEMA)
+        try:
+            upgrade(conn, SCHEMA, BASE_MODEL)  # creates a new catalog's tables, migrates an old one's
+        except BaseException:
+            conn.close()
+            raise
+        db.execute("PRAGMA foreign_keys=ON")  # after upgrade, which needs them off
         return cls(db, path)
 
     def close(self) -> None:
@@ -241,34 +244,25 @@ class Catalog:
     ) -> int:
         """Insert or replace an image's content with its vector from ``model``; an
         existing (product, source) keeps its id. New content invalidates the vectors
-        other models had for the old content."""
+        other models had for the old content; the same content keeps them."""
         now = time.time()
-        blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-        base_blob = blob if model == BASE_MODEL else None
         existing = self.image(product_id, source)
         if existing is None:
             cursor = self.db.execute(
-                "INSERT INTO images(product_id, source, sha256, width, height, vector, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [product_id, source, sha256, width, height, base_blob, now, now],
+                "INSERT INTO images(product_id, source, sha256, width, height, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [product_id, source, sha256, width, height, now, now],
             )
             image_id = int(cursor.lastrowid or 0)
         else:
             image_id = existing.id
             if existing.sha256 != sha256:
-                self.db.execute("DELETE FROM model_vectors WHERE image_id = ?", [image_id])
-            keep_base = model != BASE_MODEL and existing.sha256 == sha256
+                self._vectors.forget_image(image_id)
             self.db.execute(
-                "UPDATE images SET sha256 = ?, width = ?, height = ?, updated_at = ?"
-                + ("" if keep_base else ", vector = ?")
-                + " WHERE id = ?",
-                [sha256, width, height, now] + ([] if keep_base else [base_blob]) + [image_id],
+                "UPDATE images SET sha256 = ?, width = ?, height = ?, updated_at = ? WHERE id = ?",
+                [sha256, width, height, now, image_id],
             )
-        if model != BASE_MODEL:
-            self.db.execute(
-                "INSERT OR REPLACE INTO model_vectors(model, image_id, sha256, vector) VALUES (?, ?, ?, ?)",
-                [model, image_id, sha256, blob],
-            )
+        self._vectors.put(model, image_id, vector)
         return image_id
 
     @_locked
@@ -276,81 +270,46 @@ class Catalog:
         """Store ``model``'s vectors for ``(image_id, sha256, vector)`` rows; a row whose
         image has changed content (or is gone) since it was read is skipped. Returns
         how many were stored."""
-        stored = 0
-        for image_id, sha256, vector in rows:
-            blob = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-            if model == BASE_MODEL:
-                cursor = self.db.execute("UPDATE images SET vector = ? WHERE id = ? AND sha256 = ?", [blob, image_id, sha256])
-            else:
-                cursor = self.db.execute(
-                    "INSERT OR REPLACE INTO model_vectors(model, image_id, sha256, vector) "
-                    "SELECT ?, id, sha256, ? FROM images WHERE id = ? AND sha256 = ?",
-                    [model, blob, image_id, sha256],
-                )
-            stored += cursor.rowcount
-        return stored
+        return sum(self._vectors.put_if_current(model, image_id, sha256, vector) for image_id, sha256, vector in rows)
 
     @_locked
     def images_without_vectors(self, model: str) -> list[ImageRow]:
         """Images that have no current vector from ``model`` (new or changed content)."""
-        columns = "i.id, i.product_id, i.source, i.sha256, i.width, i.height"
-        if model == BASE_MODEL:
-            rows = self.db.execute(f"SELECT {columns} FROM images i WHERE i.vector IS NULL ORDER BY i.id")
-        else:
-            rows = self.db.execute(
-                f"SELECT {columns} FROM images i LEFT JOIN model_vectors m ON m.image_id = i.id AND m.model = ? "
-                "WHERE m.image_id IS NULL OR m.sha256 != i.sha256 ORDER BY i.id",
-                [model],
-            )
-        return [ImageRow(*row) for row in rows]
+        return [ImageRow(*row) for row in self._vectors.missing(model)]
 
     @_locked
     def vector_dim(self, model: str = BASE_MODEL) -> int:
         """The dimension of ``model``'s stored vectors (0 if it has none)."""
-        table, where, args = _vector_rows(model)
-        row = self.db.execute(f"SELECT length(vector) FROM {table} WHERE {where} LIMIT 1", args).fetchone()
-        return int(row[0]) // 4 if row else 0  # float32
+        return self._vectors.dim(model)
 
     @_locked
     def drop_model_vectors(self, model: str) -> None:
+        # The one way base differs: the index is defined by it, so it always stays.
         if model == BASE_MODEL:
             raise ValueError("the base model's vectors cannot be dropped")
-        self.db.execute("DELETE FROM model_vectors WHERE model = ?", [model])
+        self._vectors.drop(model)
 
     @_locked
     def remove_images(self, image_ids: list[int]) -> None:
+        # Their vectors go too: model_vectors rows cascade (foreign_keys is on).
         for chunk in _chunks(image_ids, 500):
             self.db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
     def iter_vectors(self, batch: int = 4096, model: str = BASE_MODEL) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, raw vectors from ``model``) in id order, a chunk at a time."""
         last = -1
-        table, where, args = _vector_rows(model)
         while True:
-            with self._mutex:
-                rows = self.db.execute(
-                    f"SELECT id, vector FROM {table} WHERE {where} AND id > ? ORDER BY id LIMIT ?", [*args, last, batch]
-                ).fetchall()
-            if not rows:
+            with self._mutex:  # per chunk, so writers are not held off for a whole rebuild
+                page = self._vectors.page(model, last, batch)
+            if page is None:
                 return
-            ids = np.array([r[0] for r in rows], dtype=np.int64)
-            vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-            yield ids, vectors
-            last = int(ids[-1])
+            yield page
+            last = int(page[0][-1])
 
     @_locked
     def sample_vectors(self, n: int, seed: int = 0, model: str = BASE_MODEL) -> np.ndarray:
         """Up to ``n`` raw vectors from ``model``, drawn uniformly at random (all if fewer)."""
-        table, where, args = _vector_rows(model)
-        ids = [r[0] for r in self.db.execute(f"SELECT id FROM {table} WHERE {where} ORDER BY id", args)]
-        if len(ids) > n:
-            ids = sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
-        vectors = []
-        for chunk in _chunks(ids, 500):
-            marks = ",".join("?" * len(chunk))
-            rows = self.db.execute(f"SELECT vector FROM {table} WHERE {where} AND id IN ({marks})", [*args, *chunk])
-            vectors += [np.frombuffer(r[0], dtype=np.float32) for r in rows]
-        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+        return self._vectors.sample(n, seed, model)
 
     def image_products(self, image_ids: list[int]) -> dict[int, str]:
         return self._image_column(image_ids, "product_id")
@@ -390,13 +349,7 @@ class Catalog:
 
     @_locked
     def vectors_of(self, product_id: str, model: str = BASE_MODEL) -> np.ndarray:
-        table, where, args = _vector_rows(model)
-        rows = self.db.execute(
-            f"SELECT vector FROM {table} WHERE {where} AND id IN (SELECT id FROM images WHERE product_id = ?)",
-            [*args, product_id],
-        )
-        vectors = [np.frombuffer(r[0], dtype=np.float32) for r in rows]
-        return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+        return self._vectors.of_product(product_id, model)
 
     @_locked
     def category_counts(self) -> dict[str, int]:
@@ -408,15 +361,6 @@ class Catalog:
 
 def _product(row: tuple[Any, ...]) -> Product:
     return Product(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
-
-
-def _vector_rows(model: str) -> tuple[str, str, list[Any]]:
-    """FROM and WHERE clauses (and their arguments) that yield ``id, vector`` of ``model``."""
-    if model == BASE_MODEL:
-        return "images", "vector IS NOT NULL", []
-    # put_image deletes other models' vectors when an image's content changes, so
-    # every model_vectors row is current.
-    return "(SELECT image_id AS id, vector, model FROM model_vectors)", "model = ?", [model]
 
 
 def _chunks(values: list[Any], size: int) -> Iterator[list[Any]]:

@@ -2,7 +2,7 @@
 
 DIR/manifest.json   format version, model config, layers, pooling, projection,
                     dimension, faiss factory, counts, catalog generation
-DIR/catalog.db      products and images (SQLite), raw vectors included
+DIR/catalog.db      products, images and every model version's raw vectors (SQLite)
 DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
 DIR/projection.npz  fitted centring/PCA
 DIR/rejects.jsonl   what the last ingestion could not use, and why
@@ -18,14 +18,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalog import BASE_MODEL
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .errors import IndexFormatError, IndexNotFoundError
 from .fsutil import atomic_write_bytes
 
 __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
 
-FORMAT_VERSION = 2  # 2: model versions (active_model, DIR/models/)
-READABLE_VERSIONS = (1, 2)
+# 2: model versions (active_model, DIR/models/). 3: catalog schema 2 (all model
+# versions' vectors in one table); Catalog.open migrates a format 1 or 2 catalog.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class IndexManifest:
     factory: str = ""
     projection_fitted: bool = False
     catalog_generation: int = -1
-    active_model: str = "base"  # which model version's vectors the index holds
+    active_model: str = BASE_MODEL  # which model version's vectors the index holds
     counts: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     vsearch_version: str = ""
@@ -95,7 +98,9 @@ class IndexManifest:
             raise IndexFormatError(
                 f"{paths.root} has index format {version}, this vsearch reads format {FORMAT_VERSION}; rebuild the index"
             )
-        data["format_version"] = FORMAT_VERSION  # format 1 is format 2 with only the base model
+        # Format 1 is format 2 with only the base model; either's catalog is migrated
+        # when opened, so in memory (and once saved) this is the current format.
+        data["format_version"] = FORMAT_VERSION
         data["model"] = ModelConfig.from_dict(data["model"])
         data["projection"] = ProjectionConfig(**data["projection"])
         data["index"] = IndexConfig(**data["index"])
