@@ -15,14 +15,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vsearch"
 
-# Cycles in modules this test's author does not own, tolerated until they are fixed
-# (each as the set of modules of its strongly connected component). When one is
-# fixed the test fails and asks for its entry to be removed, so the list only shrinks.
-#   manifest.py does `from . import __version__` (inside IndexManifest.save): that is
-#   the package's __init__.py, whose lazy `Engine` attribute imports engine.py, which
-#   imports manifest.py. Moving __version__ to a leaf module breaks it.
-KNOWN_CYCLES: list[frozenset[str]] = [frozenset({"__init__", "engine", "manifest"})]
-
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
@@ -125,7 +117,4 @@ def test_the_graph_sees_lazy_imports_and_skips_type_checking_ones(tmp_path: Path
 
 def test_no_vsearch_module_is_in_an_import_cycle() -> None:
     found = cycles(import_graph())
-    unexpected = [" -> ".join(cycle) for cycle in found if frozenset(cycle) not in KNOWN_CYCLES]
-    assert not unexpected, "import cycles:\n" + "\n".join(unexpected)
-    fixed = [sorted(known) for known in KNOWN_CYCLES if known not in {frozenset(cycle) for cycle in found}]
-    assert not fixed, f"these cycles are gone, remove them from KNOWN_CYCLES: {fixed}"
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in found)

@@ -159,6 +159,7 @@ def copy_as_old(old_index: tuple[Path, Path, OldCatalog], dest: Path, format_ver
     content.write(dest / "catalog.db")
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["format_version"] = format_version
+    manifest["index"]["extra"] = {}  # IndexConfig.extra, always empty, dropped in format 3
     if format_version == 1:
         del manifest["active_model"]  # format 1 is format 2 without model versions
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -184,6 +185,9 @@ def test_an_old_index_opens_with_its_vectors_generation_and_saved_index(
         assert hits[0].product_id == SEARCHED
         assert engine.manifest.active_model == BASE_MODEL
     assert (root / "index.faiss").read_bytes() == saved_index, "a valid saved index must not be rebuilt"
+    # the manifest says format 3 as soon as the catalog is migrated, even after a
+    # read-only open, so an older vsearch refuses the directory instead of failing on it
+    assert json.loads((root / "manifest.json").read_text())["format_version"] == 3
 
     paths = IndexPaths(root)
     manifest = IndexManifest.load(paths)

@@ -41,7 +41,7 @@ from .imagestore import ImageStore
 from .index import VectorIndex
 from .ingest import IngestReport
 from .locks import RWLock
-from .manifest import IndexManifest, IndexPaths
+from .manifest import FORMAT_VERSION, IndexManifest, IndexPaths
 from .presets import resolve_model
 from .products import ImageSource
 from .projection import Projection
@@ -115,7 +115,11 @@ class Engine:
             manifest.save(paths)
         else:
             raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
-        engine = cls(paths, manifest, Catalog.open(paths.catalog), device, block_cache_bytes=block_cache_bytes)
+        catalog = Catalog.open(paths.catalog)  # migrates an older catalog in place
+        if manifest.format_version < FORMAT_VERSION:  # so that an older vsearch refuses the directory
+            manifest.format_version = FORMAT_VERSION
+            manifest.save(paths)
+        engine = cls(paths, manifest, catalog, device, block_cache_bytes=block_cache_bytes)
         engine._load_index(mmap=mmap)
         return engine
 

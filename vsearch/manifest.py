@@ -22,6 +22,7 @@ from .catalog import BASE_MODEL
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .errors import IndexFormatError, IndexNotFoundError
 from .fsutil import atomic_write_bytes
+from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
 
@@ -79,8 +80,6 @@ class IndexManifest:
         return data
 
     def save(self, paths: IndexPaths) -> None:
-        from . import __version__
-
         self.vsearch_version = __version__
         self.updated_at = time.time()
         atomic_write_bytes(paths.manifest, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
@@ -99,9 +98,9 @@ class IndexManifest:
                 f"{paths.root} has index format {version}, this vsearch reads format {FORMAT_VERSION}; rebuild the index"
             )
         # Format 1 is format 2 with only the base model; either's catalog is migrated
-        # when opened, so in memory (and once saved) this is the current format.
-        data["format_version"] = FORMAT_VERSION
+        # by Catalog.open, after which Engine.open saves the manifest as the current
+        # format (format_version keeps what was read until then).
         data["model"] = ModelConfig.from_dict(data["model"])
         data["projection"] = ProjectionConfig(**data["projection"])
-        data["index"] = IndexConfig(**data["index"])
+        data["index"] = IndexConfig(**{k: v for k, v in data["index"].items() if k != "extra"})  # formats 1-2 had extra: {}
         return cls(**data)
