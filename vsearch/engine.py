@@ -1,18 +1,12 @@
-"""The engine: an open index directory, the owner of its state.
+"""The engine: an open index directory and the owner of its state — the catalog
+(source of truth), the manifest (what the directory holds) and the served
+:class:`~vsearch.snapshot.Snapshot` (what searches use, swapped whole).
 
-State and who owns it (see also ``vsearch/README.md``):
-
-- ``catalog`` (SQLite): products, images and every model version's raw vectors;
-  the source of truth.
-- ``manifest``: what the directory holds (model, projection, factory, the catalog
-  generation the saved index reflects); written by the write path only.
-- ``snapshot``: what searches use, swapped whole (:mod:`vsearch.snapshot`).
-
-Read path: :meth:`search` / :meth:`search_vectors` read :attr:`snapshot` once, embed
-with its model, and search its index under the read lock (:mod:`vsearch.search`).
-Write path: every change goes through ``with engine.writer() as w`` (:mod:`vsearch.writer`).
-Workflows live in their own modules: :mod:`vsearch.ingest`, :mod:`vsearch.versions`
-(model switch, reindex, refresh), :mod:`vsearch.finetune`.
+Read path: a search reads :attr:`Engine.snapshot` once, embeds with its model and
+searches its index under the read lock (:mod:`vsearch.search`). Write path: every
+change goes through ``with engine.writer() as w`` (:mod:`vsearch.writer`). Workflows
+live in their own modules (ingest, versions, refit, products, finetune);
+``vsearch/README.md`` maps them.
 """
 
 from __future__ import annotations
