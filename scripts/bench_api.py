@@ -30,6 +30,8 @@ import numpy as np
 
 def build_index(index: Path, catalog: Path, vectors: int, model: str) -> None:
     from vsearch import Engine
+    from vsearch.sources import Item
+    from vsearch.writer import NewImage
 
     if (index / "manifest.json").exists():
         with Engine.open(index) as engine:
@@ -38,18 +40,19 @@ def build_index(index: Path, catalog: Path, vectors: int, model: str) -> None:
     with Engine.open(index, model=model, create=True) as engine:
         engine.ingest(catalog, quiet=True)
         have = engine.catalog.counts()["images"]
-        raw_dim = engine.embedder.dim
         rng = np.random.default_rng(0)
         # Filler products: real raw vectors plus noise, so they sit in the same region of space.
         real = engine.catalog.sample_vectors(1000)
-        for start in range(have, vectors, 5000):
-            n = min(5000, vectors - start)
-            base = real[rng.integers(0, len(real), n)] + 0.05 * rng.standard_normal((n, raw_dim)).astype(np.float32)
-            with engine.catalog.transaction():
-                for i, v in enumerate(base / np.linalg.norm(base, axis=1, keepdims=True)):
-                    pid = f"filler-{start + i}"
-                    engine.catalog.upsert_product(pid, title=pid, category=f"Filler/F{(start + i) % 100}")
-                    engine.catalog.put_image(pid, f"synthetic:{pid}", f"{start + i:064x}", 1, 1, v)
+        raw_dim = real.shape[1]
+        with engine.writer() as writer:  # the write path, as every mutation goes
+            for start in range(have, vectors, 5000):
+                n = min(5000, vectors - start)
+                base = real[rng.integers(0, len(real), n)] + 0.05 * rng.standard_normal((n, raw_dim)).astype(np.float32)
+                pids = [f"filler-{start + i}" for i in range(n)]
+                cats = [f"Filler/F{(start + i) % 100}" for i in range(n)]
+                writer.upsert_products([Item(pid, f"synthetic:{pid}", cat, pid) for pid, cat in zip(pids, cats)])
+                images = [NewImage(pid, f"synthetic:{pid}", f"{start + i:064x}", 1, 1) for i, pid in enumerate(pids)]
+                writer.add_images(images, base / np.linalg.norm(base, axis=1, keepdims=True))
         engine.fit_projection()
 
 

@@ -52,7 +52,7 @@ def ingest_path(model: str, batch: int, images: list[Path], workers: int | None)
 
     items = [Item(product_id=str(i), image=str(p)) for i, p in enumerate(images)]
     with tempfile.TemporaryDirectory() as tmp, Engine.open(Path(tmp) / "i", model=model, create=True) as engine:
-        _ = engine.embedder  # load the model outside the timed region, as forward_only does
+        engine.snapshot.embedder.get()  # load the model outside the timed region, as forward_only does
         start = time.perf_counter()
         report = engine.ingest(items, batch_size=batch, workers=workers, quiet=True)
         elapsed = time.perf_counter() - start

@@ -298,3 +298,51 @@ def test_filtered_searches_see_each_write_even_without_a_block_cache(index_dir: 
             assert engine.snapshot.filters.cache.nbytes <= cache_bytes
             engine.delete_product("new")
             assert "new" not in {h.product_id for h in engine.search(photo, k=10, categories=["Bakery"])}
+
+
+def test_a_search_on_a_retired_snapshot_still_answers(index_dir: Path, catalog_folder: Path) -> None:
+    """A search reads the snapshot once; a refit (swap) and a write may land before it
+    searches, so its category blocks can name images its index never had."""
+    with build(index_dir, catalog_folder) as engine:
+        photo = (catalog_folder / "Bakery/p04.jpg").read_bytes()
+        retired = engine.snapshot
+        raw = engine.embed_queries([engine.load_query(photo)], retired)
+        engine.fit_projection()  # a new snapshot serves from now on
+        assert engine.snapshot is not retired
+        engine.put_product("new", category="Bakery", images=[photo])
+        hits = engine.search_vectors(raw, SearchOptions(k=10, categories=["Bakery"]), snapshot=retired)[0]
+        assert hits[0].product_id == "Bakery/p04" and "new" not in {h.product_id for h in hits}
+        current = engine.search_vectors(raw, SearchOptions(k=2, categories=["Bakery"]))[0]
+        assert {h.product_id for h in current} == {"new", "Bakery/p04"}  # the same photo twice
+        engine.close()
+        assert engine.search_vectors(raw, SearchOptions(k=3), snapshot=retired) == [[]]  # closed: empty, no error
+
+
+def test_a_write_after_another_processes_commit_keeps_every_vector(index_dir: Path, catalog_folder: Path, tmp_path: Path) -> None:
+    """A server (one engine) takes a product write after an ingest elsewhere (another
+    engine on the same directory, as a second process would be) committed images it
+    has not seen: its saved index must not claim the newer generation without them."""
+    build(index_dir, catalog_folder).close()
+    more = tmp_path / "more"
+    for n in range(4):
+        (more / "Bakery").mkdir(parents=True, exist_ok=True)
+        make_image(300 + n).save(more / "Bakery" / f"m{n}.jpg")
+    with Engine.open(index_dir) as server, Engine.open(index_dir) as cli:
+        cli.ingest(more, quiet=True, workers=0)
+        server.put_product("api", category="Dairy", images=[(catalog_folder / "Bakery/p04.jpg").read_bytes()])
+        assert server.info()["vectors"] == server.info()["images"] == 30
+    with Engine.open(index_dir) as engine:
+        assert engine.info()["vectors"] == engine.info()["images"] == 30
+        images = [row.id for pid in engine.catalog.product_ids() for row in engine.catalog.images_of(pid)]
+        assert vector_ids(engine) == sorted(images)
+
+
+def test_an_index_whose_active_version_is_missing_still_opens(index_dir: Path, catalog_folder: Path) -> None:
+    build(index_dir, catalog_folder).close()
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["active_model"] = "gone"
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    with Engine.open(index_dir) as engine:  # the model is loaded only when needed
+        assert engine.info()["active_model"] == "gone"
+        engine.use_model("base", quiet=True)  # the way back
+        assert engine.search(catalog_folder / "Bakery/p04.jpg", k=1)[0].product_id == "Bakery/p04"

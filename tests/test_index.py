@@ -146,3 +146,16 @@ def test_merge_topk_orders_and_pads() -> None:
     D_, I_ = merge_topk(np.array([[0.1, 0.9, 0.5]]), np.array([[1, 2, -1]]), 4)
     assert I_.tolist() == [[2, 1, -1, -1]]
     assert D_[0, 0] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF16,Flat"])
+def test_blocks_naming_ids_the_index_lacks_search_what_it_has(factory: str) -> None:
+    """A search on an index a swap has retired may get blocks read from a newer catalog."""
+    ids, xb = dataset(500)
+    index = VectorIndex.create(factory, D, nprobe=16)
+    index.train(xb)
+    index.add(ids[:400], xb[:400])
+    block = np.sort(np.concatenate([ids[390:400], ids[450:460]]))  # half of it was never added
+    D_, I_ = index.search(xb[390:392], 15, {"c": block}, BlockCache())
+    assert set(I_[I_ >= 0].tolist()) == set(ids[390:400].tolist())
+    assert I_[0, 0] == ids[390] and I_[1, 0] == ids[391]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from . import ingest as _ingest
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
-from .embed import Preprocess
+from .embed import Embedder, Preprocess
 from .errors import IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source
@@ -61,14 +61,23 @@ class ProductView:
 class Engine:
     """An open index directory. Use :meth:`open` and :meth:`close` (or ``with``)."""
 
-    def __init__(self, paths: IndexPaths, manifest: IndexManifest, catalog: Catalog, device: str | None, **opts: Any) -> None:
+    def __init__(
+        self,
+        paths: IndexPaths,
+        manifest: IndexManifest,
+        catalog: Catalog,
+        device: str | None,
+        block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
+    ) -> None:
         self.paths = paths
         self.manifest = manifest
         self.catalog = catalog
         self.device = device
         self.preprocess = Preprocess(manifest.model)
         self.image_store = ImageStore(paths.root / "images")
-        self.block_cache_bytes: int = opts.get("block_cache_bytes", DEFAULT_BLOCK_CACHE_BYTES)
+        self.block_cache_bytes = block_cache_bytes
+        self.index_generation = -1  # the catalog generation the served index reflects; -1: stale
+        self._closed = False
         self._rw = RWLock()  # searches read; the write path applies changes exclusively
         self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
         name = manifest.active_model
@@ -119,8 +128,10 @@ class Engine:
 
     def close(self) -> None:
         with self._write_mutex, self._rw.write():
+            self._closed = True  # searches that read the snapshot before this answer empty
             self.catalog.close()
-            self._snapshot = replace(self._snapshot, index=None)
+            snap = self._snapshot  # drop the index and the model (GPU memory too)
+            self._snapshot = replace(snap, index=None, embedder=EmbedderSlot(self._loader(snap.model)))
 
     def __enter__(self) -> Engine:
         return self
@@ -150,10 +161,11 @@ class Engine:
             yield IndexWriter(self)
 
     def new_snapshot(
-        self, model: str, projection: Projection, index: VectorIndex | None, embedder: EmbedderSlot | None = None
+        self, model: str, projection: Projection, index: VectorIndex | None, like: Snapshot | None = None
     ) -> Snapshot:
-        """A snapshot of model version ``model`` (its embedder loaded on first use)."""
-        slot = embedder or EmbedderSlot(versions.embedder_loader(self.paths, self.manifest, model, self.device))
+        """A snapshot of model version ``model``; its embedder is ``like``'s if that is
+        the same version (already loaded, maybe), else loaded on first use."""
+        slot = like.embedder if like is not None and like.model == model else EmbedderSlot(self._loader(model))
         config = self.manifest.model
         has_text = model == BASE_MODEL and families.has_text(config)  # fine-tuned versions embed images only
         filters = CategoryFilter(self.catalog, self.block_cache_bytes)
@@ -347,8 +359,11 @@ class Engine:
     ) -> tuple[list[list[Hit]], list[Votes]]:
         """Hits, plus the categories the ``neighbours`` nearest images vote for."""
         snap = snapshot or self._snapshot
+        timings = timings if timings is not None else {}
         with self._rw.read():
-            return search_snapshot(snap, self.catalog, raw, options or SearchOptions(), timings or {}, neighbours)
+            if self._closed:
+                return [[] for _ in raw], [[] for _ in raw]
+            return search_snapshot(snap, self.catalog, raw, options or SearchOptions(), timings, neighbours)
 
     def search_regions(self, image: Image.Image, options: SearchOptions | None = None) -> list[Hit]:
         """Products ranked by their best-matching region of the photo.
@@ -393,9 +408,13 @@ class Engine:
         saved = self.saved_index(self.manifest, mmap)
         if saved is not None:
             self._snapshot = replace(self._snapshot, index=saved)
+            self.index_generation = self.manifest.catalog_generation
             return
         with self.writer() as writer:  # a run stopped between the catalog commit and the index save
             writer.rebuild()
+
+    def _loader(self, model: str) -> Callable[[], Embedder]:
+        return versions.embedder_loader(self.paths, self.manifest, model, self.device)
 
 
 def _describe(model: ModelConfig) -> str:

@@ -147,7 +147,10 @@ class VectorIndex:
         if allowed == 0:
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
         if allowed <= max(k, SMALL_SUBSET_FRACTION * self.ntotal) or _ivf(self.index) is None:
-            return self._search_blocks(xq, k, blocks, cache)
+            try:
+                return self._search_blocks(xq, k, blocks, cache)
+            except RuntimeError:  # a block names ids this index lacks (it was retired by a swap)
+                return self._search_selected(xq, k, np.concatenate(list(blocks.values())))
         D, I = self._search_selected(xq, k, np.concatenate(list(blocks.values())))
         if (I[:, -1] < 0).any():  # the probed lists held too few allowed ids
             return self._search_blocks(xq, k, blocks, cache)

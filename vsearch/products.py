@@ -33,8 +33,9 @@ def put_product(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Create or replace a product. ``images`` (if given) replace its images."""
-    with engine.writer() as writer:
-        prepared = [prepare_image(engine.image_store, product_id, source, fetch_policy, max_pixels) for source in images or []]
+    # Fetching and decoding need no lock: other writes (an ingest, a refresh) go on.
+    prepared = [prepare_image(engine.image_store, product_id, source, fetch_policy, max_pixels) for source in images or []]
+    with engine.writer() as writer:  # embedded by the model version that will store the vectors
         raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
         writer.put_product(
             product_id,
@@ -44,7 +45,10 @@ def put_product(
             images=[new for new, _ in prepared] if images is not None else None,
             vectors=raw,
         )
-        writer.finish()
+        if engine.manifest.projection_fitted:
+            writer.save()  # an index-type upgrade is left to ingest: no IVF training inside a request
+        else:
+            engine.fit_projection()
 
 
 def prepare_image(

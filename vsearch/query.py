@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +39,6 @@ Crop = tuple[float, float, float, float]  # x, y, w, h as fractions of the image
 class ImageQuery:
     """An uploaded image file's bytes, optionally cropped."""
 
-    kind: ClassVar[str] = "image"
     image: bytes
     crop: Crop | None = None
 
@@ -48,17 +47,15 @@ class ImageQuery:
 class UrlQuery:
     """An http(s) image URL (fetched under the server's URL policy), optionally cropped."""
 
-    kind: ClassVar[str] = "image_url"
     url: str
     crop: Crop | None = None
 
 
 @dataclass(frozen=True)
 class ProductQuery:
-    """ "More like this": the mean vector of a catalog product's images; the product
+    """A catalog product ("more like this"): the mean vector of a catalog product's images; the product
     itself is left out of the results."""
 
-    kind: ClassVar[str] = "product_id"
     product_id: str
 
 
@@ -66,7 +63,6 @@ class ProductQuery:
 class TextQuery:
     """A text, for models with a text tower (open_clip)."""
 
-    kind: ClassVar[str] = "text"
     text: str
 
 
@@ -75,7 +71,6 @@ class VectorQuery:
     """A raw (unprojected) embedding from the index's served model, e.g. one an
     integrator computed offline; it is L2-normalised before use."""
 
-    kind: ClassVar[str] = "vector"
     vector: np.ndarray
 
     def __post_init__(self) -> None:

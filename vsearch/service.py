@@ -141,8 +141,14 @@ class SearchService:
         if pending:
             start = time.perf_counter()
             inputs: list[Image.Image | str] = [p.image if p.image is not None else p.text or "" for p in pending]
-            for p, raw in zip(pending, self.embed(snap, inputs)):
-                p.raw, p.timing["embed"] = raw, _ms(start)
+            try:
+                vectors = self.embed(snap, inputs)
+            except VsearchError as exc:  # e.g. Overloaded: each query that needed the model says so
+                failed = {id(p) for p in pending}
+                prepared = [exc if id(p) in failed else p for p in prepared]
+            else:
+                for p, raw in zip(pending, vectors):
+                    p.raw, p.timing["embed"] = raw, _ms(start)
         return [p if isinstance(p, VsearchError) else self._search_one(snap, p) for p in prepared]
 
     def _search_one(self, snap: Snapshot, p: _Prepared) -> SearchResult | VsearchError:

@@ -158,8 +158,9 @@ def embedder_loader(paths: IndexPaths, manifest: IndexManifest, name: str, devic
     """How to load version ``name``'s embedder (called on first use)."""
     if name == BASE_MODEL:
         return lambda: Embedder(manifest.model, device=device)
-    folder = version_dir(paths.root, name)
-    return lambda: AdaptedEmbedder(folder, device=device)
+    # The folder is checked when the model is needed, so an index whose active
+    # version went missing still opens (and can switch back to base).
+    return lambda: AdaptedEmbedder(version_dir(paths.root, name), device=device)
 
 
 def projection_for(paths: IndexPaths, name: str) -> Projection:
@@ -182,7 +183,7 @@ def use_model(
     with engine.writer() as writer:
         current = writer.snapshot
         same = name == current.model
-        snap = current if same else engine.new_snapshot(name, projection_for(engine.paths, name), None)
+        snap = current if same else engine.new_snapshot(name, projection_for(engine.paths, name), None)  # lazy model
         todo = engine.catalog.images_without_vectors(name)
 
         def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
@@ -206,10 +207,10 @@ def use_model(
             desc=f"reindex {name}",
             quiet=quiet,
         )
-        index = writer.build_index(snap.projection, name)
+        index, generation = writer.build_index(snap.projection, name)
         raw_dim = engine.catalog.vector_dim(name)
-        new = engine.new_snapshot(name, snap.projection, index, embedder=snap.embedder)
-        writer.swap(new, active_model=name, raw_dim=raw_dim, dim=snap.projection.out_dim(raw_dim))
+        new = engine.new_snapshot(name, snap.projection, index, like=snap)
+        writer.swap(new, generation, active_model=name, raw_dim=raw_dim, dim=snap.projection.out_dim(raw_dim))
     report.vectors, report.switched = new.vectors, not same
     report.seconds = time.perf_counter() - start
     return report
@@ -231,24 +232,32 @@ def refresh(engine: Engine) -> bool:
     """Adopt a switch or write that another process (e.g. ``vsearch reindex`` beside
     ``vsearch serve``) saved to the index directory. Returns True if something was
     reloaded. Cheap when nothing changed: one small file read."""
+    if not _changed_elsewhere(engine):
+        return False
+    with engine.writer() as writer:
+        disk = _changed_elsewhere(engine)  # again, now that no write of ours can land
+        if not disk:
+            return False
+        name = disk.active_model
+        projection = projection_for(engine.paths, name)
+        index, generation = engine.saved_index(disk), disk.catalog_generation
+        if index is None:
+            index, generation = writer.build_index(projection, name)
+        writer.swap(engine.new_snapshot(name, projection, index, like=writer.snapshot), generation, manifest=disk)
+    return True
+
+
+def _changed_elsewhere(engine: Engine) -> IndexManifest | None:
+    """The manifest on disk if another process saved a state we do not serve."""
     try:
         disk = IndexManifest.load(engine.paths)
     except (IndexFormatError, IndexNotFoundError):
-        return False
-    mine, snap = engine.manifest, engine.snapshot
-    if disk.catalog_generation == -1 or disk.updated_at <= mine.updated_at:
-        return False  # mid-save elsewhere, or our own save
-    if disk.active_model == snap.model and disk.catalog_generation == mine.catalog_generation:
-        return False
-    with engine.writer() as writer:
-        name = disk.active_model
-        projection = projection_for(engine.paths, name)
-        index = engine.saved_index(disk)
-        if index is None:
-            index = writer.build_index(projection, name)
-        embedder = snap.embedder if name == snap.model else None
-        writer.swap(engine.new_snapshot(name, projection, index, embedder=embedder), manifest=disk)
-    return True
+        return None
+    if disk.catalog_generation == -1 or disk.updated_at <= engine.manifest.updated_at:
+        return None  # mid-save elsewhere, or our own save
+    if disk.active_model == engine.snapshot.model and disk.catalog_generation == engine.index_generation:
+        return None
+    return disk
 
 
 def _local_source(engine: Engine, row: ImageRow) -> str:

@@ -15,9 +15,9 @@ A model switch, a refit and a refresh from another process all end in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,14 +74,26 @@ class IndexWriter:
         return self.engine.snapshot
 
     @contextmanager
-    def _apply(self, bump: bool = True) -> Iterator[Snapshot]:
+    def _apply(self) -> Iterator[Snapshot]:
         """A catalog transaction and the index change that goes with it, under the
-        write lock; category blocks are forgotten afterwards."""
-        snap = self.engine.snapshot
-        with self.engine._rw.write():
-            with self.catalog.transaction(bump=bump):
-                yield snap
-            snap.filters.invalidate()
+        write lock; category blocks are forgotten afterwards.
+
+        Tracks which catalog generation the served index reflects: a commit from
+        another process since our last one (seen inside the transaction, where no
+        other writer can commit) or a change that failed halfway leaves the index
+        stale, and the next :meth:`save` rebuilds it from the catalog."""
+        engine, snap = self.engine, self.engine.snapshot
+        with engine._rw.write():
+            try:
+                with self.catalog.transaction():
+                    ours = self.catalog.generation == engine.index_generation
+                    yield snap
+            except BaseException:
+                engine.index_generation = -1  # the index may hold part of what the catalog rolled back
+                raise
+            finally:
+                snap.filters.invalidate()
+            engine.index_generation = self.catalog.generation if ours else -1
 
     # catalog and index together -------------------------------------------------
     def upsert_products(self, items: Sequence[Item]) -> None:
@@ -101,8 +113,9 @@ class IndexWriter:
 
     def store_vectors(self, model: str, rows: list[tuple[int, str, np.ndarray]]) -> int:
         """Store another (or the served) model version's vectors for existing images;
-        the served index is rebuilt from them by the switch that follows."""
-        with self.engine._rw.write(), self.catalog.transaction(bump=model == self.snapshot.model):
+        the served index is rebuilt from them by the switch that follows, so searches
+        go on meanwhile (the catalog's own lock keeps their reads whole)."""
+        with self.catalog.transaction(bump=model == self.snapshot.model):
             return self.catalog.put_vectors(model, rows)
 
     def put_product(
@@ -154,60 +167,76 @@ class IndexWriter:
             self.catalog.drop_model_vectors(model)
 
     # the served snapshot -----------------------------------------------------------
-    def build_index(self, projection: Projection, model: str) -> VectorIndex:
-        return build_index(self.catalog, self.engine.manifest, projection, model)
+    def build_index(self, projection: Projection, model: str) -> tuple[VectorIndex, int]:
+        """A new index of ``model``'s stored vectors, and the catalog generation it
+        reflects (read first: a commit from elsewhere during the build makes it stale)."""
+        generation = self.catalog.generation
+        return build_index(self.catalog, self.engine.manifest, projection, model), generation
 
-    def swap(self, snapshot: Snapshot, manifest: IndexManifest | None = None, **changes: Any) -> None:
-        """Serve ``snapshot`` from now on. With ``manifest`` (one read from disk: a
-        refresh) it replaces ours as is; otherwise ``changes`` are applied to ours and
-        everything is saved."""
+    def swap(
+        self,
+        snapshot: Snapshot,
+        generation: int,
+        *,
+        manifest: IndexManifest | None = None,
+        files: Callable[[], None] = lambda: None,
+        **changes: Any,
+    ) -> None:
+        """Serve ``snapshot`` (whose index reflects catalog ``generation``) from now on.
+
+        With ``manifest`` (one just read from disk: a refresh) that replaces ours as
+        is. Otherwise ``changes`` are applied to ours, the manifest is saved marked
+        stale, ``files()`` writes what the new snapshot needs on disk (a projection),
+        and then the index and manifest are saved: a crash anywhere in between leaves
+        a stale manifest, which the next open repairs by rebuilding."""
         engine = self.engine
-        if manifest is not None:
-            with engine._rw.write():
-                engine.manifest, engine._snapshot = manifest, snapshot
-            return
-        for key, value in changes.items():
-            setattr(engine.manifest, key, value)
-        if snapshot.index is not None:
-            engine.manifest.factory = snapshot.index.factory
-        # Saved before the index: a crash in between leaves an index marked stale,
-        # which the next open rebuilds for the new snapshot's model.
-        engine.manifest.catalog_generation = -1
-        engine.manifest.save(engine.paths)
-        with engine._rw.write():
-            engine._snapshot = snapshot
-        self.save()
+        if manifest is None:
+            manifest = replace(engine.manifest, **changes)
+            if snapshot.index is not None:
+                manifest.factory = snapshot.index.factory
+            manifest.catalog_generation = -1
+            manifest.save(engine.paths)
+            files()
+        with engine._rw.write():  # one assignment for readers: info() never mixes two
+            engine.manifest, engine._snapshot, engine.index_generation = manifest, snapshot, generation
+        if manifest.catalog_generation == -1:
+            self.save()
 
     def rebuild(self) -> None:
         """Rebuild the served index from the catalog's stored vectors (no model work)."""
         snap = self.snapshot
-        index = self.build_index(snap.projection, snap.model)
-        self.swap(engine_snapshot(self.engine, snap.model, snap.projection, index, snap))
+        index, generation = self.build_index(snap.projection, snap.model)
+        self.swap(self.engine.new_snapshot(snap.model, snap.projection, index, like=snap), generation)
 
     def refit(self, raw: np.ndarray) -> None:
         """Fit centring/PCA on ``raw`` (base-model vectors), rebuild the index, serve both."""
         engine, snap = self.engine, self.snapshot
         projection = Projection.fit(raw, engine.manifest.projection)
-        index = self.build_index(projection, snap.model)
-        projection.save(engine.paths.projection)
+        index, generation = self.build_index(projection, snap.model)
         raw_dim = int(raw.shape[1])
         self.swap(
-            engine_snapshot(engine, snap.model, projection, index, snap),
+            engine.new_snapshot(snap.model, projection, index, like=snap),
+            generation,
+            files=lambda: projection.save(engine.paths.projection),
             projection_fitted=True,
             raw_dim=raw_dim,
             dim=projection.out_dim(raw_dim),
         )
 
     def save(self) -> None:
-        """Persist the index and the manifest (with the catalog generation they reflect)."""
+        """Persist the index and the manifest (with the catalog generation the index
+        reflects); a stale index is rebuilt first."""
         engine = self.engine
+        if engine.index_generation == -1 and engine.snapshot.index is not None:
+            self.rebuild()  # saves
+            return
         with engine._rw.read():  # saving only reads the index; searches may go on
             snap = engine.snapshot
             if snap.index is not None:
                 snap.index.save(engine.paths.index)
             counts = self.catalog.counts()
             engine.manifest.counts = {**counts, "vectors": snap.vectors}
-            engine.manifest.catalog_generation = self.catalog.generation if snap.index is not None else -1
+            engine.manifest.catalog_generation = engine.index_generation if snap.index is not None else -1
             engine.manifest.save(engine.paths)
 
     def finish(self) -> None:
@@ -230,8 +259,3 @@ class IndexWriter:
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
             snap.index.remove(np.array(ids, dtype=np.int64))
-
-
-def engine_snapshot(engine: Engine, model: str, projection: Projection, index: VectorIndex | None, like: Snapshot) -> Snapshot:
-    """``like`` with a new projection and index (same model version and embedder)."""
-    return engine.new_snapshot(model, projection, index, embedder=like.embedder if like.model == model else None)
