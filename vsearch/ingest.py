@@ -143,13 +143,7 @@ def ingest(
 
     with engine.writer() as writer:
         writer.upsert_products(ordered)
-        work: list[Work] = []
-        for n, item in enumerate(ordered):
-            row = engine.catalog.image(item.product_id, item.image)
-            if row is not None and is_url(item.image):
-                report.unchanged += 1  # URLs are not re-downloaded to check; pass a new URL to refresh
-                continue
-            work.append((n, item.image, row.sha256 if row is not None else ""))
+        work = _work(engine, ordered, report)
 
         def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
             images = [NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height) for x in loaded]
@@ -186,6 +180,19 @@ def ingest(
         else:
             writer.finish()
     return report
+
+
+def _work(engine: Engine, ordered: list[Item], report: IngestReport) -> list[Work]:
+    """What may need embedding: each item with the content hash the catalog knows
+    (decoding skips an unchanged file); a known URL is not fetched again."""
+    work: list[Work] = []
+    for n, item in enumerate(ordered):
+        row = engine.catalog.image(item.product_id, item.image)
+        if row is not None and is_url(item.image):
+            report.unchanged += 1  # pass a new URL to refresh an image
+            continue
+        work.append((n, item.image, row.sha256 if row is not None else ""))
+    return work
 
 
 def _n(loaded: LoadedImage) -> int:
