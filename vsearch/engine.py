@@ -29,8 +29,8 @@ from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .embed import Embedder, Preprocess
 from .errors import IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
-from .fetch import TRUSTED, FetchPolicy, fetch_url
-from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source
+from .fetch import TRUSTED, FetchPolicy
+from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
 from .index import VectorIndex
 from .ingest import IngestReport
@@ -44,7 +44,7 @@ from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import IndexWriter
+from .writer import IndexWriter, load_saved_index
 
 __all__ = ["DEFAULT_MODEL", "Engine", "Hit", "ProductView", "SearchOptions"]
 
@@ -174,11 +174,7 @@ class Engine:
 
     def saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
         """The saved index file, if ``manifest`` says it matches the catalog; else None."""
-        if manifest.catalog_generation != self.catalog.generation or not self.paths.index.exists():
-            return None
-        index = VectorIndex.load(self.paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
-        index.to_gpu()
-        return index
+        return load_saved_index(self.paths, manifest, self.catalog.generation, mmap)
 
     # writing ------------------------------------------------------------------
     def ingest(
@@ -268,13 +264,8 @@ class Engine:
         return row
 
     def image_bytes(self, row: ImageRow, fetch_policy: FetchPolicy = TRUSTED) -> bytes:
-        """An image's bytes: the stored upload, the local file, or the URL."""
-        stored = self.image_store.path(row.sha256)
-        if stored is not None:
-            return stored.read_bytes()
-        if is_url(row.source):
-            return fetch_url(row.source, fetch_policy)
-        return read_source(row.source)
+        """An image's bytes: the stored upload or URL copy, the local file, or the URL."""
+        return self.image_store.read(row.sha256, row.source, fetch_policy)
 
     def categories(self) -> list[dict[str, Any]]:
         """The category tree: ``name``, ``path``, ``products`` (with descendants), ``children``."""

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .fsutil import atomic_write_bytes
+from .images import is_url, read_source
 
 __all__ = ["ImageStore"]
 
@@ -30,6 +32,13 @@ class ImageStore:
         path = self.folder / f"{sha256}.{fmt}"
         atomic_write_bytes(path, data)
         return path
+
+    def read(self, sha256: str, source: str, policy: FetchPolicy = TRUSTED) -> bytes:
+        """An image's bytes: the stored copy if there is one, else its local file or URL."""
+        stored = self.path(sha256)
+        if stored is not None:
+            return stored.read_bytes()
+        return fetch_url(source, policy) if is_url(source) else read_source(source)
 
     def path(self, sha256: str) -> Path | None:
         matches = sorted(self.folder.glob(f"{sha256}.*")) if self.folder.is_dir() else []

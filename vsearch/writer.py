@@ -24,7 +24,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .index import VectorIndex, choose_factory
-from .manifest import IndexManifest
+from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
 from .snapshot import Snapshot
 from .sources import Item
@@ -32,7 +32,7 @@ from .sources import Item
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["FIT_SAMPLE", "IndexWriter", "NewImage", "build_index"]
+__all__ = ["FIT_SAMPLE", "IndexWriter", "NewImage", "build_index", "load_saved_index"]
 
 FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 
@@ -58,6 +58,15 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
         index.train(projection.apply(catalog.sample_vectors(FIT_SAMPLE, model=model)))
     for ids, raw in catalog.iter_vectors(model=model):
         index.add(ids, projection.apply(raw))
+    index.to_gpu()
+    return index
+
+
+def load_saved_index(paths: IndexPaths, manifest: IndexManifest, generation: int, mmap: bool = False) -> VectorIndex | None:
+    """The saved index file, if ``manifest`` says it reflects catalog ``generation``; else None."""
+    if manifest.catalog_generation != generation or not paths.index.exists():
+        return None
+    index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
     index.to_gpu()
     return index
 
