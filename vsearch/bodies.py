@@ -36,13 +36,7 @@ async def read_search(request: Request) -> SearchIn:
     data = _fields(request.query_params, skip=("key",))
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/json"):
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            raise ConfigError("the JSON body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ConfigError("the JSON body must be an object")
-        data.update(body)
+        data.update(await _json_object(request, "the JSON body is not valid JSON"))
     elif content_type.startswith(FORMS):
         form = await request.form(max_files=1, max_fields=50)
         data.update(_fields(form))
@@ -53,6 +47,23 @@ async def read_search(request: Request) -> SearchIn:
         return SEARCH.validate_python(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+
+
+async def _json_object(request: Request, invalid: str) -> dict[str, Any]:
+    """The body as a JSON object of valid Unicode text, or ConfigError (422) saying why."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(invalid) from None
+    except RecursionError:
+        raise ConfigError("the JSON body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ConfigError("the JSON body must be an object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be stored
+    except UnicodeEncodeError:
+        raise ConfigError("the JSON body holds text that is not valid Unicode (a lone surrogate escape)") from None
+    return body
 
 
 async def read_product(request: Request, product_id: str | None) -> tuple[ProductIn, list[bytes]]:
@@ -73,12 +84,7 @@ async def read_product(request: Request, product_id: str | None) -> tuple[Produc
             if isinstance(value, UploadFile):
                 uploads.append(await value.read())
     else:
-        try:
-            data = await request.json()
-        except json.JSONDecodeError:
-            raise ConfigError("send multipart/form-data or a JSON body") from None
-        if not isinstance(data, dict):
-            raise ConfigError("the JSON body must be an object")
+        data = await _json_object(request, "send multipart/form-data or a JSON body")
     if product_id is not None:
         data = {**data, "id": product_id}
     try:

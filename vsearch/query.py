@@ -9,6 +9,7 @@ index's own model. :class:`SearchOptions` is everything else about a search; a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,6 @@ def parse_crop(text: str | None) -> Crop | None:
         x, y, w, h = (float(v) for v in text.split(","))
     except ValueError:
         raise ConfigError("crop must be x,y,w,h: four numbers between 0 and 1") from None
-    if min(x, y) < 0 or w <= 0 or h <= 0 or x + w > 1.0001 or y + h > 1.0001:
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or min(x, y) < 0 or w <= 0 or h <= 0 or x + w > 1.0001 or y + h > 1.0001:
         raise ConfigError("crop must lie inside the image: 0 <= x, y and x + w, y + h <= 1, with w, h > 0")
     return x, y, w, h

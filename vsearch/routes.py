@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,32 +33,37 @@ def get_service(request: Request) -> SearchService:
     return service
 
 
-def _given_key(request: Request) -> str | None:
+def _given_key(request: Request, in_url: bool) -> str | None:
+    """The key a request carries; ``?key=`` only where ``in_url`` (reads such as image
+    URLs in <img> tags): keys in URLs end up in logs, so writes never take them."""
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key") or request.query_params.get("key")
+    return request.headers.get("x-api-key") or (request.query_params.get("key") if in_url else None)
 
 
 def _key_ok(given: str | None, *keys: str | None) -> bool:
-    return given is not None and any(k is not None and hmac.compare_digest(given, k) for k in keys)
+    # Compared as bytes: compare_digest refuses non-ASCII str (a header may carry any byte).
+    secret = (given or "").encode("utf-8", "surrogateescape")
+    return given is not None and any(k is not None and hmac.compare_digest(secret, k.encode()) for k in keys)
 
 
 def require_write(request: Request) -> None:
     config: ServeConfig = request.app.state.config
     if not config.api_key:
         raise StarletteHTTPException(403, "writes are disabled: configure an API key (VSEARCH_API_KEY)")
-    if not _key_ok(_given_key(request), config.api_key):
+    if not _key_ok(_given_key(request, in_url=False), config.api_key):
         raise StarletteHTTPException(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
 
 def require_read(request: Request) -> None:
     config: ServeConfig = request.app.state.config
-    if config.read_key and not _key_ok(_given_key(request), config.read_key, config.api_key):
+    if config.read_key and not _key_ok(_given_key(request, in_url=True), config.read_key, config.api_key):
         raise StarletteHTTPException(401, "a valid read key is required (Authorization: Bearer KEY or X-API-Key)")
 
 
 Service = Annotated[SearchService, Depends(get_service)]
+ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="an image's id (a catalog row id)")]
 Read = Depends(require_read)
 Write = Depends(require_write)
 
@@ -203,7 +208,7 @@ def add_routes(app: FastAPI) -> None:
         return await run_in_threadpool(service.engine.info)
 
     @app.get("/v1/images/{image_id}", tags=["catalog"], dependencies=[Read], response_model=None)
-    async def image(image_id: int, service: Service) -> Response:
+    async def image(image_id: ImageId, service: Service) -> Response:
         row = await run_in_threadpool(service.engine.image, image_id)
         stored = await run_in_threadpool(service.engine.image_store.path, row.sha256)
         if stored is not None:
@@ -213,7 +218,7 @@ def add_routes(app: FastAPI) -> None:
         return FileResponse(row.source, headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["catalog"], dependencies=[Read])
-    async def thumbnail(image_id: int, service: Service) -> Response:
+    async def thumbnail(image_id: ImageId, service: Service) -> Response:
         data = await run_in_threadpool(service.thumbnail, image_id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 

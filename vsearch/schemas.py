@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, Discriminator, Field, PlainVali
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .images import is_url
 from .query import Crop, ImageQuery, ProductQuery, SearchOptions, TextQuery, UrlQuery, VectorQuery, parse_crop
 
 __all__ = [
@@ -223,7 +224,16 @@ class ProductIn(BaseModel):
     title: str = ""
     category: str = ""
     attributes: dict[str, Any] = Field(default_factory=dict)
-    image_urls: list[str] = Field(default_factory=list, max_length=20)
+    image_urls: list[str] = Field(default_factory=list, max_length=20, description="http(s) URLs only")
+
+    @field_validator("image_urls")
+    @classmethod
+    def _only_web_urls(cls, urls: list[str]) -> list[str]:
+        # The API must never read the server's own files: local paths are for the CLI.
+        bad = [u for u in urls if not is_url(u)]
+        if bad:
+            raise ValueError(f"image_urls must be http(s) URLs, not {bad[0][:100]!r}")
+        return urls
 
 
 class HitOut(BaseModel):

@@ -1,0 +1,86 @@
+"""Hostile requests (issue 9's findings): each answers a JSON 4xx, never a 500, and
+never reads the server's own files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from vsearch.api import create_app
+from vsearch.config import ServeConfig
+
+from .api_helpers import build_small_index, jpeg
+
+KEY = {"Authorization": "Bearer write-key"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    index = build_small_index(tmp_path_factory.mktemp("hostile"))
+    config = ServeConfig(index_dir=str(index), api_key="write-key", max_upload_bytes=300_000, max_pixels=4_000_000)
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _error(response: object, status: int) -> str:
+    assert response.status_code == status, response.text  # type: ignore[attr-defined]
+    return response.json()["error"]["code"]  # type: ignore[attr-defined]
+
+
+def test_the_write_api_never_reads_a_local_file(client: TestClient, tmp_path: Path) -> None:
+    secret = tmp_path / "server-only.jpg"
+    secret.write_bytes(jpeg(7))
+    for body in ({"id": "leak", "image_urls": [str(secret)]}, {"id": "leak", "image_urls": [f"file://{secret}"]}):
+        assert _error(client.post("/v1/products", json=body, headers=KEY), 422) == "invalid_parameter"
+    form = client.post("/v1/products", data={"id": "leak", "image_url": str(secret)}, headers=KEY)
+    assert _error(form, 422) == "invalid_parameter"
+    assert client.get("/v1/products/leak").status_code == 404
+
+
+def test_keys_with_non_ascii_characters_are_refused_not_crashed_on(client: TestClient) -> None:
+    headers = {"Authorization": "Bearer clé".encode("latin-1")}
+    response = client.post("/v1/products", json={"id": "x", "image_urls": []}, headers=headers)  # type: ignore[arg-type]
+    assert _error(response, 401) == "unauthorized"
+
+
+def test_a_write_key_in_the_url_is_not_accepted(client: TestClient) -> None:
+    response = client.delete("/v1/products/Bakery/p04?key=write-key")
+    assert _error(response, 401) == "unauthorized"
+    assert client.get("/v1/products/Bakery/p04").status_code == 200
+
+
+@pytest.mark.parametrize("image_id", ["40635970100036815028224", "-1", "9223372036854775808"])
+def test_image_ids_past_64_bits_are_not_found(client: TestClient, image_id: str) -> None:
+    for path in (f"/v1/images/{image_id}", f"/v1/images/{image_id}/thumbnail"):
+        assert client.get(path).status_code in (404, 422)
+
+
+@pytest.mark.parametrize("crop", ["nan,0,0.5,0.5", "0,0,inf,0.5", "0,0,0.5,-inf"])
+def test_crops_must_be_finite(client: TestClient, crop: str) -> None:
+    response = client.post(f"/v1/search?crop={crop}", files={"image": ("a.jpg", jpeg(1), "image/jpeg")})
+    assert _error(response, 422) == "invalid_parameter"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"product_id": "x\\ud800"}',  # a lone surrogate: not text SQLite can store
+        b'{"product_id": "\xff\xfe"}',  # not UTF-8
+        b"[" * 5000 + b"]" * 5000,  # nested past Python's recursion limit
+        b"null",
+    ],
+)
+def test_malformed_json_searches_are_422(client: TestClient, body: bytes) -> None:
+    response = client.post("/v1/search", content=body, headers={"Content-Type": "application/json"})
+    assert _error(response, 422) == "invalid_parameter"
+
+
+def test_a_title_that_is_not_unicode_is_refused_before_anything_is_stored(client: TestClient) -> None:
+    before = client.get("/v1/products/Bakery/p04").json()
+    body = b'{"title": "x\\udc00", "category": "Bakery"}'
+    response = client.put("/v1/products/Bakery/p04", content=body, headers={**KEY, "Content-Type": "application/json"})
+    assert _error(response, 422) == "invalid_parameter"
+    assert client.get("/v1/products/Bakery/p04").json() == before
