@@ -84,3 +84,11 @@ def test_a_title_that_is_not_unicode_is_refused_before_anything_is_stored(client
     response = client.put("/v1/products/Bakery/p04", content=body, headers={**KEY, "Content-Type": "application/json"})
     assert _error(response, 422) == "invalid_parameter"
     assert client.get("/v1/products/Bakery/p04").json() == before
+
+
+def test_an_image_whose_file_was_deleted_is_not_found(client: TestClient) -> None:
+    product = client.get("/v1/products/Fruit/Apple/p00").json()
+    image = product["images"][0]
+    Path(image["source"]).unlink()
+    for path in (image["image_url"], image["thumbnail_url"]):
+        assert _error(client.get(path), 404) == "not_found"

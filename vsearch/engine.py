@@ -12,6 +12,7 @@ live in their own modules (ingest, versions, refit, products, finetune);
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -118,7 +119,7 @@ class Engine:
             manifest.save(paths)
         else:
             raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
-        catalog = Catalog.open(paths.catalog)  # migrates an older catalog in place
+        catalog = _open_catalog(paths, manifest)
         if manifest.format_version < FORMAT_VERSION:  # so that an older vsearch refuses the directory
             manifest.format_version = FORMAT_VERSION
             manifest.save(paths)
@@ -406,6 +407,17 @@ class Engine:
 
     def _loader(self, model: str) -> Callable[[], Embedder]:
         return versions.embedder_loader(self.paths, self.manifest, model, self.device)
+
+
+def _open_catalog(paths: IndexPaths, manifest: IndexManifest) -> Catalog:
+    """The catalog (migrated in place if older); refused, never recreated, when the
+    manifest says there was one with content."""
+    if not paths.catalog.exists() and (manifest.projection_fitted or manifest.counts.get("images")):
+        raise IndexFormatError(f"{paths.catalog} is missing: the catalog is the index's source of truth; restore it")
+    try:
+        return Catalog.open(paths.catalog)
+    except sqlite3.DatabaseError as exc:
+        raise IndexFormatError(f"{paths.catalog}: damaged catalog: {exc}") from None
 
 
 def _describe(model: ModelConfig) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import is_url, read_source
@@ -38,7 +39,11 @@ class ImageStore:
         stored = self.path(sha256)
         if stored is not None:
             return stored.read_bytes()
-        return fetch_url(source, policy) if is_url(source) else read_source(source)
+        if is_url(source):
+            return fetch_url(source, policy)
+        if not Path(source).is_file():  # moved or deleted since it was ingested
+            raise ProductNotFoundError(f"the image file {source} is gone; re-ingest its product")
+        return read_source(source)
 
     def path(self, sha256: str) -> Path | None:
         matches = sorted(self.folder.glob(f"{sha256}.*")) if self.folder.is_dir() else []

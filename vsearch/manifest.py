@@ -20,7 +20,7 @@ from typing import Any
 
 from .catalog import BASE_MODEL
 from .config import IndexConfig, ModelConfig, ProjectionConfig
-from .errors import IndexFormatError, IndexNotFoundError
+from .errors import IndexFormatError, IndexNotFoundError, VsearchError
 from .fsutil import atomic_write_bytes
 from .version import __version__
 
@@ -92,6 +92,8 @@ class IndexManifest:
             data = json.loads(paths.manifest.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise IndexFormatError(f"{paths.manifest}: unreadable manifest: {exc}") from exc
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{paths.manifest}: damaged manifest: not a JSON object")
         version = data.get("format_version")
         if version not in READABLE_VERSIONS:
             raise IndexFormatError(
@@ -100,7 +102,10 @@ class IndexManifest:
         # Format 1 is format 2 with only the base model; either's catalog is migrated
         # by Catalog.open, after which Engine.open saves the manifest as the current
         # format (format_version keeps what was read until then).
-        data["model"] = ModelConfig.from_dict(data["model"])
-        data["projection"] = ProjectionConfig(**data["projection"])
-        data["index"] = IndexConfig(**{k: v for k, v in data["index"].items() if k != "extra"})  # formats 1-2 had extra: {}
-        return cls(**data)
+        try:
+            data["model"] = ModelConfig.from_dict(data["model"])
+            data["projection"] = ProjectionConfig(**data["projection"])
+            data["index"] = IndexConfig(**{k: v for k, v in data["index"].items() if k != "extra"})  # formats 1-2 had extra: {}
+            return cls(**data)
+        except (TypeError, KeyError, AttributeError, ValueError, VsearchError) as exc:
+            raise IndexFormatError(f"{paths.manifest}: damaged manifest: {type(exc).__name__}: {exc}") from None

@@ -7,6 +7,7 @@ benchmark; full whitening hurt, so it is off by default.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import ProjectionConfig
+from .errors import IndexFormatError
 from .fsutil import atomic_write
 
 __all__ = ["Projection", "l2_normalize"]
@@ -79,9 +81,15 @@ class Projection:
     def load(cls, path: Path) -> Projection:
         if not path.exists():
             return cls()
-        with np.load(path) as data:
-            return cls(
-                mean=data["mean"] if "mean" in data else None,
-                components=data["components"] if "components" in data else None,
-                fitted_on=int(data["fitted_on"]),
-            )
+        try:
+            with np.load(path) as data:
+                return cls(
+                    mean=data["mean"] if "mean" in data else None,
+                    components=data["components"] if "components" in data else None,
+                    fitted_on=int(data["fitted_on"]),
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise IndexFormatError(
+                f"{path}: damaged projection ({type(exc).__name__}); fit it again: vsearch ingest SOURCE --index "
+                f"{path.parent} --center-on PHOTOS"
+            ) from None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Request, Response
@@ -215,6 +216,8 @@ def add_routes(app: FastAPI) -> None:
             return FileResponse(stored, headers={"Cache-Control": "public, max-age=86400"})
         if is_url(row.source):
             return RedirectResponse(row.source, status_code=307)
+        if not await run_in_threadpool(os.path.isfile, row.source):
+            raise ProductNotFoundError(f"the file of image {image_id} is gone; re-ingest its product")
         return FileResponse(row.source, headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["catalog"], dependencies=[Read])

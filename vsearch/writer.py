@@ -15,6 +15,7 @@ A model switch, a refit and a refresh from another process all end in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import Catalog
+from .errors import IndexFormatError
 from .index import VectorIndex, choose_factory
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FIT_SAMPLE", "IndexWriter", "NewImage", "build_index", "load_saved_index"]
 
+_log = logging.getLogger("vsearch")
 FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 
 
@@ -66,7 +69,14 @@ def load_saved_index(paths: IndexPaths, manifest: IndexManifest, generation: int
     """The saved index file, if ``manifest`` says it reflects catalog ``generation``; else None."""
     if manifest.catalog_generation != generation or not paths.index.exists():
         return None
-    index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
+    try:
+        index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
+    except IndexFormatError as exc:  # a derived file: every vector is in the catalog
+        _log.warning("vsearch: %s is damaged (%s); rebuilt from the catalog", paths.index, str(exc).split(":")[0])
+        return None
+    if index.d != manifest.dim:
+        _log.warning("vsearch: %s has dimension %d, not %d; rebuilt from the catalog", paths.index, index.d, manifest.dim)
+        return None
     index.to_gpu()
     return index
 
