@@ -92,3 +92,27 @@ def test_an_image_whose_file_was_deleted_is_not_found(client: TestClient) -> Non
     Path(image["source"]).unlink()
     for path in (image["image_url"], image["thumbnail_url"]):
         assert _error(client.get(path), 404) == "not_found"
+
+
+def test_concurrent_creates_of_one_id_give_one_201_and_the_rest_409(client: TestClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(n: int) -> int:
+        files = {"image": ("a.jpg", jpeg(500 + n), "image/jpeg")}
+        return client.post("/v1/products", data={"id": "raced", "title": f"t{n}"}, files=files, headers=KEY).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(create, range(8)))
+    assert statuses == [201] + [409] * 7
+    assert len(client.get("/v1/products/raced").json()["images"]) == 1
+    assert client.put("/v1/products/never-made", json={"title": "x"}, headers=KEY).status_code == 404
+
+
+def test_the_page_and_the_api_send_security_headers(client: TestClient) -> None:
+    for path in ("/", "/app.js", "/v1/categories", "/healthz"):
+        headers = client.get(path).headers
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["x-frame-options"] == "DENY"
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "content-security-policy" not in client.get("/docs").headers  # Swagger UI loads from a CDN

@@ -121,9 +121,22 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# The shopper page loads only its own files; images may come from catalog URLs (the
+# API redirects to them) and from the shopper's own file (blob:). /docs is left out:
+# FastAPI's Swagger UI loads its script from a CDN.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob: http: https:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+
+
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     start = time.perf_counter()
     response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if not request.url.path.startswith(("/docs", "/redoc")):
+        response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+        response.headers.setdefault("X-Frame-Options", "DENY")
     metrics: Metrics | None = getattr(request.app.state, "metrics", None)
     route = getattr(request.scope.get("route"), "path", None)
     if metrics is not None and route is not None:

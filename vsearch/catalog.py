@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import sqlite_utils
 
-from .errors import ProductNotFoundError
+from .errors import IndexFormatError, ProductNotFoundError
 from .vectorstore import VECTOR_SCHEMA, VectorStore, upgrade
 
 __all__ = ["BASE_MODEL", "Catalog", "Product", "ImageRow"]
@@ -103,14 +103,21 @@ class Catalog:
         self._vectors = VectorStore(db.conn)
 
     @classmethod
-    def open(cls, path: str | Path) -> Catalog:
+    def open(cls, path: str | Path, *, must_exist: bool = False) -> Catalog:
+        """Open (or create, unless ``must_exist``) the catalog at ``path``, migrating an
+        older layout in place. A missing or damaged file is an IndexFormatError."""
         path = Path(path)
+        if must_exist and not path.exists():
+            raise IndexFormatError(f"{path} is missing: the catalog is the index's source of truth; restore it")
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db = sqlite_utils.Database(conn)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
         try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             upgrade(conn, SCHEMA, BASE_MODEL)  # creates a new catalog's tables, migrates an old one's
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise IndexFormatError(f"{path}: damaged catalog: {exc}") from None
         except BaseException:
             conn.close()
             raise

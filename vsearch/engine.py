@@ -12,7 +12,6 @@ live in their own modules (ingest, versions, refit, products, finetune);
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -119,7 +118,8 @@ class Engine:
             manifest.save(paths)
         else:
             raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
-        catalog = _open_catalog(paths, manifest)
+        # a manifest that describes content never gets a new, empty catalog
+        catalog = Catalog.open(paths.catalog, must_exist=manifest.projection_fitted or bool(manifest.counts.get("images")))
         if manifest.format_version < FORMAT_VERSION:  # so that an older vsearch refuses the directory
             manifest.format_version = FORMAT_VERSION
             manifest.save(paths)
@@ -206,11 +206,14 @@ class Engine:
         images: Sequence[ImageSource] | None = None,
         fetch_policy: FetchPolicy = TRUSTED,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        create: bool | None = None,
     ) -> ProductView:
-        """Create or replace a product. ``images`` (if given) replace its images."""
+        """Create or replace a product. ``images`` (if given) replace its images.
+        ``create`` True: it must not exist yet (ConflictError); False: it must exist."""
         products.put_product(
             self,
             product_id,
+            create=create,
             title=title,
             category=category,
             attributes=attributes,
@@ -407,17 +410,6 @@ class Engine:
 
     def _loader(self, model: str) -> Callable[[], Embedder]:
         return versions.embedder_loader(self.paths, self.manifest, model, self.device)
-
-
-def _open_catalog(paths: IndexPaths, manifest: IndexManifest) -> Catalog:
-    """The catalog (migrated in place if older); refused, never recreated, when the
-    manifest says there was one with content."""
-    if not paths.catalog.exists() and (manifest.projection_fitted or manifest.counts.get("images")):
-        raise IndexFormatError(f"{paths.catalog} is missing: the catalog is the index's source of truth; restore it")
-    try:
-        return Catalog.open(paths.catalog)
-    except sqlite3.DatabaseError as exc:
-        raise IndexFormatError(f"{paths.catalog}: damaged catalog: {exc}") from None
 
 
 def _describe(model: ModelConfig) -> str:

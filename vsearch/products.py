@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from .errors import ConflictError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
 from .imagestore import ImageStore
@@ -31,11 +32,18 @@ def put_product(
     images: Sequence[ImageSource] | None = None,
     fetch_policy: FetchPolicy = TRUSTED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    create: bool | None = None,
 ) -> None:
-    """Create or replace a product. ``images`` (if given) replace its images."""
+    """Create or replace a product. ``images`` (if given) replace its images.
+
+    ``create`` True: the product must not exist yet (:class:`ConflictError`); False: it
+    must exist (:class:`ProductNotFoundError`); None: either. Checked under the write
+    mutex, so of concurrent creates of one id exactly one succeeds."""
     # Fetching and decoding need no lock: other writes (an ingest, a refresh) go on.
     prepared = [prepare_image(engine.image_store, product_id, source, fetch_policy, max_pixels) for source in images or []]
     with engine.writer() as writer:  # embedded by the model version that will store the vectors
+        if create is not None:
+            _check_exists(engine, product_id, should=not create)
         raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
         writer.put_product(
             product_id,
@@ -49,6 +57,17 @@ def put_product(
             writer.save()  # an index-type upgrade is left to ingest: no IVF training inside a request
         else:
             engine.fit_projection()
+
+
+def _check_exists(engine: Engine, product_id: str, should: bool) -> None:
+    try:
+        engine.catalog.product(product_id)
+    except ProductNotFoundError:
+        if should:
+            raise ProductNotFoundError(f"no product {product_id!r}; create it with POST /v1/products") from None
+        return
+    if not should:
+        raise ConflictError(f"product {product_id!r} exists; use PUT /v1/products/{product_id} to change it")
 
 
 def prepare_image(

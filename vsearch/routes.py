@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .bodies import SEARCH, read_product, read_search
 from .config import ServeConfig
 from .engine import ProductView
-from .errors import ConfigError, ConflictError, ProductNotFoundError, VsearchError
+from .errors import ConfigError, ProductNotFoundError, VsearchError
 from .images import is_url
 from .metrics import CONTENT_TYPE, Metrics
 from .query import SearchOptions
@@ -182,17 +182,12 @@ def add_routes(app: FastAPI) -> None:
         body, uploads = await read_product(request, None)
         if not uploads and not body.image_urls:
             raise ConfigError("a new product needs at least one image (field image) or image_url")
-        try:
-            await run_in_threadpool(service.engine.product, body.id)
-        except ProductNotFoundError:
-            return product_out(await run_in_threadpool(_put, service, body, uploads))
-        raise ConflictError(f"product {body.id!r} exists; use PUT /v1/products/{body.id} to change it")
+        return product_out(await run_in_threadpool(_put, service, body, uploads, True))
 
     @app.put("/v1/products/{product_id:path}", response_model=ProductOut, tags=["products"], dependencies=[Write])
     async def update_product(product_id: str, request: Request, service: Service) -> ProductOut:
         body, uploads = await read_product(request, product_id)
-        await run_in_threadpool(service.engine.product, product_id)  # 404 if there is none: PUT changes, POST creates
-        return product_out(await run_in_threadpool(_put, service, body, uploads))
+        return product_out(await run_in_threadpool(_put, service, body, uploads, False))  # PUT changes, POST creates
 
     @app.delete("/v1/products/{product_id:path}", status_code=204, tags=["products"], dependencies=[Write])
     async def delete_product(product_id: str, service: Service) -> Response:
@@ -226,10 +221,11 @@ def add_routes(app: FastAPI) -> None:
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
 
-def _put(service: SearchService, body: ProductIn, uploads: list[bytes]) -> ProductView:
+def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: bool) -> ProductView:
     images: list[bytes | str] = [*uploads, *body.image_urls]
     return service.engine.put_product(
         body.id,
+        create=create,
         title=body.title,
         category=body.category,
         attributes=body.attributes,
