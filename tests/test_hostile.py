@@ -116,3 +116,49 @@ def test_the_page_and_the_api_send_security_headers(client: TestClient) -> None:
         assert "script-src 'self'" in headers["content-security-policy"]
         assert "frame-ancestors 'none'" in headers["content-security-policy"]
     assert "content-security-policy" not in client.get("/docs").headers  # Swagger UI loads from a CDN
+
+
+def test_one_image_sent_twice_is_stored_and_indexed_once(client: TestClient) -> None:
+    photo = jpeg(901)
+    files = [("image", ("a.jpg", photo, "image/jpeg")), ("image", ("b.jpg", photo, "image/jpeg"))]
+    assert client.post("/v1/products", data={"id": "twice"}, files=files, headers=KEY).status_code == 201
+    assert len(client.get("/v1/products/twice").json()["images"]) == 1
+    info = client.get("/v1/info").json()
+    assert info["vectors"] == info["images"]
+    hits = client.post("/v1/search?k=50&group_by_product=false", files={"image": ("q.jpg", photo, "image/jpeg")}).json()
+    assert [h["product_id"] for h in hits["results"]].count("twice") == 1
+
+
+def test_a_write_with_one_bad_image_stores_none_of_them(client: TestClient) -> None:
+    stored = client.app.state.service.engine.image_store.folder  # type: ignore[attr-defined]
+    before = sorted(stored.iterdir()) if stored.is_dir() else []
+    files = [("image", ("good.jpg", jpeg(902), "image/jpeg")), ("image", ("bad.jpg", b"not an image at all", "image/jpeg"))]
+    response = client.post("/v1/products", data={"id": "half"}, files=files, headers=KEY)
+    assert response.status_code == 415
+    assert (sorted(stored.iterdir()) if stored.is_dir() else []) == before
+    assert client.get("/v1/products/half").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2002:a00:1::1", "::ffff:10.0.0.1"]
+)
+def test_ipv6_forms_of_internal_ipv4_addresses_are_blocked(address: str) -> None:
+    from vsearch.fetch import FetchPolicy, UrlBlockedError, check_address
+
+    with pytest.raises(UrlBlockedError):
+        check_address(address, FetchPolicy())
+    check_address("64:ff9b::808:808", FetchPolicy())  # 8.8.8.8 through NAT64 is public
+
+
+def test_manifests_that_are_not_utf8_or_have_null_ids_are_one_line(tmp_path: Path) -> None:
+    from vsearch.errors import ManifestError
+    from vsearch.sources import read_manifest
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,image,title\nsku1,a.jpg,Crème brûlée\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin.csv: not UTF-8 text .*save it as UTF-8"):
+        read_manifest(latin)
+    jsonl = tmp_path / "null.jsonl"
+    jsonl.write_text('{"id": null, "image": "a.jpg"}\n')
+    with pytest.raises(ManifestError, match=r"null.jsonl:1: id must be a string, not null"):
+        read_manifest(jsonl)

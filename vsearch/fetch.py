@@ -45,14 +45,29 @@ TRUSTED = FetchPolicy(allow_private=True, timeout_s=15.0, max_bytes=32 * 1024 * 
 
 
 def check_address(ip: str, policy: FetchPolicy) -> None:
-    address = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _embedded_ipv4(ipaddress.ip_address(ip.split("%", 1)[0]))
     if policy.allow_private or address.is_global:
         return
     if any(address in ipaddress.ip_network(net, strict=False) for net in policy.allowed_networks):
         return
     raise UrlBlockedError(f"address {address} is not public (loopback, private, link-local or reserved)")
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix (RFC 6052)
+
+
+def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv6 form carries (mapped, NAT64, 6to4), which is where
+    the packets go; otherwise the address itself."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    return address
 
 
 def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:

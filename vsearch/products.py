@@ -4,6 +4,7 @@ embed with the served model, then one write through :class:`~vsearch.writer.Inde
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -17,7 +18,7 @@ from .writer import NewImage
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ImageSource", "prepare_image", "put_product"]
+__all__ = ["Fetched", "ImageSource", "fetch_image", "put_product", "store_image"]
 
 ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
 
@@ -40,17 +41,19 @@ def put_product(
     must exist (:class:`ProductNotFoundError`); None: either. Checked under the write
     mutex, so of concurrent creates of one id exactly one succeeds."""
     # Fetching and decoding need no lock: other writes (an ingest, a refresh) go on.
-    prepared = [prepare_image(engine.image_store, product_id, source, fetch_policy, max_pixels) for source in images or []]
+    # Every image is decoded before any is stored, so a bad one leaves nothing behind;
+    # one image given twice is stored (and indexed) once.
+    fetched = list({f.key: f for f in (fetch_image(s, fetch_policy, max_pixels) for s in images or [])}.values())
     with engine.writer() as writer:  # embedded by the model version that will store the vectors
         if create is not None:
             _check_exists(engine, product_id, should=not create)
-        raw = writer.snapshot.embedder.get().embed_images([image for _, image in prepared]) if prepared else None
+        raw = writer.snapshot.embedder.get().embed_images([f.image for f in fetched]) if fetched else None
         writer.put_product(
             product_id,
             title=title,
             category=category.strip().strip("/"),
             attributes=attributes,
-            images=[new for new, _ in prepared] if images is not None else None,
+            images=[store_image(engine.image_store, product_id, f) for f in fetched] if images is not None else None,
             vectors=raw,
         )
         if engine.manifest.projection_fitted:
@@ -70,10 +73,23 @@ def _check_exists(engine: Engine, product_id: str, should: bool) -> None:
         raise ConflictError(f"product {product_id!r} exists; use PUT /v1/products/{product_id} to change it")
 
 
-def prepare_image(
-    store: ImageStore, product_id: str, source: ImageSource, policy: FetchPolicy, max_pixels: int
-) -> tuple[NewImage, Image.Image]:
-    """The stored form of an upload, a URL or a path, and the decoded image."""
+@dataclass(frozen=True)
+class Fetched:
+    """One image of a product write, read and decoded, not stored yet."""
+
+    source: ImageSource
+    data: bytes
+    sha256: str
+    image: Image.Image
+
+    @property
+    def key(self) -> str:
+        """What makes two images of one write the same: an upload's content, else its source."""
+        return self.sha256 if isinstance(self.source, bytes) else str(self.source)
+
+
+def fetch_image(source: ImageSource, policy: FetchPolicy, max_pixels: int) -> Fetched:
+    """Read (or fetch) and decode one image; ImageError / FetchError if it cannot be used."""
     if isinstance(source, bytes):
         data, label = source, "<upload>"
     elif is_url(source):
@@ -81,9 +97,17 @@ def prepare_image(
     else:
         data, label = read_source(source), source
     image = decode_image(data, label, max_pixels=max_pixels)
-    sha = sha256_bytes(data)
+    return Fetched(source, data, sha256_bytes(data), image)
+
+
+def store_image(store: ImageStore, product_id: str, fetched: Fetched) -> NewImage:
+    """Keep an upload's bytes (or a URL image's copy, for thumbnails) in the index
+    directory; the catalog row's source is the stored path, the URL or the local path."""
+    source = fetched.source
     if isinstance(source, bytes):
-        label = str(store.put(data, sha))  # uploads live in the index directory
-    elif is_url(source):
-        store.put(data, sha)  # a local copy for thumbnails; the URL stays the source
-    return NewImage(product_id, label, sha, image.width, image.height), image
+        label = str(store.put(fetched.data, fetched.sha256))
+    else:
+        label = source
+        if is_url(source):
+            store.put(fetched.data, fetched.sha256)
+    return NewImage(product_id, label, fetched.sha256, fetched.image.width, fetched.image.height)

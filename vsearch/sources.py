@@ -65,12 +65,17 @@ def read_folder(root: Path) -> list[Item]:
 
 def read_manifest(path: Path) -> list[Item]:
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = _csv_rows(path)
-    elif suffix in (".jsonl", ".ndjson"):
-        rows = _jsonl_rows(path)
-    else:
-        raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use a folder, .csv or .jsonl)")
+    try:
+        if suffix == ".csv":
+            rows = _csv_rows(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            rows = _jsonl_rows(path)
+        else:
+            raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use a folder, .csv or .jsonl)")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
+        ) from None
     return [_item(path, line, row) for line, row in rows]
 
 
@@ -121,6 +126,9 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
+    for field in REQUIRED:
+        if not isinstance(row[field], (str, int)) or isinstance(row[field], bool):  # JSONL null, lists, ...
+            raise ManifestError(f"{path}:{line}: {field} must be a string, not {json.dumps(row[field])}")
     product_id = str(row["id"]).strip()
     image = str(row["image"]).strip()
     if not product_id:
