@@ -64,6 +64,7 @@ def require_read(request: Request) -> None:
 
 
 Service = Annotated[SearchService, Depends(get_service)]
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 ImageId = Annotated[int, Path(ge=0, le=2**63 - 1, description="an image's id (a catalog row id)")]
 Read = Depends(require_read)
 Write = Depends(require_write)
@@ -144,7 +145,7 @@ def add_routes(app: FastAPI) -> None:
             return error_response(503, "not_ready", "the index or the model is still loading")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
     def metrics(request: Request) -> Response:
         registry: Metrics | None = getattr(request.app.state, "metrics", None)
         return Response(registry.render() if registry else b"", media_type=CONTENT_TYPE)
@@ -203,7 +204,13 @@ def add_routes(app: FastAPI) -> None:
     async def info(service: Service) -> dict[str, Any]:
         return await run_in_threadpool(service.engine.info)
 
-    @app.get("/v1/images/{image_id}", tags=["catalog"], dependencies=[Read], response_model=None)
+    @app.get(
+        "/v1/images/{image_id}",
+        tags=["catalog"],
+        dependencies=[Read],
+        response_model=None,
+        responses={200: {"content": {"image/*": BINARY}}, 307: {"description": "the image's URL (an http(s) catalog image)"}},
+    )
     async def image(image_id: ImageId, service: Service) -> Response:
         row = await run_in_threadpool(service.engine.image, image_id)
         stored = await run_in_threadpool(service.engine.image_store.path, row.sha256)
@@ -215,7 +222,13 @@ def add_routes(app: FastAPI) -> None:
             raise ProductNotFoundError(f"the file of image {image_id} is gone; re-ingest its product")
         return FileResponse(row.source, headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.get("/v1/images/{image_id}/thumbnail", tags=["catalog"], dependencies=[Read])
+    @app.get(
+        "/v1/images/{image_id}/thumbnail",
+        tags=["catalog"],
+        dependencies=[Read],
+        response_model=None,
+        responses={200: {"content": {"image/jpeg": BINARY}}},
+    )
     async def thumbnail(image_id: ImageId, service: Service) -> Response:
         data = await run_in_threadpool(service.thumbnail, image_id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
