@@ -162,3 +162,34 @@ def test_manifests_that_are_not_utf8_or_have_null_ids_are_one_line(tmp_path: Pat
     jsonl.write_text('{"id": null, "image": "a.jpg"}\n')
     with pytest.raises(ManifestError, match=r"null.jsonl:1: id must be a string, not null"):
         read_manifest(jsonl)
+
+
+@pytest.mark.parametrize("resize", ["pad", "crop"])
+def test_extreme_aspect_ratios_cost_no_more_than_an_ordinary_photo(resize: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20000x1 image once padded to a 400 M-pixel canvas (a 60000x1 PNG of 140 bytes
+    OOM-killed the server); every intermediate image must stay within the canvas bound."""
+    from PIL import Image
+
+    from vsearch import embed
+    from vsearch.presets import resolve_model
+
+    largest = 0
+    real_new, real_resize = Image.new, Image.Image.resize
+
+    def new(mode: str, size: tuple[int, int], *args: object) -> Image.Image:
+        nonlocal largest
+        largest = max(largest, size[0] * size[1])
+        return real_new(mode, size, *args)  # type: ignore[arg-type]
+
+    def resized(self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object) -> Image.Image:
+        nonlocal largest
+        largest = max(largest, size[0] * size[1])
+        return real_resize(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embed.Image, "new", new)
+    monkeypatch.setattr(embed.Image.Image, "resize", resized)
+    preprocess = embed.Preprocess(resolve_model("tiny-test", resize=resize))
+    for size in ((20000, 1), (1, 20000), (20000, 3)):
+        tensor = preprocess(real_new("RGB", size, "red"))
+        assert tuple(tensor.shape) == (3, preprocess.size, preprocess.size)
+    assert largest <= embed.MAX_CANVAS_SIDE**2

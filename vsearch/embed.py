@@ -36,6 +36,9 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+MAX_CANVAS_SIDE = 4096  # a padded canvas at most 4096^2 RGB pixels (50 MB), whatever the image
+
+
 class Preprocess:
     """PIL RGB image -> normalised CHW float tensor of the model's input size."""
 
@@ -64,6 +67,7 @@ class Preprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         size = self.size
+        image = self._bounded(image)
         if self.resize == "pad":
             # Catalog shots sit on white; padding keeps the whole product and its shape.
             side = max(image.size)
@@ -81,6 +85,21 @@ class Preprocess:
         array = np.array(image, dtype=np.float32)  # a writable copy
         tensor = torch.from_numpy(array).permute(2, 0, 1).div_(255.0)
         return (tensor - self.mean) / self.std
+
+    def _bounded(self, image: Image.Image) -> Image.Image:
+        """``image``, shrunk first where preparing it as is would cost far more than the
+        model's input: a padded canvas past MAX_CANVAS_SIDE (a 60000x1 PNG would pad to
+        3.6 G pixels) or a crop-mode resize past 4x the input's pixels. Ordinary photos
+        pass untouched, so their vectors do not change."""
+        width, height = image.size
+        if self.resize == "pad" and max(width, height) > MAX_CANVAS_SIDE:
+            scale = MAX_CANVAS_SIDE / max(width, height)
+            return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+        if self.resize == "crop" and max(width, height) > 4 * min(width, height):
+            short = min(width, height)  # the central square is all that crop mode keeps
+            left, top = (width - short) // 2, (height - short) // 2
+            return image.crop((left, top, left + short, top + short))
+        return image
 
 
 def pool(feature: torch.Tensor, how: str, p: float) -> torch.Tensor:
