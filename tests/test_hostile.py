@@ -193,3 +193,37 @@ def test_extreme_aspect_ratios_cost_no_more_than_an_ordinary_photo(resize: str, 
         tensor = preprocess(real_new("RGB", size, "red"))
         assert tuple(tensor.shape) == (3, preprocess.size, preprocess.size)
     assert largest <= embed.MAX_CANVAS_SIDE**2
+
+
+def test_a_url_that_drips_its_body_is_cut_off_at_the_total_deadline() -> None:
+    """A byte every 0.2 s never trips a per-read timeout; the fetch as a whole must end."""
+    import http.server
+    import threading
+    import time
+
+    from vsearch.fetch import FetchError, FetchPolicy, fetch_url
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Length", "40")
+            self.end_headers()
+            for _ in range(40):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FetchError, match="longer than 1 s|timed out"):
+            fetch_url(f"http://127.0.0.1:{server.server_address[1]}/slow.jpg", FetchPolicy(allow_private=True, timeout_s=1.0))
+    finally:
+        server.shutdown()
+        server.server_close()

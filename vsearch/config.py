@@ -136,7 +136,7 @@ class ServeConfig:
     queue_size: int = 64
     allow_private_urls: bool = False  # let image_url reach loopback/private/link-local addresses
     allowed_url_networks: tuple[str, ...] = ()  # or only these networks, e.g. ("10.1.2.0/24",)
-    url_timeout_s: float = 8.0
+    url_timeout_s: float = 8.0  # the whole fetch of an image URL (connect, redirects, body), not each read
     thumbnail_px: int = 256
     web_dir: str | None = None  # default: the repository's web/ folder
     reload_interval_s: float = 2.0  # how often to look for a model switch made by another process; 0: never

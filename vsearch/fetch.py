@@ -12,6 +12,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -71,8 +72,12 @@ def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ip
 
 
 def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:
+    """The body of an http(s) URL under ``policy``. ``timeout_s`` bounds the whole fetch
+    (connecting, redirects and the body), so a server that drips a byte at a time
+    cannot hold a worker longer than that."""
+    deadline = time.monotonic() + policy.timeout_s
     for _ in range(policy.max_redirects + 1):
-        response, connection = _open(url, policy)
+        response, connection = _open(url, policy, _remaining(deadline, url, policy))
         try:
             if response.status in (301, 302, 303, 307, 308):
                 location = response.getheader("Location")
@@ -82,13 +87,20 @@ def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:
                 continue
             if response.status != 200:
                 raise FetchError(f"{url}: HTTP {response.status}")
-            return _read_capped(response, policy.max_bytes, url)
+            return _read_capped(response, policy.max_bytes, url, deadline, policy)
         finally:
             connection.close()
     raise FetchError(f"{url}: more than {policy.max_redirects} redirects")
 
 
-def _open(url: str, policy: FetchPolicy) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+def _remaining(deadline: float, url: str, policy: FetchPolicy) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(f"{url}: took longer than {policy.timeout_s:g} s")
+    return left
+
+
+def _open(url: str, policy: FetchPolicy, timeout: float) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UrlBlockedError(f"{url}: only http(s) URLs with a host are allowed")
@@ -102,9 +114,9 @@ def _open(url: str, policy: FetchPolicy) -> tuple[http.client.HTTPResponse, http
         check_address(address, policy)
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
-        connection = _PinnedHTTPSConnection(addresses[0], parts.hostname, port, policy.timeout_s)
+        connection = _PinnedHTTPSConnection(addresses[0], parts.hostname, port, timeout)
     else:
-        connection = http.client.HTTPConnection(addresses[0], port, timeout=policy.timeout_s)
+        connection = http.client.HTTPConnection(addresses[0], port, timeout=timeout)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -116,13 +128,26 @@ def _open(url: str, policy: FetchPolicy) -> tuple[http.client.HTTPResponse, http
         raise FetchError(f"{url}: {exc}") from exc
 
 
-def _read_capped(response: http.client.HTTPResponse, max_bytes: int, url: str) -> bytes:
+def _read_capped(
+    response: http.client.HTTPResponse,
+    max_bytes: int,
+    url: str,
+    deadline: float,
+    policy: FetchPolicy,
+) -> bytes:
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise TooLargeError(f"{url}: {declared} bytes is more than the {max_bytes}-byte limit")
     chunks, total = [], 0
     try:
-        while chunk := response.read(65536):
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # the connection lets go of it
+        while True:
+            left = _remaining(deadline, url, policy)
+            if isinstance(sock, socket.socket):  # each wait gets only what is left of the deadline
+                sock.settimeout(left)
+            chunk = response.read1(65536)  # whatever has arrived: a drip cannot reset a timer
+            if not chunk:
+                break
             total += len(chunk)
             if total > max_bytes:
                 raise TooLargeError(f"{url}: more than the {max_bytes}-byte limit")
