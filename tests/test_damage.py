@@ -79,3 +79,9 @@ def test_a_damaged_catalog_is_one_clear_line_and_left_as_it_is(built: Path) -> N
     with pytest.raises(IndexFormatError, match="damaged catalog"):
         Engine.open(built)
     assert (built / "catalog.db").read_bytes() == garbage
+
+
+def test_a_missing_projection_is_one_clear_line_not_a_server_that_answers_500(built: Path) -> None:
+    (built / "projection.npz").unlink()
+    with pytest.raises(IndexFormatError, match="projection.npz is missing or does not match"):
+        Engine.open(built)

@@ -81,7 +81,7 @@ class Engine:
         self._rw = RWLock()  # searches read; the write path applies changes exclusively
         self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
         name = manifest.active_model
-        self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name), None)
+        self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name, manifest), None)
 
     # lifecycle ----------------------------------------------------------------
     @classmethod

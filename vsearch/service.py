@@ -111,9 +111,12 @@ class SearchService:
             self._batcher.close()
 
     def warm_up(self) -> None:
-        """Load the model now rather than on the first shopper's request."""
+        """Load the model and run one search now, rather than on the first shopper's
+        request: the server reports ready only once a search works end to end."""
+        snap = self.engine.snapshot
         size = self.engine.manifest.model.image_size
-        self.embed(self.engine.snapshot, [Image.new("RGB", (size, size), "white")])
+        raw = self.embed(snap, [Image.new("RGB", (size, size), "white")])[0]
+        self.engine.search_vectors(raw, SearchOptions(k=1), snapshot=snap)
 
     # searching --------------------------------------------------------------------
     def search(self, query: Query, options: SearchOptions) -> SearchResult:

@@ -163,10 +163,21 @@ def embedder_loader(paths: IndexPaths, manifest: IndexManifest, name: str, devic
     return lambda: AdaptedEmbedder(version_dir(paths.root, name), device=device)
 
 
-def projection_for(paths: IndexPaths, name: str) -> Projection:
+def projection_for(paths: IndexPaths, name: str, manifest: IndexManifest | None = None) -> Projection:
+    """The projection version ``name`` serves with; with ``manifest``, checked against
+    it (a fitted projection that is missing or of the wrong size is a damaged index)."""
     # A fine-tuned version's vectors come out final (its zero-shot part carries the
     # base projection it was trained with), so only renormalisation is left.
-    return Projection.load(paths.projection) if name == BASE_MODEL else Projection()
+    if name != BASE_MODEL:
+        return Projection()
+    projection = Projection.load(paths.projection)
+    if manifest is not None and manifest.projection_fitted and manifest.raw_dim:
+        if projection.fitted_on == 0 or projection.out_dim(manifest.raw_dim) != manifest.dim:
+            raise IndexFormatError(
+                f"{paths.projection} is missing or does not match the index ({manifest.dim} dimensions); "
+                f"fit it again: vsearch ingest SOURCE --index {paths.root} --center-on PHOTOS"
+            )
+    return projection
 
 
 def use_model(
