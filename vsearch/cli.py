@@ -10,11 +10,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import FinetuneConfig
 from .errors import VsearchError
 from .settings import settings
+
+if TYPE_CHECKING:
+    from .ingest import IngestReport, NothingIngestedError
 
 __all__ = ["main", "build_parser"]
 
@@ -196,18 +199,63 @@ def _ingest(args: argparse.Namespace) -> int:
         info = engine.info()
     if args.json:
         _print_json({**report.to_dict(), "index": info})
-        return 0
+    elif not report.failed:
+        _print_ingest_summary(report, args.index, info)
+    if report.failed:
+        raise _nothing_ingested(report, args.source, args.index / "rejects.jsonl")
+    return 0
+
+
+def _print_ingest_summary(report: IngestReport, index: Path, info: dict[str, Any]) -> None:
     print(
         f"{report.items} items: {report.embedded} embedded, {report.unchanged} unchanged, "
         f"{len(report.rejected)} rejected, {report.removed_products} products removed "
         f"({report.images_per_s:.1f} images/s)"
     )
+    for line in _ingest_notes(report):
+        print(f"  {line}")
     for reject in report.rejected[:20]:
         print(f"  rejected {reject.source}: {reject.reason}")
     if len(report.rejected) > 20:
-        print(f"  ... {len(report.rejected) - 20} more in {args.index / 'rejects.jsonl'}")
-    print(f"index {args.index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
-    return 0
+        print(f"  ... {len(report.rejected) - 20} more in {index / 'rejects.jsonl'}")
+    print(f"index {index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
+
+
+def _ingest_notes(report: IngestReport) -> list[str]:
+    """What the counts alone hide: products left out, and rows that were merged."""
+    notes = []
+    if report.products_skipped:
+        n = len(report.products_skipped)
+        notes.append(f"{_plural(n, 'product')} not created: none of {'its' if n == 1 else 'their'} images could be stored")
+    if report.shared_id_rows:
+        notes.append(
+            f"{_plural(report.shared_id_rows, 'row')} share a product id with an earlier row "
+            f"({_plural(report.shared_id_products, 'product')}): treated as more images of that product"
+        )
+    if report.disagreements:
+        pid, fields = next(iter(report.disagreements.items()))
+        notes.append(
+            f"{_plural(len(report.disagreements), 'product')} with such rows disagree on "
+            f"{', '.join(sorted({f for fs in report.disagreements.values() for f in fs}))} "
+            f"(e.g. {pid}: {', '.join(fields)}): the last row's non-empty value wins"
+        )
+    if report.duplicates:
+        notes.append(f"{_plural(report.duplicates, 'row')} repeat an earlier row's id and image: ignored")
+    return notes
+
+
+def _nothing_ingested(report: IngestReport, source: str, rejects: Path) -> NothingIngestedError:
+    from .ingest import NothingIngestedError
+
+    first = report.rejected[0]
+    every = "its one item was" if report.items == 1 else f"all {report.items} items were"
+    return NothingIngestedError(
+        f"nothing ingested from {source}: {every} rejected, e.g. {first.source}: {first.reason} (every reject is in {rejects})"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _search(args: argparse.Namespace) -> int:
