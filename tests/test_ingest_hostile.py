@@ -109,7 +109,9 @@ def test_a_non_utf8_file_name_is_rejected_by_name_and_the_rest_ingested(
 def test_a_jsonl_lone_surrogate_is_a_reject_not_a_crash(tmp_path: Path) -> None:
     make_image(1).save(tmp_path / "a.jpg")
     (tmp_path / "m.jsonl").write_text(
-        '{"id": "ok", "image": "a.jpg"}\n{"id": "bad\\udce9", "image": "a.jpg"}\n{"id": "x", "image": "a.jpg", "note": "\\ud800"}\n'
+        '{"id": "ok", "image": "a.jpg"}\n'
+        '{"id": "bad\\udce9", "image": "a.jpg"}\n'
+        '{"id": "x", "image": "a.jpg", "note": "\\ud800"}\n'
     )
     with Engine.open(tmp_path / "idx", model=MODEL, create=True) as engine:
         report = engine.ingest(tmp_path / "m.jsonl", quiet=True, workers=0)
@@ -135,8 +137,8 @@ def test_rows_sharing_an_id_are_reported_and_merged(tmp_path: Path, capsys: pyte
     code, out, _ = cli(capsys, *ingest_args(tmp_path / "m.csv", index))
     assert code == 0 and "4 embedded" in out
     assert "2 rows share a product id with an earlier row (2 products): treated as more images of that product" in out
-    assert "1 product with such rows disagree on title (e.g. sku1: title): the last row's non-empty value wins" in out
-    assert "1 row repeat an earlier row's id and image: ignored" in out
+    assert "the rows of 1 product disagree on title (e.g. sku1: title): the last row's non-empty value wins" in out
+    assert "1 row repeats an earlier row's id and image: ignored" in out
     with Engine.open(index) as engine:
         milk, bread = engine.catalog.product("sku1"), engine.catalog.product("sku2")
         assert (milk.title, milk.category) == ("Whole milk", "Dairy")

@@ -229,18 +229,19 @@ def _ingest_notes(report: IngestReport) -> list[str]:
         notes.append(f"{_plural(n, 'product')} not created: none of {'its' if n == 1 else 'their'} images could be stored")
     if report.shared_id_rows:
         notes.append(
-            f"{_plural(report.shared_id_rows, 'row')} share a product id with an earlier row "
+            f"{_plural(report.shared_id_rows, 'row')} {_verb(report.shared_id_rows, 'share')} a product id with an earlier row "
             f"({_plural(report.shared_id_products, 'product')}): treated as more images of that product"
         )
     if report.disagreements:
         pid, fields = next(iter(report.disagreements.items()))
         notes.append(
-            f"{_plural(len(report.disagreements), 'product')} with such rows disagree on "
+            f"the rows of {_plural(len(report.disagreements), 'product')} disagree on "
             f"{', '.join(sorted({f for fs in report.disagreements.values() for f in fs}))} "
             f"(e.g. {pid}: {', '.join(fields)}): the last row's non-empty value wins"
         )
     if report.duplicates:
-        notes.append(f"{_plural(report.duplicates, 'row')} repeat an earlier row's id and image: ignored")
+        n = report.duplicates
+        notes.append(f"{_plural(n, 'row')} {_verb(n, 'repeat')} an earlier row's id and image: ignored")
     return notes
 
 
@@ -256,6 +257,10 @@ def _nothing_ingested(report: IngestReport, source: str, rejects: Path) -> Nothi
 
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _verb(n: int, verb: str) -> str:
+    return f"{verb}s" if n == 1 else verb
 
 
 def _search(args: argparse.Namespace) -> int:

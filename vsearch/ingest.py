@@ -12,7 +12,9 @@ re-embedding with a model version (:mod:`vsearch.versions`) share.
 
 A product is created (or, when it has no image yet, updated) only in the batch that
 stores its first image: a manifest row whose image cannot be read is a reject, never
-an image-less product on the page. Rows that share a product id are more images of
+an image-less product on the page. (The product is written in its own transaction
+just before that batch's images, so a crash exactly in between can still leave one
+image-less product, which the next run completes.) Rows that share a product id are more images of
 one product; the report counts them and says where their titles or categories
 disagree (:func:`merge_products` decides which value wins).
 """
