@@ -191,7 +191,7 @@ def test_open_errors(tmp_path: Path, index_dir: Path, catalog_folder: Path) -> N
 def test_manifest_describes_the_index(index_dir: Path, catalog_folder: Path) -> None:
     build(index_dir, catalog_folder).close()
     manifest = json.loads((index_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert manifest["model"]["layers"] == ["stage3", "head"] and manifest["model"]["pooling"] == "gem"
     assert manifest["factory"] == "IDMap2,Flat"
     assert manifest["counts"] == {"products": 25, "images": 25, "categories": 5, "vectors": 25}

@@ -132,6 +132,8 @@ def old_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Old
         removed = engine.catalog.image_products([newest])[newest]
         assert removed != SEARCHED
         engine.remove_products([removed])  # AUTOINCREMENT's mark now passes max(id)
+        with engine.writer() as writer:
+            writer.save()  # the saved index reflects the catalog, as an old release left it
     catalog = Catalog.open(root / "catalog.db")
     base = stored(catalog, BASE_MODEL)
     rng = np.random.default_rng(0)
@@ -142,7 +144,7 @@ def old_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Old
         images=db.execute(f"SELECT {IMAGE_COLUMNS} FROM images ORDER BY id").fetchall(),
         base=base,
         ft=ft,
-        meta=db.execute("SELECT key, value FROM meta WHERE key != 'schema_version'").fetchall(),
+        meta=db.execute("SELECT key, value FROM meta WHERE key NOT IN ('schema_version', 'changes_floor')").fetchall(),
         sequence=int(db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()[0]),
     )
     catalog.close()
@@ -185,14 +187,14 @@ def test_an_old_index_opens_with_its_vectors_generation_and_saved_index(
         assert hits[0].product_id == SEARCHED
         assert engine.manifest.active_model == BASE_MODEL
     assert (root / "index.faiss").read_bytes() == saved_index, "a valid saved index must not be rebuilt"
-    # the manifest says format 3 as soon as the catalog is migrated, even after a
+    # the manifest says the current format as soon as the catalog is migrated, even after a
     # read-only open, so an older vsearch refuses the directory instead of failing on it
-    assert json.loads((root / "manifest.json").read_text())["format_version"] == 3
+    assert json.loads((root / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
 
     paths = IndexPaths(root)
     manifest = IndexManifest.load(paths)
     manifest.save(paths)
-    assert json.loads((root / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 3
+    assert json.loads((root / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 4
     with Engine.open(root) as engine:  # reopening: nothing left to migrate, nothing changes
         assert engine.catalog.generation == generation
         assert_same_vectors(stored(engine.catalog, BASE_MODEL), content.base)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import sqlite_utils
 
+from . import changelog
 from .errors import IndexFormatError, ProductNotFoundError
 from .vectorstore import VECTOR_SCHEMA, VectorStore, upgrade
 
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-SCHEMA = TABLES + VECTOR_SCHEMA
+SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS
 
 BASE_MODEL = "base"  # the index's original model; stored like any other version
 
@@ -145,6 +146,24 @@ class Catalog:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read transaction: every read inside sees one committed state (WAL), and
+        no lock is taken that would keep writers (or a read-only file) out."""
+        conn = self.db.conn
+        with self._mutex:
+            conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                conn.execute("COMMIT")
+
+    @property
+    def changes_floor(self) -> int:
+        """The oldest generation the change log reaches back to."""
+        with self._mutex:
+            return changelog.floor(self.db.conn)
 
     @property
     @_locked
@@ -288,6 +307,23 @@ class Catalog:
     def vector_dim(self, model: str = BASE_MODEL) -> int:
         """The dimension of ``model``'s stored vectors (0 if it has none)."""
         return self._vectors.dim(model)
+
+    @_locked
+    def vectors_by_id(self, image_ids: list[int], model: str = BASE_MODEL) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, raw vectors) of those of ``image_ids`` that have a ``model`` vector."""
+        return self._vectors.by_ids(model, image_ids)
+
+    @_locked
+    def changed_images(self, generation: int, model: str = BASE_MODEL) -> list[int] | None:
+        """Images whose ``model`` vectors changed after ``generation`` (from the change
+        log); None if the log was pruned past it. Read inside a transaction for a
+        result consistent with :attr:`generation`."""
+        return changelog.changed_since(self.db.conn, generation, model)
+
+    @_locked
+    def prune_changes(self, saved_generation: int) -> None:
+        with self.transaction(bump=False):
+            changelog.prune(self.db.conn, saved_generation)
 
     @_locked
     def drop_model_vectors(self, model: str) -> None:

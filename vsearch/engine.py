@@ -27,6 +27,7 @@ from . import ingest as _ingest
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
+from .dirlock import DirLock
 from .embed import Embedder, Preprocess
 from .errors import IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy
@@ -80,6 +81,7 @@ class Engine:
         self._closed = False
         self._rw = RWLock()  # searches read; the write path applies changes exclusively
         self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
+        self.dir_lock = DirLock(paths.write_lock)  # ... and one process at a time writes the files
         name = manifest.active_model
         self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name, manifest), None)
 
@@ -175,7 +177,7 @@ class Engine:
 
     def saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
         """The saved index file, if ``manifest`` says it matches the catalog; else None."""
-        return load_saved_index(self.paths, manifest, self.catalog.generation, mmap)
+        return load_saved_index(self.paths, manifest, self.catalog.changes_floor, mmap)
 
     # writing ------------------------------------------------------------------
     def ingest(
@@ -231,7 +233,7 @@ class Engine:
         """Delete products and their images; returns how many images went."""
         with self.writer() as writer:
             removed = writer.remove_products(product_ids)
-            writer.save()
+            writer.checkpoint()
         return len(removed)
 
     # model versions (see vsearch.versions) --------------------------------------
@@ -400,12 +402,16 @@ class Engine:
     def _load_index(self, mmap: bool) -> None:
         if not self.manifest.projection_fitted:
             return
-        saved = self.saved_index(self.manifest, mmap)
-        if saved is not None:
-            self._snapshot = replace(self._snapshot, index=saved)
-            self.index_generation = self.manifest.catalog_generation
-            return
-        with self.writer() as writer:  # a run stopped between the catalog commit and the index save
+        current = self.manifest.catalog_generation == self.catalog.generation
+        saved = self.saved_index(self.manifest, mmap and current)  # a mapped index is read-only: no catching up
+        with self.writer() as writer:
+            if saved is not None:
+                self._snapshot = replace(self._snapshot, index=saved)
+                self.index_generation = self.manifest.catalog_generation
+                # writes committed after the last save (another process's, or ours
+                # before a crash): replayed from the change log, in memory
+                if writer.catch_up():
+                    return
             writer.rebuild()
 
     def _loader(self, model: str) -> Callable[[], Embedder]:

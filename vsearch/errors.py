@@ -18,6 +18,8 @@ __all__ = [
     "ConflictError",
     "TrainingDataError",
     "VersionError",
+    "IndexBusyError",
+    "StorageError",
 ]
 
 
@@ -80,3 +82,12 @@ class TrainingDataError(VsearchError):
 
 class VersionError(VsearchError):
     """A model version is missing, incomplete, or cannot be removed."""
+
+
+class IndexBusyError(VsearchError):
+    """Another process holds the index directory's write lock for too long."""
+
+
+class StorageError(VsearchError):
+    """The index directory cannot be written (disk full, read-only file system);
+    nothing was changed."""

@@ -121,7 +121,10 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0 or self.ntotal == 0:
             return 0
-        removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        # An IVF index's hashtable direct map removes only by IDSelectorArray (it looks
+        # each id up); a flat IDMap scans its ids, where a batch's hash set is faster.
+        selector = faiss.IDSelectorArray(ids) if _ivf(self.index) is not None else faiss.IDSelectorBatch(ids)
+        removed = int(self.index.remove_ids(selector))
         self._changed()
         return removed
 

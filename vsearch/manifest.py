@@ -6,6 +6,8 @@ DIR/catalog.db      products, images and every model version's raw vectors (SQLi
 DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
 DIR/projection.npz  fitted centring/PCA
 DIR/rejects.jsonl   what the last ingestion could not use, and why
+DIR/write.lock      held by whichever process writes index.faiss, manifest.json or
+                    projection.npz (vsearch.dirlock)
 DIR/models/NAME/    fine-tuned model versions (weights, config, training report);
                     the manifest's active_model says which one serves
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,9 @@ __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
 
 # 2: model versions (active_model, DIR/models/). 3: catalog schema 2 (all model
 # versions' vectors in one table); Catalog.open migrates a format 1 or 2 catalog.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: catalog schema 3 (the change log), state_id, DIR/write.lock.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class IndexPaths:
     def rejects(self) -> Path:
         return self.root / "rejects.jsonl"
 
+    @property
+    def write_lock(self) -> Path:
+        return self.root / "write.lock"
+
 
 @dataclass
 class IndexManifest:
@@ -68,6 +76,9 @@ class IndexManifest:
     projection_fitted: bool = False
     catalog_generation: int = -1
     active_model: str = BASE_MODEL  # which model version's vectors the index holds
+    # which (model version, projection) the saved index is in; a switch or refit
+    # changes it, so another process knows its own index is of another space
+    state_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     counts: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     vsearch_version: str = ""

@@ -57,7 +57,7 @@ def put_product(
             vectors=raw,
         )
         if engine.manifest.projection_fitted:
-            writer.save()  # an index-type upgrade is left to ingest: no IVF training inside a request
+            writer.checkpoint()  # durable already (the catalog); an index-type upgrade is left to ingest
         else:
             engine.fit_projection()
 

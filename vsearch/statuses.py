@@ -18,9 +18,11 @@ from .errors import (
     FilterError,
     ImageError,
     ImageTooLargeError,
+    IndexBusyError,
     IndexNotFoundError,
     ModelError,
     ProductNotFoundError,
+    StorageError,
     UnsupportedImageError,
     VsearchError,
 )
@@ -44,6 +46,8 @@ ERRORS: list[tuple[type[Exception], int, str]] = [
     (ConfigError, 422, "invalid_parameter"),
     (ModelError, 400, "unsupported_query"),
     (IndexNotFoundError, 503, "no_index"),
+    (IndexBusyError, 503, "index_busy"),
+    (StorageError, 503, "storage_unavailable"),
     (VsearchError, 400, "bad_request"),
 ]
 
@@ -85,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VsearchError)
     async def vsearch_error(request: Request, exc: VsearchError) -> JSONResponse:
         status, code = classify(exc)
-        return error_response(status, code, str(exc), {"Retry-After": "1"} if status == 429 else None)
+        return error_response(status, code, str(exc), {"Retry-After": "1"} if status in (429, 503) else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -28,17 +28,20 @@ writes happen inside its transactions.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from . import changelog
 from .errors import IndexFormatError
 
 __all__ = ["SCHEMA_VERSION", "VECTOR_SCHEMA", "VectorStore", "upgrade"]
 
 # 1: (no meta.schema_version) base vectors inline in images.vector, other models' in
 #    model_vectors with their image's sha256. 2: every model's in model_vectors.
-SCHEMA_VERSION = 2
+# 3: the change log (image_changes and its triggers, vsearch.changelog).
+SCHEMA_VERSION = 3
 
 VECTOR_SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_vectors (
@@ -131,6 +134,22 @@ class VectorStore:
             blobs += [r[0] for r in rows]
         return decode(blobs)
 
+    def by_ids(self, model: str, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of ``image_ids`` that have a ``model`` vector, in id order."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        for lo in range(0, len(image_ids), 500):
+            chunk = image_ids[lo : lo + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT image_id, vector FROM model_vectors WHERE model = ? AND image_id IN ({marks}) ORDER BY image_id",
+                [model, *chunk],
+            )
+            for image_id, blob in rows:
+                found.append(int(image_id))
+                blobs.append(blob)
+        return np.array(found, dtype=np.int64), decode(blobs)
+
     def of_product(self, product_id: str, model: str) -> np.ndarray:
         rows = self.conn.execute(
             "SELECT v.vector FROM model_vectors v JOIN images i ON i.id = v.image_id "
@@ -140,7 +159,7 @@ class VectorStore:
         return decode([r[0] for r in rows])
 
 
-def upgrade(conn: sqlite3.Connection, schema: str, base_model: str) -> None:
+def upgrade(conn: sqlite3.Connection, schema: Sequence[str], base_model: str) -> None:
     """Create a new catalog's tables (``schema``: CREATE ... IF NOT EXISTS statements
     of the current layout), or bring an older catalog to SCHEMA_VERSION.
 
@@ -163,11 +182,12 @@ def upgrade(conn: sqlite3.Connection, schema: str, base_model: str) -> None:
             inline = "vector" in _columns(conn, "images")
             if inline:
                 _set_aside_v1(conn)
-            for statement in filter(str.strip, schema.split(";")):
+            for statement in schema:
                 conn.execute(statement)
             if inline:
                 _move_v1(conn, base_model)
                 migrated = True
+            changelog.start(conn)  # schemas 1 and 2 kept no log: it begins now, after the move
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [str(SCHEMA_VERSION)],

@@ -34,6 +34,7 @@ from .projection import Projection
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .writer import IndexWriter
 
 __all__ = [
     "BASE_MODEL",
@@ -240,35 +241,48 @@ def remove_model(engine: Engine, name: str) -> None:
 
 
 def refresh(engine: Engine) -> bool:
-    """Adopt a switch or write that another process (e.g. ``vsearch reindex`` beside
-    ``vsearch serve``) saved to the index directory. Returns True if something was
-    reloaded. Cheap when nothing changed: one small file read."""
-    if not _changed_elsewhere(engine):
+    """Follow what other processes did to the index directory (e.g. ``vsearch
+    ingest`` or ``vsearch reindex`` beside ``vsearch serve``): adopt a model switch
+    or refit they saved, and apply the writes they committed to the catalog (from
+    its change log, at the cost of the change). Returns True if anything changed.
+    Cheap when nothing did: one small file read and one catalog row."""
+    if _switched_elsewhere(engine) is not None:
+        with engine.writer() as writer:
+            disk = _switched_elsewhere(engine)  # again, now that no write of ours can land
+            if disk is not None:
+                _adopt(engine, writer, disk)
+                return True
+    if engine.snapshot.index is None or engine.catalog.generation == engine.index_generation:
         return False
     with engine.writer() as writer:
-        disk = _changed_elsewhere(engine)  # again, now that no write of ours can land
-        if not disk:
-            return False
-        name = disk.active_model
-        projection = projection_for(engine.paths, name)
-        index, generation = engine.saved_index(disk), disk.catalog_generation
-        if index is None:
-            index, generation = writer.build_index(projection, name)
-        writer.swap(engine.new_snapshot(name, projection, index, like=writer.snapshot), generation, manifest=disk)
+        if not writer.catch_up():  # further behind than the log reaches: start from the saved index
+            _adopt(engine, writer, IndexManifest.load(engine.paths))
     return True
 
 
-def _changed_elsewhere(engine: Engine) -> IndexManifest | None:
-    """The manifest on disk if another process saved a state we do not serve."""
+def _adopt(engine: Engine, writer: IndexWriter, disk: IndexManifest) -> None:
+    """Serve the state ``disk`` describes: its saved index caught up with the
+    catalog, or one built from the catalog if that cannot be."""
+    name = disk.active_model
+    projection = projection_for(engine.paths, name)
+    index, generation = engine.saved_index(disk), disk.catalog_generation
+    if index is None:
+        index, generation = writer.build_index(projection, name)
+    writer.swap(engine.new_snapshot(name, projection, index, like=writer.snapshot), generation, manifest=disk)
+    if not writer.catch_up():
+        writer.rebuild()
+
+
+def _switched_elsewhere(engine: Engine) -> IndexManifest | None:
+    """The manifest on disk if another process has since switched the directory to
+    another model version or projection."""
     try:
         disk = IndexManifest.load(engine.paths)
     except (IndexFormatError, IndexNotFoundError):
         return None
     if disk.catalog_generation == -1 or disk.updated_at <= engine.manifest.updated_at:
         return None  # mid-save elsewhere, or our own save
-    if disk.active_model == engine.snapshot.model and disk.catalog_generation == engine.index_generation:
-        return None
-    return disk
+    return disk if disk.state_id != engine.manifest.state_id else None
 
 
 def _local_source(engine: Engine, row: ImageRow) -> str:

@@ -16,6 +16,8 @@ A model switch, a refit and a refresh from another process all end in
 from __future__ import annotations
 
 import logging
+import sqlite3
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import Catalog
-from .errors import IndexFormatError
+from .errors import IndexBusyError, IndexFormatError, StorageError, VsearchError
 from .index import VectorIndex, choose_factory
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
@@ -34,10 +36,11 @@ from .sources import Item
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["FIT_SAMPLE", "IndexWriter", "NewImage", "build_index", "load_saved_index"]
+__all__ = ["CHECKPOINT_EVERY", "FIT_SAMPLE", "IndexWriter", "NewImage", "build_index", "load_saved_index"]
 
 _log = logging.getLogger("vsearch")
 FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
+CHECKPOINT_EVERY = 64  # catalog generations (write transactions) between index saves of API writes
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,11 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
     return index
 
 
-def load_saved_index(paths: IndexPaths, manifest: IndexManifest, generation: int, mmap: bool = False) -> VectorIndex | None:
-    """The saved index file, if ``manifest`` says it reflects catalog ``generation``; else None."""
-    if manifest.catalog_generation != generation or not paths.index.exists():
+def load_saved_index(paths: IndexPaths, manifest: IndexManifest, floor: int, mmap: bool = False) -> VectorIndex | None:
+    """The saved index file, if ``manifest`` says it reflects a catalog generation the
+    change log still reaches back to (``floor`` or later): the caller catches it up.
+    Else None (a stale manifest, a missing or damaged file: rebuild)."""
+    if manifest.catalog_generation < max(floor, 0) or not paths.index.exists():
         return None
     try:
         index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
@@ -87,6 +92,7 @@ class IndexWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.catalog = engine.catalog
+        self._touched: set[int] = set()  # image ids the change in progress put in the index or took out
 
     @property
     def snapshot(self) -> Snapshot:
@@ -97,22 +103,31 @@ class IndexWriter:
         """A catalog transaction and the index change that goes with it, under the
         write lock; category blocks are forgotten afterwards.
 
-        Tracks which catalog generation the served index reflects: a commit from
-        another process since our last one (seen inside the transaction, where no
-        other writer can commit) or a change that failed halfway leaves the index
-        stale, and the next :meth:`save` rebuilds it from the catalog."""
+        The transaction first catches the index up with whatever other processes
+        committed (SQLite lets no one else commit until ours ends). If the change
+        fails, the catalog rolls back and the images it touched are re-read into
+        the index from the catalog, so the index never keeps half a change."""
         engine, snap = self.engine, self.engine.snapshot
+        self._touched = set()
         with engine._rw.write():
             try:
-                with self.catalog.transaction():
-                    ours = self.catalog.generation == engine.index_generation
+                with _storage_errors(self.catalog), self.catalog.transaction():
+                    ours = self._catch_up(snap)
                     yield snap
             except BaseException:
-                engine.index_generation = -1  # the index may hold part of what the catalog rolled back
+                self._resync(snap)
                 raise
             finally:
                 snap.filters.invalidate()
             engine.index_generation = self.catalog.generation if ours else -1
+
+    def catch_up(self) -> bool:
+        """Apply to the served index what other processes committed since it was
+        loaded (from the catalog's change log: the cost of the change). False if
+        the log does not reach back that far (the index stays stale)."""
+        engine, snap = self.engine, self.engine.snapshot
+        with engine._rw.write(), self.catalog.reading():
+            return self._catch_up(snap)
 
     # catalog and index together -------------------------------------------------
     def upsert_products(self, items: Sequence[Item]) -> None:
@@ -209,16 +224,21 @@ class IndexWriter:
         and then the index and manifest are saved: a crash anywhere in between leaves
         a stale manifest, which the next open repairs by rebuilding."""
         engine = self.engine
-        if manifest is None:
+        if manifest is not None:
+            with engine._rw.write():  # one assignment for readers: info() never mixes two
+                engine.manifest, engine._snapshot, engine.index_generation = manifest, snapshot, generation
+            return
+        with engine.dir_lock.hold():
             manifest = replace(engine.manifest, **changes)
+            if changes:
+                manifest.state_id = uuid.uuid4().hex
             if snapshot.index is not None:
                 manifest.factory = snapshot.index.factory
             manifest.catalog_generation = -1
             manifest.save(engine.paths)
             files()
-        with engine._rw.write():  # one assignment for readers: info() never mixes two
-            engine.manifest, engine._snapshot, engine.index_generation = manifest, snapshot, generation
-        if manifest.catalog_generation == -1:
+            with engine._rw.write():
+                engine.manifest, engine._snapshot, engine.index_generation = manifest, snapshot, generation
             self.save()
 
     def rebuild(self) -> None:
@@ -244,19 +264,56 @@ class IndexWriter:
 
     def save(self) -> None:
         """Persist the index and the manifest (with the catalog generation the index
-        reflects); a stale index is rebuilt first."""
+        reflects), under the directory's write lock, after catching up with the
+        catalog; a stale index is rebuilt first. Skipped, with a warning, when
+        another process has switched the directory to another model or projection
+        since we loaded it: its state wins, and :func:`vsearch.versions.refresh`
+        adopts it."""
         engine = self.engine
-        if engine.index_generation == -1 and engine.snapshot.index is not None:
-            self.rebuild()  # saves
-            return
-        with engine._rw.read():  # saving only reads the index; searches may go on
-            snap = engine.snapshot
+        with engine.dir_lock.hold():
+            if self._superseded():
+                return
+            if engine.snapshot.index is not None and not self.catch_up():
+                self.rebuild()  # saves
+                return
+            with engine._rw.read():  # saving only reads the index; searches may go on
+                snap = engine.snapshot
+                if snap.index is not None:
+                    snap.index.save(engine.paths.index)
+                counts = self.catalog.counts()
+                engine.manifest.counts = {**counts, "vectors": snap.vectors}
+                engine.manifest.catalog_generation = engine.index_generation if snap.index is not None else -1
+                engine.manifest.save(engine.paths)
             if snap.index is not None:
-                snap.index.save(engine.paths.index)
-            counts = self.catalog.counts()
-            engine.manifest.counts = {**counts, "vectors": snap.vectors}
-            engine.manifest.catalog_generation = engine.index_generation if snap.index is not None else -1
-            engine.manifest.save(engine.paths)
+                self.catalog.prune_changes(engine.manifest.catalog_generation)
+
+    def checkpoint(self, every: int = CHECKPOINT_EVERY) -> bool:
+        """Save if the saved index lags the catalog by ``every`` generations or more
+        (0: whenever it lags). Every write is durable once the catalog commits it
+        (an open replays the change log), so a save is a checkpoint: it bounds the
+        replay, not what survives. A save that fails (a full disk) is logged and
+        left to the next checkpoint. Returns True if it saved."""
+        engine = self.engine
+        lag = self.catalog.generation - engine.manifest.catalog_generation
+        if engine.manifest.catalog_generation >= 0 and lag < max(every, 1):
+            return False
+        try:
+            self.save()
+        except (OSError, VsearchError) as exc:
+            _log.warning("vsearch: could not save %s (%s); the catalog has every change; will retry", engine.paths.index, exc)
+            return False
+        return True
+
+    def _superseded(self) -> bool:
+        try:
+            disk = IndexManifest.load(self.engine.paths)
+        except VsearchError:
+            return False  # none yet, or damaged: ours replaces it
+        ours = self.engine.manifest
+        if disk.state_id == ours.state_id or disk.updated_at <= ours.updated_at:
+            return False
+        _log.warning("vsearch: another process switched %s to another model or projection; not saved", self.engine.paths.root)
+        return True
 
     def finish(self) -> None:
         """After a batch of writes: fit the projection the first time, move to a bigger
@@ -271,10 +328,53 @@ class IndexWriter:
         self.save()
 
     # internals ---------------------------------------------------------------------
+    def _catch_up(self, snap: Snapshot) -> bool:
+        """Inside a catalog transaction and the write lock: see :meth:`catch_up`."""
+        engine, current = self.engine, self.catalog.generation
+        if snap.index is None or engine.index_generation == current:
+            return True
+        changed = self.catalog.changed_images(engine.index_generation, snap.model) if engine.index_generation >= 0 else None
+        if changed is None:
+            return False
+        self._reload(snap, changed)
+        snap.filters.invalidate()
+        engine.index_generation = current
+        return True
+
+    def _resync(self, snap: Snapshot) -> None:
+        """After a failed change: the images it touched, as the catalog has them now."""
+        try:
+            with self.catalog.reading():
+                self._reload(snap, sorted(self._touched))
+        except Exception:  # noqa: BLE001 - the catalog is unreachable: rebuild at the next save
+            self.engine.index_generation = -1
+
+    def _reload(self, snap: Snapshot, image_ids: list[int]) -> None:
+        if snap.index is None or not image_ids:
+            return
+        snap.index.remove(np.array(image_ids, dtype=np.int64))
+        ids, raw = self.catalog.vectors_by_id(image_ids, snap.model)
+        if len(ids):
+            snap.index.add(ids, snap.projection.apply(raw))
+
     def _add(self, snap: Snapshot, ids: np.ndarray, raw: np.ndarray) -> None:
         if snap.index is not None and len(ids):
+            self._touched.update(int(i) for i in ids)
             snap.index.add(ids, snap.projection.apply(raw))
 
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
+            self._touched.update(ids)
             snap.index.remove(np.array(ids, dtype=np.int64))
+
+
+@contextmanager
+def _storage_errors(catalog: Catalog) -> Iterator[None]:
+    """SQLite's write failures as the errors the edges translate: a full disk or a
+    read-only catalog (nothing was committed), or another writer holding it."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise IndexBusyError(f"{catalog.path} is being written by another process; try again") from None
+        raise StorageError(f"{catalog.path}: cannot write: {exc}; nothing was changed") from None
