@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServeConfig
 from .engine import Engine
+from .limits import Busy, serving_limits
 from .metrics import Metrics
 from .routes import add_routes, document_search
 from .service import SearchService
@@ -39,20 +40,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cache_bytes = int(config.block_cache_mb * 1024 * 1024)
-        engine = await run_in_threadpool(partial(Engine.open, config.index_dir, block_cache_bytes=cache_bytes))
-        metrics = Metrics(lambda: float(engine.index.ntotal) if engine.index is not None else 0.0)
-        service = SearchService(engine, config, on_batch=metrics.embed_batch.observe)
-        app.state.metrics, app.state.service = metrics, service
-        await run_in_threadpool(service.warm_up)
-        service.watch_index()
-        app.state.ready = True
-        try:
-            yield
-        finally:
-            app.state.ready = False
-            service.close()
-            await run_in_threadpool(engine.close)
+        with serving_limits(config.decode_budget_mb, config.decode_wait_s, config.url_fetch_max, url_wait_s=0.0):
+            async with _serving(app, config):
+                yield
 
     app = FastAPI(
         title="vsearch",
@@ -63,6 +53,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     )
     app.state.config, app.state.ready = config, False
     install_error_handlers(app)
+    app.exception_handler(Busy)(_busy)
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
     app.middleware("http")(_observe)
     add_routes(app)
@@ -71,6 +62,31 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     if web.is_dir():
         app.mount("/", StaticFiles(directory=web, html=True), name="web")
     return app
+
+
+@asynccontextmanager
+async def _serving(app: FastAPI, config: ServeConfig) -> AsyncIterator[None]:
+    """Open the index, load the model and answer one search; close them at the end."""
+    cache_bytes = int(config.block_cache_mb * 1024 * 1024)
+    engine = await run_in_threadpool(partial(Engine.open, config.index_dir, block_cache_bytes=cache_bytes))
+    metrics = Metrics(lambda: float(engine.index.ntotal) if engine.index is not None else 0.0)
+    service = SearchService(engine, config, on_batch=metrics.embed_batch.observe)
+    app.state.metrics, app.state.service = metrics, service
+    try:
+        await run_in_threadpool(service.warm_up)
+        service.watch_index()
+        app.state.ready = True
+        yield
+    finally:
+        app.state.ready = False
+        service.close()
+        await run_in_threadpool(engine.close)
+
+
+async def _busy(request: Request, exc: Exception) -> Response:
+    """Busy (no decode memory or URL fetch slot to spare now) is the server's state, not
+    the client's rate: 503 with Retry-After (statuses.py maps the rest)."""
+    return error_response(503, "busy", str(exc), {"Retry-After": "1"})
 
 
 def _document(app: FastAPI) -> None:

@@ -133,7 +133,10 @@ class ServeConfig:
     max_pixels: int = 40_000_000
     batch_max: int | None = None  # None: 16 when the model runs on a GPU, 1 (off) on the CPU
     batch_wait_ms: float = 4.0
-    queue_size: int = 64
+    queue_size: int | None = None  # searches waiting for the model, past which 429; None: from the CPUs or batch size
+    decode_budget_mb: float = 512  # memory all image decodes together may hold (estimated from headers); past it, 503
+    decode_wait_s: float = 1.0  # how long a decode waits for that memory before the 503
+    url_fetch_max: int = 8  # image URL fetches at once (each may take url_timeout_s); past it, 503 at once
     allow_private_urls: bool = False  # let image_url reach loopback/private/link-local addresses
     allowed_url_networks: tuple[str, ...] = ()  # or only these networks, e.g. ("10.1.2.0/24",)
     url_timeout_s: float = 8.0  # the whole fetch of an image URL (connect, redirects, body), not each read
@@ -143,8 +146,11 @@ class ServeConfig:
     block_cache_mb: float = 256  # vectors kept for category-filtered search (exact search on Flat/small filters)
 
     def __post_init__(self) -> None:
-        if self.max_upload_bytes <= 0 or self.max_pixels <= 0 or self.queue_size <= 0 or (self.batch_max or 1) <= 0:
+        limits = (self.max_upload_bytes, self.max_pixels, self.queue_size or 1, self.batch_max or 1, self.url_fetch_max)
+        if min(limits) <= 0 or self.decode_budget_mb <= 0:
             raise ConfigError("limits must be positive")
+        if self.decode_wait_s < 0:
+            raise ConfigError("decode_wait_s must not be negative")
         if self.block_cache_mb < 0:
             raise ConfigError("block_cache_mb must not be negative (0 keeps no vectors between searches)")
 

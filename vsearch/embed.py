@@ -7,6 +7,7 @@ A vector is the concatenation of the configured intermediate layers, each pooled
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from .backbones import Backbone
 from .config import ModelConfig
 from .errors import ImageError
 from .families import build_backbone, has_text
-from .images import DEFAULT_MAX_PIXELS, decode_image, read_source, sha256_bytes
+from .images import DEFAULT_MAX_PIXELS, decode, read_source, sha256_bytes
 from .malloc import tune_malloc
 
-__all__ = ["Embedder", "Preprocess", "LoadedImage", "load_images", "pick_device", "pool"]
+__all__ = ["Embedder", "Preprocess", "LoadedImage", "decode_side", "load_images", "pick_device", "pool"]
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -37,6 +38,7 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 MAX_CANVAS_SIDE = 4096  # a padded canvas at most 4096^2 RGB pixels (50 MB), whatever the image
+DETAIL = 4  # images are decoded with at most DETAIL x the model's input side (see Preprocess.max_side)
 
 
 class Preprocess:
@@ -47,6 +49,15 @@ class Preprocess:
         self.resize = config.resize
         self.mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def max_side(self) -> int:
+        """The most pixels on an image's long side worth decoding for this model: 4x its
+        input side. The input is a bicubic resize, so more only costs memory and time
+        (a 40-megapixel photo decodes at 1/4 or 1/8 scale instead); 4x leaves room for
+        the 0.8 query crop and a clean anti-aliased resize. Photos this small or
+        smaller are untouched, so their vectors do not change."""
+        return decode_side(self.size)
 
     def input_box(self, size: tuple[int, int], box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """Where a box (fractions of an image of ``size``) lands in the model's input."""
@@ -100,6 +111,11 @@ class Preprocess:
             left, top = (width - short) // 2, (height - short) // 2
             return image.crop((left, top, left + short, top + short))
         return image
+
+
+def decode_side(image_size: int) -> int:
+    """:attr:`Preprocess.max_side` for a model whose input is ``image_size`` square."""
+    return DETAIL * image_size
 
 
 def pool(feature: torch.Tensor, how: str, p: float) -> torch.Tensor:
@@ -229,9 +245,10 @@ class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
             if loaded.sha256 == known_sha256:
                 loaded.unchanged = True
                 return loaded
-            image = decode_image(data, source, max_pixels=self.max_pixels)
-            loaded.width, loaded.height = image.size
-            loaded.tensor = self.preprocess(image)
+            # Waits for decode memory as long as it takes: nothing competes in a worker.
+            decoded = decode(data, source, max_pixels=self.max_pixels, max_side=self.preprocess.max_side, wait_s=math.inf)
+            loaded.width, loaded.height = decoded.width, decoded.height
+            loaded.tensor = self.preprocess(decoded.image)
         except ImageError as exc:
             loaded.error = exc.reason
         return loaded

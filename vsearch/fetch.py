@@ -3,7 +3,8 @@
 Every hop (the URL and each redirect) is resolved once, every address it resolves
 to must be public unless the policy allows private ones, and the connection goes to
 that checked address (so a DNS answer cannot change between check and use). Bodies
-are capped while streaming; the whole fetch has a timeout per socket operation.
+are capped while streaming; the whole fetch has one deadline, and the process runs at
+most so many fetches at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from .errors import VsearchError
+from .limits import url_fetch_slots
 
 __all__ = ["FetchPolicy", "FetchError", "UrlBlockedError", "TooLargeError", "fetch_url", "check_address"]
 
@@ -74,7 +76,14 @@ def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ip
 def fetch_url(url: str, policy: FetchPolicy = TRUSTED) -> bytes:
     """The body of an http(s) URL under ``policy``. ``timeout_s`` bounds the whole fetch
     (connecting, redirects and the body), so a server that drips a byte at a time
-    cannot hold a worker longer than that."""
+    cannot hold a worker longer than that; and at most so many fetches run at once
+    (:func:`vsearch.limits.url_fetch_slots`: past that, :class:`~vsearch.limits.Busy`),
+    so slow URLs cannot hold every worker thread either."""
+    with url_fetch_slots().hold():
+        return _fetch(url, policy)
+
+
+def _fetch(url: str, policy: FetchPolicy) -> bytes:
     deadline = time.monotonic() + policy.timeout_s
     for _ in range(policy.max_redirects + 1):
         response, connection = _open(url, policy, _remaining(deadline, url, policy))

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from .embed import decode_side
 from .errors import ConflictError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
-from .images import DEFAULT_MAX_PIXELS, decode_image, is_url, read_source, sha256_bytes
+from .images import DEFAULT_MAX_PIXELS, decode, is_url, read_source, sha256_bytes
 from .imagestore import ImageStore
 from .writer import NewImage
 
@@ -43,7 +44,8 @@ def put_product(
     # Fetching and decoding need no lock: other writes (an ingest, a refresh) go on.
     # Every image is decoded before any is stored, so a bad one leaves nothing behind;
     # one image given twice is stored (and indexed) once.
-    fetched = list({f.key: f for f in (fetch_image(s, fetch_policy, max_pixels) for s in images or [])}.values())
+    side = decode_side(engine.manifest.model.image_size)  # decoded no larger than the model can use
+    fetched = list({f.key: f for f in (fetch_image(s, fetch_policy, max_pixels, side) for s in images or [])}.values())
     with engine.writer() as writer:  # embedded by the model version that will store the vectors
         if create is not None:
             _check_exists(engine, product_id, should=not create)
@@ -80,7 +82,9 @@ class Fetched:
     source: ImageSource
     data: bytes
     sha256: str
-    image: Image.Image
+    image: Image.Image  # perhaps reduced (see vsearch.images.decode)
+    width: int  # the image's own size
+    height: int
 
     @property
     def key(self) -> str:
@@ -88,16 +92,18 @@ class Fetched:
         return self.sha256 if isinstance(self.source, bytes) else str(self.source)
 
 
-def fetch_image(source: ImageSource, policy: FetchPolicy, max_pixels: int) -> Fetched:
-    """Read (or fetch) and decode one image; ImageError / FetchError if it cannot be used."""
+def fetch_image(source: ImageSource, policy: FetchPolicy, max_pixels: int, max_side: int | None = None) -> Fetched:
+    """Read (or fetch) and decode one image, reduced to ``max_side`` (see
+    :func:`vsearch.images.decode`); ImageError / FetchError if it cannot be used, Busy
+    when the server has no decode memory or URL fetch slot to spare right now."""
     if isinstance(source, bytes):
         data, label = source, "<upload>"
     elif is_url(source):
         data, label = fetch_url(source, policy), source
     else:
         data, label = read_source(source), source
-    image = decode_image(data, label, max_pixels=max_pixels)
-    return Fetched(source, data, sha256_bytes(data), image)
+    decoded = decode(data, label, max_pixels=max_pixels, max_side=max_side)
+    return Fetched(source, data, sha256_bytes(data), decoded.image, decoded.width, decoded.height)
 
 
 def store_image(store: ImageStore, product_id: str, fetched: Fetched) -> NewImage:
@@ -110,4 +116,4 @@ def store_image(store: ImageStore, product_id: str, fetched: Fetched) -> NewImag
         label = source
         if is_url(source):
             store.put(fetched.data, fetched.sha256)
-    return NewImage(product_id, label, fetched.sha256, fetched.image.width, fetched.image.height)
+    return NewImage(product_id, label, fetched.sha256, fetched.width, fetched.height)

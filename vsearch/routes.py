@@ -135,18 +135,22 @@ def document_search(openapi: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- routes
 def add_routes(app: FastAPI) -> None:
+    # The ops endpoints are async and do no blocking work: they answer on the event loop
+    # even while every worker thread is busy (slow URLs, a queue of searches).
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
-    def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         if not request.app.state.ready:
             return error_response(503, "not_ready", "the index or the model is still loading")
+        if not get_service(request).ready():
+            return error_response(503, "not_ready", "the last searches failed with server errors; checking again")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["ops"], responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
-    def metrics(request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         registry: Metrics | None = getattr(request.app.state, "metrics", None)
         return Response(registry.render() if registry else b"", media_type=CONTENT_TYPE)
 
@@ -236,6 +240,7 @@ def add_routes(app: FastAPI) -> None:
 
 def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: bool) -> ProductView:
     images: list[bytes | str] = [*uploads, *body.image_urls]
+    service.trimmer.touch()  # decoding and embedding: memory to give back once quiet
     return service.engine.put_product(
         body.id,
         create=create,

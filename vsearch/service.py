@@ -7,15 +7,22 @@ model and searched in its index, whatever switch happens meanwhile. Each query k
 has one handler in :data:`PREPARE`, which turns it into an image or a text to embed,
 or a raw vector; :meth:`SearchService.search_many` embeds a whole batch's images in
 one forward.
+
+Every forward runs on the model queue's one thread (:class:`~vsearch.batcher.MicroBatcher`),
+which holds at most ``queue_size`` requests: past that a search is refused at once
+(429), before its image is even decoded. Searches that fail with server errors make
+the service not ready (:class:`SearchHealth`) until a check search passes again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,16 +31,17 @@ from PIL import Image
 
 from .batcher import MicroBatcher, Overloaded
 from .config import ServeConfig
-from .embed import pick_device
+from .embed import decode_side, pick_device
 from .engine import Engine
 from .errors import ConfigError, ImageTooLargeError, VsearchError
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import decode_image
+from .limits import IdleTrimmer
 from .query import Crop, Hit, ImageQuery, ProductQuery, Query, SearchOptions, TextQuery, UrlQuery, VectorQuery
 from .snapshot import Snapshot
 
-__all__ = ["PREPARE", "SearchResult", "SearchService", "default_batch_max"]
+__all__ = ["PREPARE", "SearchHealth", "SearchResult", "SearchService", "default_batch_max", "default_queue_size"]
 
 
 @dataclass
@@ -64,6 +72,40 @@ def default_batch_max(device: str | None) -> int:
     return 16 if pick_device(device).type in ("cuda", "mps") else 1
 
 
+def default_queue_size(batch_max: int, cpus: int | None = None) -> int:
+    """How many searches may wait for the model before more are refused (429): four
+    batches on a GPU; on a CPU, 4 per core (at least 8).
+
+    Past that a search waits longer than the queue takes to drain, which helps no one:
+    with 64 (the old default, more than the 40 request threads) nothing was ever
+    refused, and p50 latency went from 1.3 s at 8 clients to 7.8 s at 100, on 2 cores
+    (a forward of a query, TTA included, costs ~150 ms there). 8 keeps an 8-client
+    load refusal-free and answers 32 clients with quick 429s.
+    """
+    if batch_max > 1:
+        return 4 * batch_max
+    return max(8, 4 * (cpus or os.cpu_count() or 1))
+
+
+class SearchHealth:
+    """Whether searches work, judged by the searches themselves, so /readyz costs
+    nothing: ``failures`` server errors in a row (exceptions that are not a
+    VsearchError: a broken index, a model that fails) make it unhealthy, and one search
+    that works, or a check search (:meth:`SearchService.ready`), makes it healthy again.
+    """
+
+    def __init__(self, failures: int = 5) -> None:
+        self.failures = failures
+        self._failed = 0
+
+    @property
+    def ok(self) -> bool:
+        return self._failed < self.failures
+
+    def record(self, ok: bool) -> None:
+        self._failed = 0 if ok else self._failed + 1
+
+
 class SearchService:
     def __init__(self, engine: Engine, config: ServeConfig, on_batch: Callable[[int], None] | None = None) -> None:
         self.engine = engine
@@ -75,15 +117,20 @@ class SearchService:
             max_bytes=config.max_upload_bytes,
         )
         self._on_batch = on_batch
-        # With batching on, the batcher's thread is the only one that runs the model
-        # (text queries and the warm-up too), so a single OpenMP team does the work.
-        self._batcher: MicroBatcher[tuple[Snapshot, Image.Image | str], np.ndarray] | None = None
+        # The batcher's thread is the only one that runs the model (text queries and the
+        # warm-up too), so a single OpenMP team does the work, in one malloc arena.
         self.batch_max = config.batch_max or default_batch_max(engine.device)
-        if self.batch_max > 1:
-            self._batcher = MicroBatcher(
-                self._embed_many, max_batch=self.batch_max, max_wait_ms=config.batch_wait_ms, max_queue=config.queue_size
-            )
-        self._slots = threading.BoundedSemaphore(config.queue_size)  # bounds in-flight work with batching off
+        self.queue_size = config.queue_size or default_queue_size(self.batch_max)
+        self._batcher: MicroBatcher[tuple[Snapshot, Image.Image | str], np.ndarray] = MicroBatcher(
+            self._embed_many,
+            max_batch=self.batch_max,
+            max_wait_ms=config.batch_wait_ms if self.batch_max > 1 else 0.0,
+            max_queue=self.queue_size,
+        )
+        self.health = SearchHealth()
+        self.trimmer = IdleTrimmer()
+        self._check: threading.Thread | None = None
+        self._last_check = 0.0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -107,16 +154,34 @@ class SearchService:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
-        if self._batcher is not None:
-            self._batcher.close()
+        self._batcher.close()
+        self.trimmer.close()
 
     def warm_up(self) -> None:
-        """Load the model and run one search now, rather than on the first shopper's
-        request: the server reports ready only once a search works end to end."""
-        snap = self.engine.snapshot
+        """Load the model and answer one search now, end to end (decode, model, index),
+        rather than on the first shopper's request: the server reports ready only once
+        a search works."""
         size = self.engine.manifest.model.image_size
-        raw = self.embed(snap, [Image.new("RGB", (size, size), "white")])[0]
-        self.engine.search_vectors(raw, SearchOptions(k=1), snapshot=snap)
+        buffer = io.BytesIO()
+        Image.new("RGB", (size, size), "white").save(buffer, format="PNG")
+        self.search(ImageQuery(buffer.getvalue()), SearchOptions(k=1))
+
+    def ready(self, recheck_s: float = 5.0) -> bool:
+        """Whether searches work (see :class:`SearchHealth`); cheap. While they do not,
+        a check search (:meth:`warm_up`) runs in the background at most every
+        ``recheck_s`` seconds, and the first that passes makes the service ready again."""
+        if self.health.ok:
+            return True
+        now = time.monotonic()
+        if (self._check is None or not self._check.is_alive()) and now - self._last_check >= recheck_s:
+            self._last_check = now
+            self._check = threading.Thread(target=self._recheck, name="vsearch-readycheck", daemon=True)
+            self._check.start()
+        return False
+
+    def _recheck(self) -> None:
+        with contextlib.suppress(Exception):  # search_many records the outcome; Overloaded says nothing
+            self.warm_up()
 
     # searching --------------------------------------------------------------------
     def search(self, query: Query, options: SearchOptions) -> SearchResult:
@@ -128,11 +193,26 @@ class SearchService:
     def search_many(self, requests: Sequence[tuple[Query, SearchOptions]]) -> list[SearchResult | VsearchError]:
         """Answer several queries from one snapshot, their images embedded together;
         a query that fails gets its error in its place."""
+        self.trimmer.touch()
+        try:
+            results = self._search_many(requests)
+        except Exception:
+            self.health.record(False)  # a server error, not the request's fault
+            raise
+        finally:
+            self.trimmer.touch()
+        self.health.record(True)
+        return results
+
+    def _search_many(self, requests: Sequence[tuple[Query, SearchOptions]]) -> list[SearchResult | VsearchError]:
         snap = self.engine.snapshot
+        full = self._batcher.full  # refuse before decoding what the model could not take
         prepared: list[_Prepared | VsearchError] = []
         for query, options in requests:
             start = time.perf_counter()
             try:
+                if full and type(query) in NEEDS_MODEL:
+                    raise Overloaded("too many requests waiting for the model; retry shortly")
                 item = PREPARE[type(query)](self, snap, query, options)
             except VsearchError as exc:
                 prepared.append(exc)
@@ -166,10 +246,14 @@ class SearchService:
         return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()})
 
     def load(self, data: bytes, label: str, crop: Crop | None) -> Image.Image:
-        """Size-check, decode and crop a query image."""
+        """Size-check, decode (reduced to what the model can use of it, or of the crop)
+        and crop a query image."""
         if len(data) > self.config.max_upload_bytes:
             raise ImageTooLargeError(label, f"{len(data)} bytes is more than the {self.config.max_upload_bytes}-byte limit")
-        image = decode_image(data, label, max_pixels=self.config.max_pixels)
+        side = decode_side(self.engine.manifest.model.image_size)
+        if crop is not None:  # the crop is what the model sees: keep its detail
+            side = math.ceil(side / max(crop[2], crop[3], 1e-3))
+        image = decode_image(data, label, max_pixels=self.config.max_pixels, max_side=side)
         if crop is not None:
             x, y, w, h = crop
             box = (round(x * image.width), round(y * image.height), round((x + w) * image.width), round((y + h) * image.height))
@@ -177,17 +261,10 @@ class SearchService:
         return image
 
     def embed(self, snap: Snapshot, queries: Sequence[Image.Image | str]) -> list[np.ndarray]:
-        """One raw vector per image or text, from ``snap``'s model; concurrent callers
-        share a forward when batching is on."""
-        if self._batcher is not None:
-            futures: list[Future[np.ndarray]] = [self._batcher.submit((snap, q)) for q in queries]
-            return [f.result() for f in futures]
-        if not self._slots.acquire(blocking=False):
-            raise Overloaded("too many requests in flight; retry shortly")
-        try:
-            return self._embed_many([(snap, q) for q in queries])
-        finally:
-            self._slots.release()
+        """One raw vector per image or text, from ``snap``'s model, on the model queue's
+        thread (concurrent callers share a forward when batching is on); Overloaded at
+        once when the queue is full."""
+        return self._batcher.submit_all([(snap, q) for q in queries]).result()
 
     def thumbnail(self, image_id: int) -> bytes:
         """A JPEG no larger than ``thumbnail_px``, cached in the index directory."""
@@ -196,7 +273,7 @@ class SearchService:
         path = Path(self.engine.paths.root) / "thumbs" / f"{row.id}-{row.sha256[:16]}-{px}.jpg"
         if path.exists():
             return path.read_bytes()
-        image = decode_image(self.engine.image_bytes(row, self.fetch_policy), row.source)
+        image = decode_image(self.engine.image_bytes(row, self.fetch_policy), row.source, max_side=px)
         image.thumbnail((px, px))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
@@ -256,6 +333,8 @@ def _vector(service: SearchService, snap: Snapshot, query: VectorQuery, options:
         raise ConfigError(f"vector has {len(query.vector)} numbers; model {snap.model!r} makes {want}-dimensional vectors")
     return _Prepared(options, {}, raw=query.vector[None, :])
 
+
+NEEDS_MODEL = (ImageQuery, UrlQuery, TextQuery)  # the query kinds refused when the model's queue is full
 
 PREPARE: dict[type, Callable[[SearchService, Snapshot, Query, SearchOptions], _Prepared]] = {
     ImageQuery: _image,  # type: ignore[dict-item]
