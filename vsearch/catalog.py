@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS images (
     UNIQUE (product_id, source)
 );
 CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS
@@ -312,6 +313,16 @@ class Catalog:
     def vectors_by_id(self, image_ids: list[int], model: str = BASE_MODEL) -> tuple[np.ndarray, np.ndarray]:
         """(ids, raw vectors) of those of ``image_ids`` that have a ``model`` vector."""
         return self._vectors.by_ids(model, image_ids)
+
+    @_locked
+    def unused_sha256s(self, sha256s: set[str]) -> set[str]:
+        """Those of ``sha256s`` no image has (their stored copies can go)."""
+        used: set[str] = set()
+        values = sorted(sha256s)
+        for chunk in _chunks(values, 500):
+            marks = ",".join("?" * len(chunk))
+            used.update(r[0] for r in self.db.execute(f"SELECT DISTINCT sha256 FROM images WHERE sha256 IN ({marks})", chunk))
+        return sha256s - used
 
     @_locked
     def changed_images(self, generation: int, model: str = BASE_MODEL) -> list[int] | None:

@@ -4,6 +4,9 @@ through the API, and local copies of URL images (for thumbnails)."""
 from __future__ import annotations
 
 import io
+import os
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -13,17 +16,21 @@ from .fetch import TRUSTED, FetchPolicy, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import is_url, read_source
 
-__all__ = ["ImageStore"]
+__all__ = ["GRACE_S", "ImageStore"]
+
+GRACE_S = 60.0  # a stored copy this fresh may belong to a write not yet committed
 
 
 class ImageStore:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, thumbs: Path | None = None) -> None:
         self.folder = folder
+        self.thumbs = thumbs if thumbs is not None else folder.parent / "thumbs"
 
     def put(self, data: bytes, sha256: str) -> Path:
         """Store ``data`` (once) and return its path; the suffix is the image format."""
         existing = self.path(sha256)
         if existing is not None:
+            os.utime(existing)  # in use again: see forget
             return existing
         try:
             fmt = (Image.open(io.BytesIO(data)).format or "bin").lower()
@@ -48,3 +55,25 @@ class ImageStore:
     def path(self, sha256: str) -> Path | None:
         matches = sorted(self.folder.glob(f"{sha256}.*")) if self.folder.is_dir() else []
         return matches[0] if matches else None
+
+    def forget(self, unused_sha256s: Iterable[str], removed_image_ids: Iterable[int]) -> None:
+        """Delete the stored copies no image uses any more and the thumbnails of
+        removed images (their ids are never reused). A file another process is
+        storing for a new image this very moment is spared: it was touched within
+        :data:`GRACE_S` (``put`` touches a copy it reuses)."""
+        now = time.time()
+        for sha256 in unused_sha256s:
+            path = self.path(sha256)
+            if path is not None and now - _mtime(path) > GRACE_S:
+                path.unlink(missing_ok=True)
+        if self.thumbs.is_dir():
+            for image_id in removed_image_ids:
+                for thumb in self.thumbs.glob(f"{int(image_id)}-*.jpg"):
+                    thumb.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

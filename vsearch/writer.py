@@ -169,19 +169,23 @@ class IndexWriter:
                 self.catalog.put_image(product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
                 for i, v in zip(images or [], vectors if vectors is not None else [])
             ]
-            removed: list[int] = []
+            gone: dict[int, str] = {}
             if images is not None:
-                removed = [row.id for row in self.catalog.images_of(product_id) if row.id not in ids]
-                self.catalog.remove_images(removed)
-            self._remove(snap, removed)
+                gone = {row.id: row.sha256 for row in self.catalog.images_of(product_id) if row.id not in ids}
+                self.catalog.remove_images(list(gone))
+            self._remove(snap, list(gone))
             if vectors is not None:
                 self._add(snap, np.array(ids, dtype=np.int64), vectors)
+        self._forget_files(gone)
 
     def remove_products(self, product_ids: Sequence[str]) -> list[int]:
-        """Delete products and their images; returns the removed image ids."""
+        """Delete products and their images (stored copies and thumbnails too);
+        returns the removed image ids."""
         with self._apply() as snap:
+            gone = self._images_of(product_ids)
             removed = self.catalog.remove_products(list(product_ids))
             self._remove(snap, removed)
+        self._forget_files(gone)
         return removed
 
     def prune(self, listed: set[tuple[str, str]]) -> tuple[int, list[int]]:
@@ -190,11 +194,14 @@ class IndexWriter:
         products = {pid for pid, _ in listed}
         with self._apply() as snap:
             stale_products = sorted(self.catalog.product_ids() - products)
-            removed = self.catalog.remove_products(stale_products)
-            stale = [row.id for pid in products for row in self.catalog.images_of(pid) if (pid, row.source) not in listed]
-            self.catalog.remove_images(stale)
-            self._remove(snap, removed + stale)
-        return len(stale_products), removed + stale
+            gone = self._images_of(stale_products)
+            self.catalog.remove_products(stale_products)
+            stale = [row for pid in products for row in self.catalog.images_of(pid) if (pid, row.source) not in listed]
+            gone.update((row.id, row.sha256) for row in stale)
+            self.catalog.remove_images([row.id for row in stale])
+            self._remove(snap, list(gone))
+        self._forget_files(gone)
+        return len(stale_products), sorted(gone)
 
     def drop_model_vectors(self, model: str) -> None:
         with self.catalog.transaction(bump=False):
@@ -328,6 +335,20 @@ class IndexWriter:
         self.save()
 
     # internals ---------------------------------------------------------------------
+    def _images_of(self, product_ids: Sequence[str]) -> dict[int, str]:
+        return {row.id: row.sha256 for pid in product_ids for row in self.catalog.images_of(pid)}
+
+    def _forget_files(self, gone: dict[int, str]) -> None:
+        """After the commit that removed images: their stored copies no other image
+        uses, and their thumbnails. A failure here costs disk space, not data."""
+        if not gone:
+            return
+        try:
+            unused = self.catalog.unused_sha256s(set(gone.values()))
+            self.engine.image_store.forget(unused, gone)
+        except OSError as exc:
+            _log.warning("vsearch: could not delete the files of removed images: %s", exc)
+
     def _catch_up(self, snap: Snapshot) -> bool:
         """Inside a catalog transaction and the write lock: see :meth:`catch_up`."""
         engine, current = self.engine, self.catalog.generation
