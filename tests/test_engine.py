@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -97,10 +98,10 @@ def test_crash_after_a_batch_resumes_without_loss_or_duplicates(
     calls = 0
     original = IndexWriter.add_images
 
-    def crash_after_first_batch(self: IndexWriter, images: list[NewImage], vectors: np.ndarray) -> list[int]:
+    def crash_after_first_batch(self: IndexWriter, images: list[NewImage], vectors: np.ndarray, products: Any = ()) -> list[int]:
         nonlocal calls
         calls += 1
-        ids = original(self, images, vectors)
+        ids = original(self, images, vectors, products)
         if calls == 1:
             raise KeyboardInterrupt  # stands in for Ctrl-C in the middle of a run
         return ids

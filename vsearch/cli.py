@@ -17,7 +17,8 @@ from .errors import VsearchError
 from .settings import settings
 
 if TYPE_CHECKING:
-    from .ingest import IngestReport, NothingIngestedError
+    from .errors import NothingIngestedError
+    from .ingest import IngestReport
 
 __all__ = ["main", "build_parser"]
 
@@ -246,7 +247,7 @@ def _ingest_notes(report: IngestReport) -> list[str]:
 
 
 def _nothing_ingested(report: IngestReport, source: str, rejects: Path) -> NothingIngestedError:
-    from .ingest import NothingIngestedError
+    from .errors import NothingIngestedError
 
     first = report.rejected[0]
     every = "its one item was" if report.items == 1 else f"all {report.items} items were"

@@ -20,6 +20,7 @@ __all__ = [
     "VersionError",
     "IndexBusyError",
     "StorageError",
+    "NothingIngestedError",
 ]
 
 
@@ -91,3 +92,7 @@ class IndexBusyError(VsearchError):
 class StorageError(VsearchError):
     """The index directory cannot be written (disk full, read-only file system);
     nothing was changed."""
+
+
+class NothingIngestedError(VsearchError):
+    """Every item of an ingestion was rejected: nothing was stored."""

@@ -11,10 +11,8 @@ content hash is already there.
 re-embedding with a model version (:mod:`vsearch.versions`) share.
 
 A product is created (or, when it has no image yet, updated) only in the batch that
-stores its first image: a manifest row whose image cannot be read is a reject, never
-an image-less product on the page. (The product is written in its own transaction
-just before that batch's images, so a crash exactly in between can still leave one
-image-less product, which the next run completes.) Rows that share a product id are more images of
+stores its first image, in the same transaction: a manifest row whose image cannot be
+read is a reject, never an image-less product on the page. Rows that share a product id are more images of
 one product; the report counts them and says where their titles or categories
 disagree (:func:`merge_products` decides which value wins).
 """
@@ -34,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 from .embed import LoadedImage, Preprocess, load_images, pick_device
-from .errors import VsearchError
 from .fsutil import atomic_write_bytes
 from .images import is_url
 from .snapshot import EmbedderSlot
@@ -44,11 +41,7 @@ from .writer import IndexWriter, NewImage
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["IngestReport", "NothingIngestedError", "Reject", "embed_batches", "ingest", "merge_products", "printable"]
-
-
-class NothingIngestedError(VsearchError):
-    """Every row of a source was rejected: nothing was stored (the CLI exits 1)."""
+__all__ = ["IngestReport", "Reject", "embed_batches", "ingest", "merge_products", "printable"]
 
 
 @dataclass(frozen=True)
@@ -173,10 +166,8 @@ def ingest(
         def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
             images = [NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height) for x in loaded]
             new = [products[pid] for pid in dict.fromkeys(i.product_id for i in images) if pid in pending]
-            if new:  # first stored image of these products: create them now (see the module docstring)
-                writer.upsert_products(new)
-                pending.difference_update(p.product_id for p in new)
-            writer.add_images(images, vectors)
+            writer.add_images(images, vectors, products=new)  # new: these products' first stored images
+            pending.difference_update(p.product_id for p in new)
             report.embedded += len(loaded)
 
         def skip(loaded: LoadedImage) -> None:

@@ -132,12 +132,14 @@ class IndexWriter:
     # catalog and index together -------------------------------------------------
     def upsert_products(self, items: Sequence[Item]) -> None:
         with self._apply():
-            for item in items:
-                self.catalog.upsert_product(item.product_id, title=item.title, category=item.category, attributes=item.attributes)
+            self._upsert(items)
 
-    def add_images(self, images: Sequence[NewImage], vectors: np.ndarray) -> list[int]:
-        """Store images with their raw vectors from the served model; returns their ids."""
+    def add_images(self, images: Sequence[NewImage], vectors: np.ndarray, products: Sequence[Item] = ()) -> list[int]:
+        """Store images with their raw vectors from the served model, creating or
+        updating ``products`` in the same transaction (a product appears with its
+        first image, never without); returns the image ids."""
         with self._apply() as snap:
+            self._upsert(products)
             ids = [
                 self.catalog.put_image(i.product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
                 for i, v in zip(images, vectors)
@@ -335,6 +337,10 @@ class IndexWriter:
         self.save()
 
     # internals ---------------------------------------------------------------------
+    def _upsert(self, items: Sequence[Item]) -> None:
+        for item in items:
+            self.catalog.upsert_product(item.product_id, title=item.title, category=item.category, attributes=item.attributes)
+
     def _images_of(self, product_ids: Sequence[str]) -> dict[int, str]:
         return {row.id: row.sha256 for pid in product_ids for row in self.catalog.images_of(pid)}
 
