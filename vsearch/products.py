@@ -3,10 +3,11 @@ embed with the served model, then one write through :class:`~vsearch.writer.Inde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 
 from .embed import decode_side
@@ -18,10 +19,12 @@ from .writer import NewImage
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .snapshot import Snapshot
 
 __all__ = ["Fetched", "ImageSource", "fetch_image", "put_product", "store_image"]
 
 ImageSource = bytes | str  # uploaded bytes, an http(s) URL, or a local path
+EmbedCatalog = Callable[["Snapshot", list[Image.Image]], np.ndarray]  # catalog vectors of images, by a snapshot's model
 
 
 def put_product(
@@ -35,12 +38,14 @@ def put_product(
     fetch_policy: FetchPolicy = TRUSTED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     create: bool | None = None,
+    embed: EmbedCatalog | None = None,
 ) -> None:
     """Create or replace a product. ``images`` (if given) replace its images.
 
     ``create`` True: the product must not exist yet (:class:`ConflictError`); False: it
     must exist (:class:`ProductNotFoundError`); None: either. Checked under the write
-    mutex, so of concurrent creates of one id exactly one succeeds."""
+    mutex, so of concurrent creates of one id exactly one succeeds. ``embed``: how to
+    run the model (the server's runs every forward on its model thread); default: here."""
     # Fetching and decoding need no lock: other writes (an ingest, a refresh) go on.
     # Every image is decoded before any is stored, so a bad one leaves nothing behind;
     # one image given twice is stored (and indexed) once.
@@ -49,7 +54,7 @@ def put_product(
     with engine.writer() as writer:  # embedded by the model version that will store the vectors
         if create is not None:
             _check_exists(engine, product_id, should=not create)
-        raw = writer.snapshot.embedder.get().embed_images([f.image for f in fetched]) if fetched else None
+        raw = (embed or _embed_here)(writer.snapshot, [f.image for f in fetched]) if fetched else None
         writer.put_product(
             product_id,
             title=title,
@@ -62,6 +67,10 @@ def put_product(
             writer.checkpoint()  # durable already (the catalog); an index-type upgrade is left to ingest
         else:
             engine.fit_projection()
+
+
+def _embed_here(snap: Snapshot, images: list[Image.Image]) -> np.ndarray:
+    return snap.embedder.get().embed_images(images)
 
 
 def _check_exists(engine: Engine, product_id: str, should: bool) -> None:

@@ -18,6 +18,7 @@ from .engine import ProductView
 from .errors import ConfigError, ProductNotFoundError, VsearchError
 from .images import is_url
 from .metrics import CONTENT_TYPE, Metrics
+from .products import put_product
 from .query import SearchOptions
 from .schemas import BatchIn, BatchItemOut, BatchOut, CategoryNode, ProductIn, ProductOut, SearchOut, SearchParams
 from .service import SearchResult, SearchService
@@ -241,7 +242,8 @@ def add_routes(app: FastAPI) -> None:
 def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: bool) -> ProductView:
     images: list[bytes | str] = [*uploads, *body.image_urls]
     service.trimmer.touch()  # decoding and embedding: memory to give back once quiet
-    return service.engine.put_product(
+    put_product(
+        service.engine,
         body.id,
         create=create,
         title=body.title,
@@ -250,4 +252,6 @@ def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: 
         images=images or None,
         fetch_policy=service.fetch_policy,
         max_pixels=service.config.max_pixels,
+        embed=service.embed_catalog,  # on the model's thread, as every forward
     )
+    return service.engine.product(body.id)

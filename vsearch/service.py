@@ -62,6 +62,16 @@ class _Prepared:
     raw: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class CatalogImage:
+    """A product write's image, embedded as the catalog's are (no query TTA)."""
+
+    image: Image.Image
+
+
+Embeddable = Image.Image | str | CatalogImage  # what the model queue embeds: a query image, a text, a catalog image
+
+
 def default_batch_max(device: str | None) -> int:
     """Micro-batching pays where a batch costs little more than one image: on a GPU.
 
@@ -121,7 +131,7 @@ class SearchService:
         # warm-up too), so a single OpenMP team does the work, in one malloc arena.
         self.batch_max = config.batch_max or default_batch_max(engine.device)
         self.queue_size = config.queue_size or default_queue_size(self.batch_max)
-        self._batcher: MicroBatcher[tuple[Snapshot, Image.Image | str], np.ndarray] = MicroBatcher(
+        self._batcher: MicroBatcher[tuple[Snapshot, Embeddable], np.ndarray] = MicroBatcher(
             self._embed_many,
             max_batch=self.batch_max,
             max_wait_ms=config.batch_wait_ms if self.batch_max > 1 else 0.0,
@@ -281,22 +291,35 @@ class SearchService:
         atomic_write_bytes(path, buffer.getvalue())
         return buffer.getvalue()
 
-    def _embed_many(self, queries: list[tuple[Snapshot, Image.Image | str]]) -> list[np.ndarray]:
+    def embed_catalog(self, snap: Snapshot, images: Sequence[Image.Image], wait_s: float = 10.0) -> np.ndarray:
+        """Catalog vectors (no query TTA) for a product write, on the model queue's thread
+        like every forward; waits up to ``wait_s`` for a place in the queue (a write is
+        worth a wait), then Overloaded."""
+        if not images:
+            return np.zeros((0, 0), dtype=np.float32)
+        rows = self._batcher.submit_all([(snap, CatalogImage(im)) for im in images], timeout=wait_s).result()
+        return np.concatenate(rows)
+
+    def _embed_many(self, queries: list[tuple[Snapshot, Embeddable]]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.zeros(0)] * len(queries)
         for snap in {id(s): s for s, _ in queries}.values():  # a switch may land inside a batch
-            images = [(i, q) for i, (s, q) in enumerate(queries) if s is snap and isinstance(q, Image.Image)]
-            texts = [(i, q) for i, (s, q) in enumerate(queries) if s is snap and isinstance(q, str)]
-            if images:
-                if self._on_batch is not None:
-                    self._on_batch(len(images))
-                vectors = self.engine.embed_queries([q for _, q in images], snap)
-                for row, (i, _) in enumerate(images):
-                    out[i] = vectors[row : row + 1]
-            if texts:
-                vectors = self.engine.embed_text([q for _, q in texts], snap)
-                for row, (i, _) in enumerate(texts):
-                    out[i] = vectors[row : row + 1]
+            for kind in (Image.Image, str, CatalogImage):  # one forward per kind
+                group = [(i, q) for i, (s, q) in enumerate(queries) if s is snap and isinstance(q, kind)]
+                if group:
+                    vectors = self._embed_group(snap, [q for _, q in group])
+                    for row, (i, _) in enumerate(group):
+                        out[i] = vectors[row : row + 1]
         return out
+
+    def _embed_group(self, snap: Snapshot, items: list[Embeddable]) -> np.ndarray:
+        """Vectors for items of one kind."""
+        if isinstance(items[0], CatalogImage):
+            return snap.embedder.get().embed_images([c.image for c in items if isinstance(c, CatalogImage)])
+        if isinstance(items[0], str):
+            return self.engine.embed_text([t for t in items if isinstance(t, str)], snap)
+        if self._on_batch is not None:
+            self._on_batch(len(items))
+        return self.engine.embed_queries([im for im in items if isinstance(im, Image.Image)], snap)
 
 
 # one handler per query kind -------------------------------------------------------------
