@@ -17,6 +17,7 @@ from vsearch import Engine, imagestore
 from vsearch.api import create_app
 from vsearch.catalog import Catalog
 from vsearch.config import ServeConfig
+from vsearch.dirlock import DirLock
 from vsearch.errors import StorageError
 from vsearch.index import VectorIndex
 from vsearch.manifest import IndexManifest, IndexPaths
@@ -142,3 +143,18 @@ def test_a_schema_2_catalog_gets_a_change_log_and_keeps_its_saved_index(index: P
         (new_id,) = (row.id for row in engine.catalog.images_of("logged"))
         assert engine.catalog.changed_images(engine.catalog.generation - 1) == [new_id]
         assert np.isfinite(engine.product_vector("logged")).all()
+
+
+def test_a_damaged_index_in_a_directory_that_cannot_be_written_heals_in_memory(
+    index: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (index / "index.faiss").write_bytes(b"garbage")
+
+    def cannot_write(self: DirLock) -> int:
+        raise StorageError(f"cannot write to {self.path.parent}: Read-only file system")
+
+    monkeypatch.setattr(DirLock, "_acquire", cannot_write)
+    with Engine.open(index) as engine:  # what `vsearch search` on a read-only mount does
+        assert engine.index is not None and engine.index.ntotal == 25
+        assert _found(engine, "Bakery/p04")
+    assert (index / "index.faiss").read_bytes() == b"garbage"  # nothing written

@@ -11,6 +11,7 @@ live in their own modules (ingest, versions, refit, products, finetune);
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -29,11 +30,12 @@ from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess
-from .errors import IndexFormatError, IndexNotFoundError, ModelError, ProductNotFoundError
+from .errors import ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
 from .index import VectorIndex
+from .indexfile import load_saved_index
 from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import FORMAT_VERSION, IndexManifest, IndexPaths
@@ -45,7 +47,9 @@ from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import IndexWriter, load_saved_index
+from .writer import IndexWriter
+
+_log = logging.getLogger("vsearch")
 
 __all__ = ["DEFAULT_MODEL", "Engine", "Hit", "ProductView", "SearchOptions"]
 
@@ -103,23 +107,10 @@ class Engine:
         ``block_cache_bytes`` bounds the vectors kept for category-filtered search."""
         paths = IndexPaths(Path(index_dir))
         wanted = resolve_model(model) if isinstance(model, str) else model
-        if paths.manifest.exists():
-            manifest = IndexManifest.load(paths)
-            if wanted is not None and wanted != manifest.model:
-                raise IndexFormatError(
-                    f"{paths.root} was built with model {manifest.model.name!r} {_describe(manifest.model)}, "
-                    f"not {wanted.name!r} {_describe(wanted)}; use another --index for another model"
-                )
-        elif create:
-            paths.root.mkdir(parents=True, exist_ok=True)
-            manifest = IndexManifest(
-                model=wanted or resolve_model(DEFAULT_MODEL),
-                projection=projection or ProjectionConfig(),
-                index=index or IndexConfig(),
-            )
-            manifest.save(paths)
-        else:
-            raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
+        new = None
+        if create and not paths.manifest.exists():
+            new = IndexManifest(wanted or resolve_model(DEFAULT_MODEL), projection or ProjectionConfig(), index or IndexConfig())
+        manifest = IndexManifest.open(paths, wanted, new)
         # a manifest that describes content never gets a new, empty catalog
         catalog = Catalog.open(paths.catalog, must_exist=manifest.projection_fitted or bool(manifest.counts.get("images")))
         if manifest.format_version < FORMAT_VERSION:  # so that an older vsearch refuses the directory
@@ -405,18 +396,7 @@ class Engine:
         current = self.manifest.catalog_generation == self.catalog.generation
         saved = self.saved_index(self.manifest, mmap and current)  # a mapped index is read-only: no catching up
         with self.writer() as writer:
-            if saved is not None:
-                self._snapshot = replace(self._snapshot, index=saved)
-                self.index_generation = self.manifest.catalog_generation
-                # writes committed after the last save (another process's, or ours
-                # before a crash): replayed from the change log, in memory
-                if writer.catch_up():
-                    return
-            writer.rebuild()
+            writer.serve_saved(saved, self.manifest.catalog_generation)
 
     def _loader(self, model: str) -> Callable[[], Embedder]:
         return versions.embedder_loader(self.paths, self.manifest, model, self.device)
-
-
-def _describe(model: ModelConfig) -> str:
-    return f"(layers {','.join(model.layers)}, pooling {','.join(model.poolings)})"

@@ -96,6 +96,24 @@ class IndexManifest:
         atomic_write_bytes(paths.manifest, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     @classmethod
+    def open(cls, paths: IndexPaths, model: ModelConfig | None, new: IndexManifest | None = None) -> IndexManifest:
+        """The directory's manifest, checked against ``model`` (the one asked for, if
+        any); or, where there is none and ``new`` is given, ``new``, saved there."""
+        if paths.manifest.exists():
+            manifest = cls.load(paths)
+            if model is not None and model != manifest.model:
+                raise IndexFormatError(
+                    f"{paths.root} was built with model {manifest.model.name!r} {_describe(manifest.model)}, "
+                    f"not {model.name!r} {_describe(model)}; use another --index for another model"
+                )
+            return manifest
+        if new is None:
+            raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
+        paths.root.mkdir(parents=True, exist_ok=True)
+        new.save(paths)
+        return new
+
+    @classmethod
     def load(cls, paths: IndexPaths) -> IndexManifest:
         if not paths.manifest.exists():
             raise IndexNotFoundError(f"no index at {paths.root} (build one with: vsearch ingest SOURCE --index {paths.root})")
@@ -120,3 +138,7 @@ class IndexManifest:
             return cls(**data)
         except (TypeError, KeyError, AttributeError, ValueError, VsearchError) as exc:
             raise IndexFormatError(f"{paths.manifest}: damaged manifest: {type(exc).__name__}: {exc}") from None
+
+
+def _describe(model: ModelConfig) -> str:
+    return f"(layers {','.join(model.layers)}, pooling {','.join(model.poolings)})"

@@ -11,9 +11,9 @@ import numpy as np
 
 from .catalog import BASE_MODEL
 from .errors import ConfigError, ImageError
+from .indexfile import FIT_SAMPLE
 from .snapshot import Snapshot
 from .sources import read_source_items
-from .writer import FIT_SAMPLE
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import Catalog
-from .errors import IndexBusyError, IndexFormatError, StorageError, VsearchError
+from .errors import IndexBusyError, StorageError, VsearchError
 from .index import VectorIndex, choose_factory
-from .manifest import IndexManifest, IndexPaths
+from .indexfile import build_index
+from .manifest import IndexManifest
 from .projection import Projection
 from .snapshot import Snapshot
 from .sources import Item
@@ -36,10 +37,9 @@ from .sources import Item
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["CHECKPOINT_EVERY", "FIT_SAMPLE", "IndexWriter", "NewImage", "build_index", "load_saved_index"]
+__all__ = ["CHECKPOINT_EVERY", "IndexWriter", "NewImage"]
 
 _log = logging.getLogger("vsearch")
-FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
 CHECKPOINT_EVERY = 64  # catalog generations (write transactions) between index saves of API writes
 
 
@@ -52,38 +52,6 @@ class NewImage:
     sha256: str
     width: int
     height: int
-
-
-def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projection, model: str) -> VectorIndex:
-    """A faiss index of ``model``'s stored vectors, projected (no model work)."""
-    n = catalog.counts()["images"]
-    dim = projection.out_dim(catalog.vector_dim(model) or manifest.raw_dim)
-    factory = manifest.index.factory or choose_factory(n, dim)
-    index = VectorIndex.create(factory, dim, nprobe=manifest.index.nprobe)
-    if not index.is_trained:
-        index.train(projection.apply(catalog.sample_vectors(FIT_SAMPLE, model=model)))
-    for ids, raw in catalog.iter_vectors(model=model):
-        index.add(ids, projection.apply(raw))
-    index.to_gpu()
-    return index
-
-
-def load_saved_index(paths: IndexPaths, manifest: IndexManifest, floor: int, mmap: bool = False) -> VectorIndex | None:
-    """The saved index file, if ``manifest`` says it reflects a catalog generation the
-    change log still reaches back to (``floor`` or later): the caller catches it up.
-    Else None (a stale manifest, a missing or damaged file: rebuild)."""
-    if manifest.catalog_generation < max(floor, 0) or not paths.index.exists():
-        return None
-    try:
-        index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
-    except IndexFormatError as exc:  # a derived file: every vector is in the catalog
-        _log.warning("vsearch: %s is damaged (%s); rebuilt from the catalog", paths.index, str(exc).split(":")[0])
-        return None
-    if index.d != manifest.dim:
-        _log.warning("vsearch: %s has dimension %d, not %d; rebuilt from the catalog", paths.index, index.d, manifest.dim)
-        return None
-    index.to_gpu()
-    return index
 
 
 class IndexWriter:
@@ -249,6 +217,27 @@ class IndexWriter:
             with engine._rw.write():
                 engine.manifest, engine._snapshot, engine.index_generation = manifest, snapshot, generation
             self.save()
+
+    def serve_saved(self, saved: VectorIndex | None, generation: int) -> None:
+        """At open: serve the saved index (which reflects catalog ``generation``)
+        caught up from the change log with what was committed after it was saved
+        (another process's writes, or ours before a crash), in memory; or, if there
+        is none or the log does not reach back, one rebuilt from the catalog, saved
+        if the directory can be written (healed in memory if not)."""
+        engine = self.engine
+        if saved is not None:
+            with engine._rw.write():
+                engine._snapshot, engine.index_generation = replace(engine.snapshot, index=saved), generation
+            if self.catch_up():
+                return
+        snap = engine.snapshot
+        index, built = self.build_index(snap.projection, snap.model)
+        try:
+            self.swap(engine.new_snapshot(snap.model, snap.projection, index, like=snap), built)
+        except (OSError, StorageError, IndexBusyError) as exc:  # e.g. a read-only directory
+            _log.warning("vsearch: could not save the rebuilt index of %s (%s); serving it from memory", engine.paths.root, exc)
+            with engine._rw.write():
+                engine._snapshot, engine.index_generation = replace(snap, index=index), built
 
     def rebuild(self) -> None:
         """Rebuild the served index from the catalog's stored vectors (no model work)."""
