@@ -14,11 +14,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError, ImageTooLargeError, UnsupportedImageError
-from .limits import decode_budget
+from .limits import decode_budget, trim_memory
 
 __all__ = ["DEFAULT_MAX_PIXELS", "Decoded", "decode", "decode_image", "read_source", "reduced_size", "sha256_bytes", "is_url"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000: larger is treated as a decompression bomb
+# A decode this large (estimated) returns its memory to the OS once reduced. The heap
+# keeps what is freed (vsearch.malloc), each request thread in its own arena: 8 clients
+# sending 36-megapixel PNGs, decoded one at a time, still left RSS at 2.2 GB.
+TRIM_AFTER = 64 * 1024 * 1024
 URL_TIMEOUT_S = 15.0
 URL_MAX_BYTES = 32 * 1024 * 1024
 
@@ -105,7 +109,8 @@ def decode(
             target = reduced_size((width, height), max_side)
             if target is not None and image.format == "JPEG":
                 image.draft(None, target)  # decodes at 1/2, 1/4 or 1/8 scale, still >= target
-            with decode_budget().hold(decoded_bytes(image, width, height), source, wait_s):
+            estimate = decoded_bytes(image, width, height)
+            with decode_budget().hold(estimate, source, wait_s):
                 image.load()
                 orientation = _orientation(image)  # a PNG's EXIF may follow its pixels
                 image = _reduce(image, target)
@@ -117,6 +122,8 @@ def decode(
         raise ImageTooLargeError(source, f"image too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # PIL reports truncation/corruption as these
         raise ImageError(source, f"corrupt or truncated image: {exc}") from exc
+    if target is not None and estimate >= TRIM_AFTER:
+        trim_memory()  # the full-size pixels are freed: give them back (see TRIM_AFTER)
     if orientation in _TRANSPOSE:
         image = image.transpose(_TRANSPOSE[orientation])
         width, height = (height, width) if orientation >= 5 else (width, height)
