@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServeConfig
 from .engine import Engine
-from .limits import Busy, serving_limits
+from .limits import Busy, one_malloc_arena, serving_limits
 from .metrics import Metrics
 from .routes import add_routes, document_search
 from .service import SearchService
@@ -40,6 +40,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        one_malloc_arena()  # before the worker threads first allocate
         with serving_limits(config.decode_budget_mb, config.decode_wait_s, config.url_fetch_max, url_wait_s=0.0):
             async with _serving(app, config):
                 yield

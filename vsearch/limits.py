@@ -9,9 +9,9 @@ refusals (503 or 429, with Retry-After) instead of eating its memory or its thre
   at once got the server OOM-killed.
 - :class:`Slots`: at most N holders (image URL fetches, which can take
   ``url_timeout_s`` each and must not hold every worker thread).
-- :func:`trim_memory`: hand freed heap back to the OS. :mod:`vsearch.malloc` keeps
-  freed memory in the heap (the CPU forward is several times faster so), which
-  otherwise never shrinks after a burst.
+- :func:`trim_memory`, :class:`IdleTrimmer`, :func:`one_malloc_arena`: hand freed
+  heap back to the OS. :mod:`vsearch.malloc` keeps freed memory in the heap (the CPU
+  forward is several times faster so), which otherwise never shrinks after a burst.
 
 The budget and the URL slots are process-wide (memory and threads are): a command
 line process gets generous defaults and waits as long as it takes; the server sizes
@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .batcher import Overloaded
+from .settings import settings
 
 __all__ = [
     "Busy",
@@ -36,6 +37,7 @@ __all__ = [
     "IdleTrimmer",
     "Slots",
     "decode_budget",
+    "one_malloc_arena",
     "serving_limits",
     "trim_memory",
     "url_fetch_slots",
@@ -140,6 +142,29 @@ def serving_limits(decode_mb: float, decode_wait_s: float, url_fetches: int, url
         yield
     finally:
         _decode_budget, _url_fetches = previous
+
+
+_M_ARENA_MAX = -8  # mallopt's parameter number
+
+
+def one_malloc_arena() -> bool:
+    """Make threads that first allocate from now on share glibc's main arena; False
+    where that cannot be done (not glibc, or ``VSEARCH_MALLOC_TUNING=0``).
+
+    :func:`trim_memory` gives back free pages inside every arena but cannot shrink the
+    top of a thread arena's heap, and with :mod:`vsearch.malloc`'s trim threshold
+    nothing else does: after 8 clients sent 36-megapixel PNGs for 15 s, RSS stayed
+    165-220 MB above its start with an arena per request thread, 6 MB with one. Request
+    threads only parse and decode (every forward runs on one thread), so they hardly
+    contend for the arena: 8 clients' throughput was the same within noise.
+    """
+    if not sys.platform.startswith("linux") or not settings().malloc_tuning:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_ARENA_MAX, 1) == 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def trim_memory() -> bool:
