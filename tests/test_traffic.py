@@ -177,17 +177,17 @@ def test_slow_url_searches_leave_the_other_endpoints_answering(index: Path) -> N
     """45 searches whose image URL drips a byte at a time held all 40 worker threads:
     /healthz and /v1/categories waited for them. URL fetches now have their own few
     slots (past them: 503 at once), and the ops endpoints need no thread."""
-    with dripping_server(6) as url, client_for(index, allow_private_urls=True, url_timeout_s=4) as c:
+    with dripping_server(8) as url, client_for(index, allow_private_urls=True, url_timeout_s=6) as c:
         with ThreadPoolExecutor(45) as pool:
             slow = [pool.submit(c.post, "/v1/search", data={"image_url": url}) for _ in range(45)]
             time.sleep(1.0)  # the searches are in flight
             for path in ("/healthz", "/readyz", "/v1/categories"):
                 start = time.monotonic()
                 assert c.get(path).status_code == 200
-                assert time.monotonic() - start < 1.0, f"{path} took {time.monotonic() - start:.1f} s"
+                assert time.monotonic() - start < 2.0, f"{path} took {time.monotonic() - start:.1f} s"
             start = time.monotonic()
             assert c.post("/v1/search", files={"image": ("q.jpg", jpeg(3))}).status_code == 200
-            assert time.monotonic() - start < 1.5
+            assert time.monotonic() - start < 2.0
             answers = [f.result() for f in slow]
     statuses = sorted(a.status_code for a in answers)
     assert statuses.count(503) >= 45 - 8 and set(statuses) <= {400, 503}, statuses

@@ -86,11 +86,11 @@ def default_queue_size(batch_max: int, cpus: int | None = None) -> int:
     """How many searches may wait for the model before more are refused (429): four
     batches on a GPU; on a CPU, 4 per core (at least 8).
 
-    Past that a search waits longer than the queue takes to drain, which helps no one:
-    with 64 (the old default, more than the 40 request threads) nothing was ever
-    refused, and p50 latency went from 1.3 s at 8 clients to 7.8 s at 100, on 2 cores
-    (a forward of a query, TTA included, costs ~150 ms there). 8 keeps an 8-client
-    load refusal-free and answers 32 clients with quick 429s.
+    A search past that would wait longer than the queue takes to drain, which helps no
+    one: with 64 (the old default, more than the 40 request threads) nothing was ever
+    refused, and on 2 cores (~140 ms a query forward, TTA included) 32 clients saw p50
+    5.1 s, p99 14.6 s. With 8: p50 1.8 s, p99 2.7 s, the rest quick 429s; 8 clients
+    get no refusal (scripts/load.py).
     """
     if batch_max > 1:
         return 4 * batch_max
