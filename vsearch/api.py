@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServeConfig
 from .engine import Engine
-from .limits import Busy, one_malloc_arena, serving_limits
+from .limits import one_malloc_arena, serving_limits
 from .metrics import Metrics
 from .routes import add_routes, document_search
 from .service import SearchService
@@ -54,7 +54,6 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     )
     app.state.config, app.state.ready = config, False
     install_error_handlers(app)
-    app.exception_handler(Busy)(_busy)
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
     app.middleware("http")(_observe)
     add_routes(app)
@@ -82,12 +81,6 @@ async def _serving(app: FastAPI, config: ServeConfig) -> AsyncIterator[None]:
         app.state.ready = False
         service.close()
         await run_in_threadpool(engine.close)
-
-
-async def _busy(request: Request, exc: Exception) -> Response:
-    """Busy (no decode memory or URL fetch slot to spare now) is the server's state, not
-    the client's rate: 503 with Retry-After (statuses.py maps the rest)."""
-    return error_response(503, "busy", str(exc), {"Retry-After": "1"})
 
 
 def _document(app: FastAPI) -> None:

@@ -29,7 +29,7 @@ from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
-from .embed import Embedder, Preprocess
+from .embed import Embedder, Preprocess, decode_side
 from .errors import ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
@@ -40,7 +40,7 @@ from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import FORMAT_VERSION, IndexManifest, IndexPaths
 from .presets import resolve_model
-from .products import ImageSource
+from .products import EmbedCatalog, ImageSource
 from .projection import Projection
 from .query import Hit, SearchOptions
 from .search import Votes, best_per_product, region_boxes, search_snapshot
@@ -200,9 +200,11 @@ class Engine:
         fetch_policy: FetchPolicy = TRUSTED,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         create: bool | None = None,
+        embed: EmbedCatalog | None = None,
     ) -> ProductView:
         """Create or replace a product. ``images`` (if given) replace its images.
-        ``create`` True: it must not exist yet (ConflictError); False: it must exist."""
+        ``create`` True: it must not exist yet (ConflictError); False: it must exist.
+        ``embed``: how to run the model (the server's model queue; default: here)."""
         products.put_product(
             self,
             product_id,
@@ -213,6 +215,7 @@ class Engine:
             images=images,
             fetch_policy=fetch_policy,
             max_pixels=max_pixels,
+            embed=embed,
         )
         return self.product(product_id)
 
@@ -300,10 +303,11 @@ class Engine:
     def load_query(self, image: QueryImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if isinstance(image, Image.Image):
             return image
+        side = decode_side(self.manifest.model.image_size)  # decoded reduced, as the server does
         if isinstance(image, bytes):
-            return decode_image(image, "<upload>", max_pixels=max_pixels)
+            return decode_image(image, "<upload>", max_pixels=max_pixels, max_side=side)
         source = os.fspath(image)
-        return decode_image(read_source(source), source, max_pixels=max_pixels)
+        return decode_image(read_source(source), source, max_pixels=max_pixels, max_side=side)
 
     def search(
         self,

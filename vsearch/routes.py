@@ -18,7 +18,6 @@ from .engine import ProductView
 from .errors import ConfigError, ProductNotFoundError, VsearchError
 from .images import is_url
 from .metrics import CONTENT_TYPE, Metrics
-from .products import put_product
 from .query import SearchOptions
 from .schemas import BatchIn, BatchItemOut, BatchOut, CategoryNode, ProductIn, ProductOut, SearchOut, SearchParams
 from .service import SearchResult, SearchService
@@ -242,8 +241,7 @@ def add_routes(app: FastAPI) -> None:
 def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: bool) -> ProductView:
     images: list[bytes | str] = [*uploads, *body.image_urls]
     service.trimmer.touch()  # decoding and embedding: memory to give back once quiet
-    put_product(
-        service.engine,
+    return service.engine.put_product(
         body.id,
         create=create,
         title=body.title,
@@ -254,4 +252,3 @@ def _put(service: SearchService, body: ProductIn, uploads: list[bytes], create: 
         max_pixels=service.config.max_pixels,
         embed=service.embed_catalog,  # on the model's thread, as every forward
     )
-    return service.engine.product(body.id)

@@ -27,12 +27,14 @@ from .errors import (
     VsearchError,
 )
 from .fetch import FetchError, TooLargeError, UrlBlockedError
+from .limits import Busy
 from .schemas import QUERY_FIELDS, BatchError, ErrorOut
 
 __all__ = ["ERRORS", "DOCUMENTED", "batch_error", "classify", "error_response", "install_error_handlers", "validation_message"]
 
 # most specific first: the first matching class decides status and code
 ERRORS: list[tuple[type[Exception], int, str]] = [
+    (Busy, 503, "busy"),  # a shared resource (decode memory, URL slots) is taken for now: the server's state
     (Overloaded, 429, "overloaded"),
     (ImageTooLargeError, 413, "too_large"),
     (TooLargeError, 413, "too_large"),
