@@ -71,6 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
+    p = command(
+        "import",
+        _import,
+        "Add precomputed embeddings from Parquet shards (id,image,sha256,vector[,category,title,...]); resumable.",
+    )
+    p.add_argument(
+        "shards",
+        nargs="+",
+        type=Path,
+        help="Parquet files; any column besides id,image,sha256,vector,category,title,width,height becomes an attribute",
+    )
+    _index_arg(p, env.index_dir)
+    p.add_argument(
+        "--model", default=env.model, help="model for a new index (default: the shards' vsearch.model, else efficientnet-lite2)"
+    )
+    p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
+    p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
+    p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per transaction (default 4096)")
+    p.add_argument("--device", default=env.device, help="where the model runs if a new index needs its dimension")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    p = command("export", _export, "Write an index's images, products and stored vectors to a Parquet file (for vsearch import).")
+    _index_arg(p, env.index_dir)
+    p.add_argument("out", type=Path, help="the Parquet file to write")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per batch (default 4096)")
+
     p = command("search", _search, "Find the catalog products most similar to an image.")
     p.add_argument("image", help="image path or http(s) URL")
     _index_arg(p, env.index_dir)
@@ -262,6 +290,54 @@ def _plural(n: int, noun: str) -> str:
 
 def _verb(n: int, verb: str) -> str:
     return f"{verb}s" if n == 1 else verb
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .bulkimport import import_shards, open_index
+    from .config import IndexConfig, ProjectionConfig
+    from .errors import NothingIngestedError
+
+    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
+    with open_index(
+        args.index,
+        args.shards,
+        model=args.model,
+        projection=projection,
+        index=IndexConfig(factory=args.factory),
+        device=args.device,
+    ) as engine:
+        report = import_shards(engine, args.shards, batch_size=args.batch_size, quiet=args.quiet)
+        info = engine.info()
+    if args.json:
+        _print_json({**report.to_dict(), "index": info})
+    elif not report.failed:
+        print(
+            f"{report.rows} rows from {_plural(report.shards, 'shard')}: {report.added} added, {report.unchanged} unchanged, "
+            f"{len(report.rejected)} rejected ({report.rows_per_s:.0f} rows/s)"
+        )
+        for reject in report.rejected[:20]:
+            print(f"  rejected {reject.shard} row {reject.row}: {reject.reason}")
+        if len(report.rejected) > 20:
+            print(f"  ... {len(report.rejected) - 20} more in {args.index / 'rejects.jsonl'}")
+        print(f"index {args.index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
+    if report.failed:
+        first = report.rejected[0]
+        raise NothingIngestedError(
+            f"nothing imported: all {report.rows} rows were rejected, e.g. {first.shard} row {first.row}: {first.reason} "
+            f"(every reject is in {args.index / 'rejects.jsonl'})"
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bulkimport import export_parquet
+    from .engine import Engine
+
+    with Engine.open(args.index) as engine:
+        rows = export_parquet(engine, args.out, batch_size=args.batch_size)
+        model, version = engine.manifest.model.name, engine.active
+    print(f"exported {rows} images with their {model} (version {version}) vectors to {args.out}")
+    return 0
 
 
 def _search(args: argparse.Namespace) -> int:
