@@ -380,6 +380,18 @@ class Catalog:
         return found
 
     @_locked
+    def image_categories(self, image_ids: list[int]) -> dict[int, str | None]:
+        """Each image's product's category now (None: the image is gone)."""
+        found: dict[int, str | None] = dict.fromkeys(image_ids)
+        for chunk in _chunks(image_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT i.id, p.category FROM images i JOIN products p ON p.id = i.product_id WHERE i.id IN ({marks})", chunk
+            )
+            found.update(rows.fetchall())
+        return found
+
+    @_locked
     def category_image_ids(self) -> dict[str, np.ndarray]:
         """Leaf category -> sorted image ids; the basis of filtered search."""
         groups: dict[str, list[int]] = {}

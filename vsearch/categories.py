@@ -8,7 +8,8 @@ kept in a :class:`BlockCache` bounded in bytes (least recently used out first), 
 a broad filter on a big ``Flat`` index can no longer keep a second copy of it.
 
 :class:`CategoryFilter` is owned by one served snapshot; the write path calls
-:meth:`CategoryFilter.invalidate` with every change to images or categories.
+:meth:`CategoryFilter.update` with the images each change touched (from the
+catalog's change log), so a write costs the blocks of its own categories only.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ class BlockCache:
             self._entries.clear()
             self._bytes = 0
 
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._drop(key)
+
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -157,10 +162,36 @@ class CategoryFilter:
         return category_blocks(leaves, categories, exclude)
 
     def invalidate(self) -> None:
-        """Forget the blocks and their vectors: images or categories changed."""
+        """Forget the blocks and their vectors (after a change not known image by image)."""
         with self._lock:
             self._leaves = None
         self.cache.clear()
+
+    def update(self, categories: dict[int, str | None]) -> None:
+        """Apply a write: each changed image's category now (None: gone). Only the
+        blocks of the categories involved change, and only their cached vectors go,
+        at the cost of the change (a block is found by binary search, not a scan)."""
+        if not categories:
+            return
+        with self._lock:
+            if self._leaves is None:
+                return  # nothing read yet: the first filtered search reads it all
+            ids = np.array(sorted(categories), dtype=np.int64)
+            changed: set[str] = set()
+            for name, block in self._leaves.items():
+                pos = np.minimum(np.searchsorted(block, ids), max(len(block) - 1, 0))
+                hit = block[pos] == ids if len(block) else np.zeros(len(ids), dtype=bool)
+                if hit.any():
+                    self._leaves[name] = np.delete(block, pos[hit])
+                    changed.add(name)
+            for category in sorted({c for c in categories.values() if c is not None}):
+                new = np.array([i for i, c in categories.items() if c == category], dtype=np.int64)
+                self._leaves[category] = np.union1d(self._leaves.get(category, np.zeros(0, dtype=np.int64)), new)
+                changed.add(category)
+            for name in [n for n in changed if len(self._leaves[n]) == 0]:
+                del self._leaves[name]
+        for name in changed:
+            self.cache.drop(name)
 
     def vote(self, image_ids: np.ndarray) -> list[tuple[str, float]]:
         """The categories of these neighbour images (nearest first), with their share of the vote."""

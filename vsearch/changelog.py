@@ -1,9 +1,10 @@
 """The catalog's change log: which images' vectors changed in which generation.
 
 SQLite triggers append one row per vector stored, replaced or deleted (and per
-image deleted) to ``image_changes``, inside the very transaction that made the
-change, so the log can never disagree with the catalog, whoever wrote it: this
-process, another ``vsearch`` process, or a migration. A row's generation is the
+image deleted, and per image of a product moved to another category) to
+``image_changes``, inside the very transaction that made the change, so the log
+can never disagree with the catalog, whoever wrote it: this process, another
+``vsearch`` process, or a migration. A row's generation is the
 one the transaction commits as (the catalog bumps ``meta.generation`` by one per
 write transaction).
 
@@ -41,6 +42,11 @@ STATEMENTS = [
     # an image's own deletion (its vectors cascade, but say it once whatever the model)
     "CREATE TRIGGER IF NOT EXISTS log_image_delete AFTER DELETE ON images BEGIN "
     f"INSERT INTO image_changes(generation, image_id, model) VALUES ({_NEXT_GENERATION}, OLD.id, NULL); END",
+    # a product moved to another category: its images' category filters change
+    "CREATE TRIGGER IF NOT EXISTS log_product_category AFTER UPDATE OF category ON products "
+    "WHEN OLD.category IS NOT NEW.category BEGIN "
+    f"INSERT INTO image_changes(generation, image_id, model) SELECT {_NEXT_GENERATION}, id, NULL "
+    "FROM images WHERE product_id = NEW.id; END",
 ]
 
 

@@ -41,7 +41,8 @@ __all__ = ["SCHEMA_VERSION", "VECTOR_SCHEMA", "VectorStore", "upgrade"]
 # 1: (no meta.schema_version) base vectors inline in images.vector, other models' in
 #    model_vectors with their image's sha256. 2: every model's in model_vectors.
 # 3: the change log (image_changes and its triggers, vsearch.changelog).
-SCHEMA_VERSION = 3
+# 4: the log has category moves too.
+SCHEMA_VERSION = 4
 
 VECTOR_SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_vectors (

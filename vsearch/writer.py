@@ -69,7 +69,7 @@ class IndexWriter:
     @contextmanager
     def _apply(self) -> Iterator[Snapshot]:
         """A catalog transaction and the index change that goes with it, under the
-        write lock; category blocks are forgotten afterwards.
+        write lock; the category blocks of the images it touched follow.
 
         The transaction first catches the index up with whatever other processes
         committed (SQLite lets no one else commit until ours ends). If the change
@@ -81,12 +81,14 @@ class IndexWriter:
             try:
                 with _storage_errors(self.catalog), self.catalog.transaction():
                     ours = self._catch_up(snap)
+                    before = self.catalog.generation
                     yield snap
+                    moved = self._categories_since(before, snap)
             except BaseException:
                 self._resync(snap)
-                raise
-            finally:
                 snap.filters.invalidate()
+                raise
+            snap.filters.update(moved)
             engine.index_generation = self.catalog.generation if ours else -1
 
     def catch_up(self) -> bool:
@@ -353,9 +355,17 @@ class IndexWriter:
         if changed is None:
             return False
         self._reload(snap, changed)
-        snap.filters.invalidate()
+        snap.filters.update(self.catalog.image_categories(changed))
         engine.index_generation = current
         return True
+
+    def _categories_since(self, generation: int, snap: Snapshot) -> dict[int, str | None]:
+        """Inside the transaction: the current category of each image it changed."""
+        changed = self.catalog.changed_images(generation, snap.model)
+        if changed is None:  # not in the log (cannot happen inside our own transaction)
+            snap.filters.invalidate()
+            return {}
+        return self.catalog.image_categories(changed)
 
     def _resync(self, snap: Snapshot) -> None:
         """After a failed change: the images it touched, as the catalog has them now."""
