@@ -39,11 +39,11 @@ def test_searches_during_ingest_see_whole_batches(tmp_path: Path, monkeypatch: p
     later = _items(tmp_path / "later", 8, 240)
     original_add = VectorIndex.add
 
-    def slow_add(self: VectorIndex, ids: np.ndarray, xb: np.ndarray) -> None:
+    def slow_add(self: VectorIndex, ids: np.ndarray, xb: np.ndarray, new: bool = False) -> None:
         half = len(ids) // 2
-        original_add(self, ids[:half], xb[:half])
+        original_add(self, ids[:half], xb[:half], new)
         time.sleep(0.002)  # a search landing here would see half a batch
-        original_add(self, ids[half:], xb[half:])
+        original_add(self, ids[half:], xb[half:], new)
 
     with Engine.open(tmp_path / "index", model=MODEL, create=True) as engine:
         engine.ingest(seed, quiet=True, workers=0)

@@ -108,12 +108,15 @@ class VectorIndex:
         if not self.index.is_trained:
             self.index.train(np.ascontiguousarray(xb, dtype=np.float32))
 
-    def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
-        """Add (or replace) vectors under ``ids``; replacing keeps the id."""
+    def add(self, ids: np.ndarray, xb: np.ndarray, new: bool = False) -> None:
+        """Add (or replace) vectors under ``ids``; replacing keeps the id. ``new``:
+        the caller knows none of ``ids`` is in the index, which skips the removal
+        (a flat IDMap finds ids by scanning all of them: O(index) per add)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return
-        self.remove(ids)
+        if not new:
+            self.remove(ids)
         self.index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), ids)
         self._changed()
 

@@ -110,11 +110,7 @@ class IndexWriter:
         first image, never without); returns the image ids."""
         with self._apply() as snap:
             self._upsert(products)
-            ids = [
-                self.catalog.put_image(i.product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
-                for i, v in zip(images, vectors)
-            ]
-            self._add(snap, np.array(ids, dtype=np.int64), vectors)
+            ids = self._put_images(snap, images, vectors)
         return ids
 
     def store_vectors(self, model: str, rows: list[tuple[int, str, np.ndarray]]) -> int:
@@ -137,17 +133,12 @@ class IndexWriter:
         """Create or replace a product; ``images`` (if not None) replace its images."""
         with self._apply() as snap:
             self.catalog.upsert_product(product_id, title=title, category=category, attributes=attributes)
-            ids = [
-                self.catalog.put_image(product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
-                for i, v in zip(images or [], vectors if vectors is not None else [])
-            ]
+            ids = self._put_images(snap, [replace(i, product_id=product_id) for i in images or []], vectors)
             gone: dict[int, str] = {}
             if images is not None:
                 gone = {row.id: row.sha256 for row in self.catalog.images_of(product_id) if row.id not in ids}
                 self.catalog.remove_images(list(gone))
             self._remove(snap, list(gone))
-            if vectors is not None:
-                self._add(snap, np.array(ids, dtype=np.int64), vectors)
         self._forget_files(gone)
 
     def remove_products(self, product_ids: Sequence[str]) -> list[int]:
@@ -383,10 +374,26 @@ class IndexWriter:
         if len(ids):
             snap.index.add(ids, snap.projection.apply(raw))
 
-    def _add(self, snap: Snapshot, ids: np.ndarray, raw: np.ndarray) -> None:
+    def _put_images(self, snap: Snapshot, images: Sequence[NewImage], vectors: np.ndarray | None) -> list[int]:
+        """Store images and their vectors in the catalog and the index; returns their ids."""
+        if not images or vectors is None:
+            return []
+        known = [self.catalog.image(i.product_id, i.source) is not None for i in images]
+        ids = [
+            self.catalog.put_image(i.product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
+            for i, v in zip(images, vectors)
+        ]
+        id_array = np.array(ids, dtype=np.int64)
+        once = np.unique(id_array, return_counts=True)[1][np.searchsorted(np.unique(id_array), id_array)] == 1
+        fresh = ~np.array(known) & once  # an image given twice in one call is not new the second time
+        self._add(snap, id_array[fresh], vectors[fresh], new=True)  # never indexed: no removal scan
+        self._add(snap, id_array[~fresh], vectors[~fresh])
+        return ids
+
+    def _add(self, snap: Snapshot, ids: np.ndarray, raw: np.ndarray, new: bool = False) -> None:
         if snap.index is not None and len(ids):
             self._touched.update(int(i) for i in ids)
-            snap.index.add(ids, snap.projection.apply(raw))
+            snap.index.add(ids, snap.projection.apply(raw), new=new)
 
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
