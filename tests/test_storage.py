@@ -6,6 +6,7 @@ stored files and thumbnails with them."""
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +159,17 @@ def test_a_damaged_index_in_a_directory_that_cannot_be_written_heals_in_memory(
         assert engine.index is not None and engine.index.ntotal == 25
         assert _found(engine, "Bakery/p04")
     assert (index / "index.faiss").read_bytes() == b"garbage"  # nothing written
+
+
+def test_the_server_checkpoints_in_the_background_not_in_the_request(index: Path) -> None:
+    config = ServeConfig(index_dir=str(index), api_key="write-key", reload_interval_s=0.05, checkpoint_interval_s=0.2)
+    paths = IndexPaths(index)
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        engine = client.app.state.service.engine  # type: ignore[attr-defined]
+        upload = {"image": ("a.jpg", jpeg(11), "image/jpeg")}
+        assert client.post("/v1/products", data={"id": "bg"}, files=upload, headers=KEY).status_code == 201
+        assert IndexManifest.load(paths).catalog_generation < engine.catalog.generation  # the request did not save
+        deadline = time.monotonic() + 10
+        while IndexManifest.load(paths).catalog_generation != engine.catalog.generation and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert IndexManifest.load(paths).catalog_generation == engine.catalog.generation

@@ -143,6 +143,7 @@ class ServeConfig:
     thumbnail_px: int = 256
     web_dir: str | None = None  # default: the repository's web/ folder
     reload_interval_s: float = 2.0  # how often to look for a model switch made by another process; 0: never
+    checkpoint_interval_s: float = 30.0  # how often the index file is saved in the background after writes; 0: at every 64th
     block_cache_mb: float = 256  # vectors kept for category-filtered search (exact search on Flat/small filters)
 
     def __post_init__(self) -> None:

@@ -47,7 +47,7 @@ from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import IndexWriter
+from .writer import CHECKPOINT_EVERY, IndexWriter
 
 _log = logging.getLogger("vsearch")
 
@@ -86,6 +86,9 @@ class Engine:
         self._rw = RWLock()  # searches read; the write path applies changes exclusively
         self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
         self.dir_lock = DirLock(paths.write_lock)  # ... and one process at a time writes the files
+        # API-style writes save the index every this many catalog generations; a server
+        # raises it and checkpoints from a background thread instead (service.py)
+        self.checkpoint_every = CHECKPOINT_EVERY
         name = manifest.active_model
         self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name, manifest), None)
 
@@ -223,11 +226,17 @@ class Engine:
         self.product(product_id)  # ProductNotFoundError if there is none
         self.remove_products([product_id])
 
+    def checkpoint(self, every: int = 1) -> bool:
+        """Save the index if it lags the catalog by ``every`` generations or more (see
+        :meth:`IndexWriter.checkpoint`); True if it saved."""
+        with self.writer() as writer:
+            return writer.checkpoint(every)
+
     def remove_products(self, product_ids: list[str]) -> int:
         """Delete products and their images; returns how many images went."""
         with self.writer() as writer:
             removed = writer.remove_products(product_ids)
-            writer.checkpoint()
+            writer.checkpoint(self.checkpoint_every)
         return len(removed)
 
     # model versions (see vsearch.versions) --------------------------------------

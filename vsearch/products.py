@@ -64,7 +64,7 @@ def put_product(
             vectors=raw,
         )
         if engine.manifest.projection_fitted:
-            writer.checkpoint()  # durable already (the catalog); an index-type upgrade is left to ingest
+            writer.checkpoint(engine.checkpoint_every)  # durable already (the catalog); an index-type upgrade is left to ingest
         else:
             engine.fit_projection()
 

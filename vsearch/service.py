@@ -72,6 +72,9 @@ class CatalogImage:
 Embeddable = Image.Image | str | CatalogImage  # what the model queue embeds: a query image, a text, a catalog image
 
 
+BACKGROUND_CHECKPOINT_BOUND = 10_000  # generations a request's write may still save at, with background checkpoints
+
+
 def default_batch_max(device: str | None) -> int:
     """Micro-batching pays where a batch costs little more than one image: on a GPU.
 
@@ -146,14 +149,22 @@ class SearchService:
 
     def watch_index(self) -> None:
         """Poll the index directory for a model switch (or write) made by another
-        process, e.g. ``vsearch reindex`` beside this server, and adopt it."""
+        process, e.g. ``vsearch reindex`` beside this server, and adopt it; and save
+        the index every ``checkpoint_interval_s`` after writes, off the request path."""
         if self.config.reload_interval_s <= 0 or self._watcher is not None:
             return
+        interval = self.config.checkpoint_interval_s
+        if interval > 0:  # writes then save only every 10k generations inline, as a bound on replay
+            self.engine.checkpoint_every = max(self.engine.checkpoint_every, BACKGROUND_CHECKPOINT_BOUND)
 
         def loop() -> None:
+            last_checkpoint = time.monotonic()
             while not self._stop.wait(self.config.reload_interval_s):
                 try:
                     self.engine.refresh()
+                    if interval > 0 and time.monotonic() - last_checkpoint >= interval:
+                        self.engine.checkpoint()  # off the request path; a no-op when nothing was written
+                        last_checkpoint = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - keep serving the current version; say why
                     print(f"vsearch: could not reload {self.engine.paths.root}: {exc}", flush=True)
 
