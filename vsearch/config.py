@@ -89,10 +89,20 @@ class ProjectionConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How the FAISS index is built. ``factory`` None means chosen by catalog size."""
+    """How the FAISS index is built. ``factory`` None means chosen by catalog size.
+
+    An IVF index's nprobe is tuned when it is built: the smallest whose recall@10 on
+    a sample of its own vectors reaches ``tune_recall``; the index file keeps it.
+    ``tune_recall`` None uses ``nprobe`` instead (and is the only case it is used).
+    """
 
     factory: str | None = None
     nprobe: int = 16
+    tune_recall: float | None = 0.95
+
+    def __post_init__(self) -> None:
+        if self.nprobe < 1 or (self.tune_recall is not None and not 0 < self.tune_recall <= 1):
+            raise ConfigError("index nprobe must be >= 1 and tune_recall in (0, 1]")
 
 
 @dataclass(frozen=True)

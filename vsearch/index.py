@@ -9,12 +9,21 @@ Filtered search. A filter is a set of allowed ids in blocks (one per category, s
 index, is searched exactly on the blocks' vectors, reconstructed once and kept in a
 bounded :class:`~vsearch.categories.BlockCache`, so a query restricted to a 1%
 category touches 1% of the data. A large set on an IVF index goes through faiss with
-an ``IDSelector`` and falls back to the exact path if the probed lists cannot fill k.
+an ``IDSelector``, probing more lists the smaller the set (its neighbours lie further
+out), as long as that scans fewer vectors than the exact path would; rows the probed
+lists cannot fill are searched again with 4x the probes, then exactly.
+``VectorIndex.paths`` counts which path each query row took.
+
+Sizes. ``choose_factory`` keeps nlist within what the catalog can train (faiss wants
+>= 39 training points per list); :meth:`VectorIndex.train_size` says how many points
+to train on; :func:`tune_nprobe` picks the smallest nprobe whose recall@10 reaches a
+target, which the index file keeps (faiss saves nprobe with an IVF index).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,11 +34,14 @@ from .categories import BlockCache
 from .errors import ConfigError, IndexFormatError
 from .fsutil import atomic_write
 
-__all__ = ["VectorIndex", "choose_factory", "gpu_available", "merge_topk"]
+__all__ = ["VectorIndex", "choose_factory", "gpu_available", "ivf_nlist", "merge_topk", "recall_at_k", "tune_nprobe"]
 
 FLAT_MAX = 100_000
 SQ_MAX = 2_000_000
-SMALL_SUBSET_FRACTION = 0.05
+DEFAULT_NPROBE = 16  # until tuned
+TRAIN_MIN_PER_LIST = 39  # faiss warns below this many training points per centroid
+TRAIN_PER_LIST = 64  # what train_size asks for (faiss subsamples past 256 per centroid)
+TRAIN_BASE = 100_000  # ... and at least this many, where the catalog has them
 
 
 def choose_factory(n: int, d: int) -> str:
@@ -42,11 +54,73 @@ def choose_factory(n: int, d: int) -> str:
         raise ConfigError(f"bad index size n={n}, d={d}")
     if n <= FLAT_MAX:
         return "IDMap2,Flat"
-    nlist = 1 << round(math.log2(4 * math.sqrt(n)))
+    nlist = ivf_nlist(n)
     if n <= SQ_MAX:
         return f"IVF{nlist},SQ8"
     m = next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if d % m == 0)
     return f"IVF{nlist},PQ{m}x8"
+
+
+def ivf_nlist(n: int) -> int:
+    """nlist for ``n`` vectors: the power of two nearest 4 sqrt(n), lowered until the
+    catalog holds TRAIN_PER_LIST training points per list (at least 1)."""
+    nlist = 1 << max(round(math.log2(4 * math.sqrt(max(n, 1)))), 0)
+    while nlist > 1 and nlist * TRAIN_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each row's true top-k (``truth[:, :k]``, -1 ignored) found in
+    ``found[:, :k]``: 10-recall@10 for k=10."""
+    hits = total = 0
+    for f, t in zip(found[:, :k], truth[:, :k]):
+        t = t[t >= 0]
+        hits += len(np.intersect1d(f, t))
+        total += len(t)
+    return hits / total if total else 1.0
+
+
+def tune_nprobe(index: VectorIndex, xq: np.ndarray, target: float = 0.95, k: int = 10) -> tuple[int, float]:
+    """The smallest nprobe whose recall@k reaches ``target``, and that recall.
+
+    ``xq`` are queries drawn from the indexed vectors (e.g. 200 of them): the truth is
+    the exhaustive search (nprobe = nlist, i.e. brute force over the index's own
+    quantised vectors), each query's own vector (its first hit) left out on both
+    sides. Searched at powers of two, then bisected. Leaves nprobe as it found it.
+    """
+    ivf = _ivf(index.index)
+    if ivf is None or index.ntotal == 0 or len(xq) == 0:
+        return index.nprobe, 1.0
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    kk = min(k + 1, index.ntotal)
+    nlist = int(ivf.nlist)
+
+    def measure(nprobe: int) -> np.ndarray:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
+        return np.asarray(index.index.search(xq, kk, params=params)[1])
+
+    truth = measure(nlist)[:, 1:]  # the query itself comes first
+
+    def recall(nprobe: int) -> float:
+        return recall_at_k(measure(nprobe), truth, kk)  # k true others in k+1 slots (one is the query)
+
+    low, high, best = 0, 1, 0.0
+    while high < nlist:
+        best = recall(high)
+        if best >= target:
+            break
+        low, high = high, high * 2
+    if high >= nlist:
+        high, best = nlist, 1.0
+    while high - low > 1:  # recall grows with nprobe: bisect (low fails, high passes)
+        mid = (low + high) // 2
+        r = recall(mid)
+        if r >= target:
+            high, best = mid, r
+        else:
+            low = mid
+    return high, best
 
 
 def gpu_available() -> bool:
@@ -72,10 +146,15 @@ def merge_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 class VectorIndex:
     """A faiss index whose ids are catalog image ids."""
 
-    def __init__(self, index: faiss.Index, factory: str, nprobe: int = 16) -> None:
+    def __init__(self, index: faiss.Index, factory: str, nprobe: int | None = DEFAULT_NPROBE) -> None:
+        """``nprobe`` None keeps the one the faiss index holds (a loaded file's: tuned)."""
         self.index = index
         self.factory = factory
-        self.nprobe = nprobe
+        ivf = _ivf(index)
+        self.nprobe = nprobe if nprobe is not None else int(ivf.nprobe) if ivf is not None else DEFAULT_NPROBE
+        self.recall_at_10: float | None = None  # measured by tune(), at self.nprobe
+        # which path each query row took (see search); read by the metrics layer
+        self.paths: Counter[str] = Counter()
         self._gpu: faiss.Index | None = None
         self._gpu_wanted = False
         self._apply_nprobe()
@@ -88,8 +167,14 @@ class VectorIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def nlist(self) -> int:
+        """The number of inverted lists; 0 for an exact (non-IVF) index."""
+        ivf = _ivf(self.index)
+        return int(ivf.nlist) if ivf is not None else 0
+
     @classmethod
-    def create(cls, factory: str, d: int, nprobe: int = 16) -> VectorIndex:
+    def create(cls, factory: str, d: int, nprobe: int | None = DEFAULT_NPROBE) -> VectorIndex:
         try:
             index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
@@ -104,9 +189,36 @@ class VectorIndex:
     def is_trained(self) -> bool:
         return bool(self.index.is_trained)
 
+    def train_size(self) -> int:
+        """How many vectors :meth:`train` wants: TRAIN_PER_LIST per IVF list (and per
+        PQ centroid), at least TRAIN_BASE, at most 256 per list (faiss's own cap)."""
+        ivf = _ivf(self.index)
+        if ivf is None or self.index.is_trained:
+            return 0
+        centroids = int(ivf.nlist)
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        if pq is not None:
+            centroids = max(centroids, int(pq.ksub))
+        return max(min(256 * centroids, TRAIN_BASE), TRAIN_PER_LIST * centroids)
+
     def train(self, xb: np.ndarray) -> None:
         if not self.index.is_trained:
-            self.index.train(np.ascontiguousarray(xb, dtype=np.float32))
+            xb = np.ascontiguousarray(xb, dtype=np.float32)
+            nlist = self.nlist
+            if len(xb) < nlist:
+                raise ConfigError(f"{self.factory}: {len(xb)} vectors cannot train {nlist} lists; use a smaller nlist")
+            self.index.train(xb)
+
+    def tune(self, xq: np.ndarray, target: float = 0.95) -> tuple[int, float]:
+        """Set nprobe to the smallest reaching recall@10 >= ``target`` on ``xq``
+        (queries drawn from the indexed vectors): see :func:`tune_nprobe`."""
+        if self.nlist == 0:
+            return self.nprobe, 1.0
+        nprobe, recall = tune_nprobe(self, xq, target)
+        self.nprobe, self.recall_at_10 = nprobe, recall
+        self._apply_nprobe()
+        self._gpu = None
+        return nprobe, recall
 
     def add(self, ids: np.ndarray, xb: np.ndarray, new: bool = False) -> None:
         """Add (or replace) vectors under ``ids``; replacing keeps the id. ``new``:
@@ -148,19 +260,53 @@ class VectorIndex:
         """
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if blocks is None:
+            self.paths["all"] += len(xq)
             return self._search_all(xq, k)
         allowed = sum(len(ids) for ids in blocks.values())
         if allowed == 0:
+            self.paths["empty"] += len(xq)
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
-        if allowed <= max(k, SMALL_SUBSET_FRACTION * self.ntotal) or _ivf(self.index) is None:
+        nprobe = self.filtered_nprobe(allowed)
+        if nprobe == 0:  # Flat, or the exact scan of the set costs less than probing
+            self.paths["exact"] += len(xq)
             try:
                 return self._search_blocks(xq, k, blocks, cache)
             except RuntimeError:  # a block names ids this index lacks (it was retired by a swap)
                 return self._search_selected(xq, k, np.concatenate(list(blocks.values())))
-        D, I = self._search_selected(xq, k, np.concatenate(list(blocks.values())))
-        if (I[:, -1] < 0).any():  # the probed lists held too few allowed ids
-            return self._search_blocks(xq, k, blocks, cache)
+        ids = np.concatenate(list(blocks.values()))
+        D, I = self._search_selected(xq, k, ids, nprobe)
+        short = np.flatnonzero(I[:, min(k, allowed) - 1] < 0)  # the probed lists held too few allowed ids
+        self.paths["selector"] += len(xq) - len(short)
+        if len(short) and nprobe < self.nlist:
+            D2, I2 = self._search_selected(xq[short], k, ids, min(4 * nprobe, self.nlist))
+            D[short], I[short] = D2, I2
+            filled = I2[:, min(k, allowed) - 1] >= 0
+            self.paths["selector_more"] += int(filled.sum())
+            short = short[~filled]
+        if len(short):
+            self.paths["exact_fallback"] += len(short)
+            try:
+                D[short], I[short] = self._search_blocks(xq[short], k, blocks, cache)
+            except RuntimeError:  # ids this index lacks: what the selector found is all there is
+                pass
         return D, I
+
+    def filtered_nprobe(self, allowed: int) -> int:
+        """The nprobe for a search among ``allowed`` ids, or 0 for the exact path.
+
+        A filter keeping a share s of the vectors pushes its k nearest out to roughly
+        the k/s nearest overall; probing nprobe / sqrt(s) lists brings recall back
+        (measured: tests/test_index_sizes.py). If that scans more vectors (the share
+        of lists probed) than the filter allows (s), the exact scan is cheaper.
+        """
+        nlist = self.nlist
+        if nlist == 0 or self.ntotal == 0:
+            return 0
+        share = min(allowed / self.ntotal, 1.0)
+        nprobe = min(nlist, math.ceil(self.nprobe / math.sqrt(share)))
+        if nprobe / nlist >= share:
+            return 0
+        return nprobe
 
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.ntotal == 0:
@@ -171,11 +317,13 @@ class VectorIndex:
         D, I = index.search(xq, min(k, self.ntotal))
         return merge_topk(D, I, k)
 
-    def _search_selected(self, xq: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _search_selected(
+        self, xq: np.ndarray, k: int, ids: np.ndarray, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         ivf = _ivf(self.index)
         if ivf is not None:
-            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)  # type: ignore[call-arg]
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe or self.nprobe)  # type: ignore[call-arg]
         else:
             params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         D, I = self.index.search(xq, min(k, self.ntotal), params=params)
@@ -222,7 +370,7 @@ class VectorIndex:
         atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
 
     @classmethod
-    def load(cls, path: Path, factory: str, nprobe: int = 16, mmap: bool = False) -> VectorIndex:
+    def load(cls, path: Path, factory: str, nprobe: int | None = None, mmap: bool = False) -> VectorIndex:
         try:
             if mmap:
                 try:

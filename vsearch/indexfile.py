@@ -12,22 +12,34 @@ from .index import VectorIndex, choose_factory
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
 
-__all__ = ["FIT_SAMPLE", "build_index", "load_saved_index"]
+__all__ = ["FIT_SAMPLE", "TUNE_QUERIES", "build_index", "load_saved_index"]
 
 _log = logging.getLogger("vsearch")
-FIT_SAMPLE = 100_000  # vectors used to fit the projection and train IVF quantizers
+FIT_SAMPLE = 100_000  # vectors used to fit the projection (IVF training: VectorIndex.train_size)
+TUNE_QUERIES = 200  # indexed vectors drawn (seeded) to tune an IVF index's nprobe
+TUNE_SEED = 1
 
 
 def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projection, model: str) -> VectorIndex:
-    """A faiss index of ``model``'s stored vectors, projected (no model work)."""
+    """A faiss index of ``model``'s stored vectors, projected (no model work).
+
+    An IVF index is trained on as many vectors as its lists need
+    (:meth:`VectorIndex.train_size`), then, unless ``manifest.index.tune_recall`` is
+    None, its nprobe is tuned to the smallest reaching that recall@10 on
+    TUNE_QUERIES of its own vectors; the saved file keeps it."""
+    config = manifest.index
     n = catalog.counts()["images"]
     dim = projection.out_dim(catalog.vector_dim(model) or manifest.raw_dim)
-    factory = manifest.index.factory or choose_factory(n, dim)
-    index = VectorIndex.create(factory, dim, nprobe=manifest.index.nprobe)
+    factory = config.factory or choose_factory(n, dim)
+    index = VectorIndex.create(factory, dim, nprobe=config.nprobe)
     if not index.is_trained:
-        index.train(projection.apply(catalog.sample_vectors(FIT_SAMPLE, model=model)))
+        index.train(projection.apply(catalog.sample_vectors(index.train_size(), model=model)))
     for ids, raw in catalog.iter_vectors(model=model):
         index.add(ids, projection.apply(raw))
+    if index.nlist and config.tune_recall is not None and index.ntotal:
+        queries = projection.apply(catalog.sample_vectors(TUNE_QUERIES, seed=TUNE_SEED, model=model))
+        nprobe, recall = index.tune(queries, config.tune_recall)
+        _log.info("vsearch: %s over %d vectors: nprobe %d gives recall@10 %.3f", factory, index.ntotal, nprobe, recall)
     index.to_gpu()
     return index
 
@@ -39,7 +51,8 @@ def load_saved_index(paths: IndexPaths, manifest: IndexManifest, floor: int, mma
     if manifest.catalog_generation < max(floor, 0) or not paths.index.exists():
         return None
     try:
-        index = VectorIndex.load(paths.index, manifest.factory, nprobe=manifest.index.nprobe, mmap=mmap)
+        nprobe = manifest.index.nprobe if manifest.index.tune_recall is None else None  # None: the file's (tuned)
+        index = VectorIndex.load(paths.index, manifest.factory, nprobe=nprobe, mmap=mmap)
     except IndexFormatError as exc:  # a derived file: every vector is in the catalog
         _log.warning("vsearch: %s is damaged (%s); rebuilt from the catalog", paths.index, str(exc).split(":")[0])
         return None
