@@ -3,6 +3,13 @@ catalog and index as ``vsearch ingest`` of the same images."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +190,52 @@ def test_library_import_normalises_keeps_attributes_and_rejects_bad_rows(tmp_pat
         np.testing.assert_allclose(stored[0], np.array(vectors[0]) / np.linalg.norm(vectors[0]), atol=1e-6)
         assert engine.info()["vectors"] == 3
         assert (tmp_path / "B" / "rejects.jsonl").read_text().count("\n") == 3
+
+
+def test_kill_9_mid_import_then_rerun_adds_only_the_rest(tmp_path: Path, shard: Path) -> None:
+    dim = len(pq.read_table(shard).column("vector")[0].as_py())
+    n = 10_000
+    vectors = np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "image": [f"https://example.com/{i}.jpg" for i in range(n)],
+            "sha256": [f"{i:064x}" for i in range(n)],
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+            ),
+        }
+    )
+    big = tmp_path / "big.parquet"
+    pq.write_table(table, big)
+    index = tmp_path / "B"
+    cmd = [sys.executable, "-m", "vsearch", "import", str(big), "--index", str(index), "--model", MODEL, "--quiet"]
+    cmd += ["--batch-size", "100", "--pca", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _committed(index / "catalog.db") < 500:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _committed(index / "catalog.db")
+    assert 0 < before < n, "the kill must land mid-run for this test to mean anything"
+    done = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout)
+    assert (report["added"], report["unchanged"]) == (n - before, before)
+    assert report["index"]["images"] == report["index"]["vectors"] == n
+    with Engine.open(index) as engine:
+        ids, stored = zip(*engine.catalog.iter_vectors(batch=5000))
+    order = np.argsort(np.concatenate(ids))
+    expected = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.concatenate(stored)[order], expected, atol=1e-6)
+
+
+def _committed(db_path: Path) -> int:
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=0.1) as db:
+            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
+    except sqlite3.Error:
+        return 0
