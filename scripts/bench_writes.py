@@ -3,8 +3,9 @@
 Builds catalogs of synthetic clustered vectors (default 10k and 1M images, 64-d raw
 vectors, 20 categories with skewed sizes) through the catalog's own tables, opens
 them with vsearch, then times one-image product writes (catalog transaction + index
-add + checkpoint policy), deletes, and the first category-filtered search after a
-write, and prints each size beside the smallest as a ratio.
+add + the library's checkpoint policy, a save every 64 generations), deletes, the
+first category-filtered search after a write, and one checkpoint (what a server's
+background save costs), and prints each size beside the smallest as a ratio.
 
     python scripts/bench_writes.py                 # 10k and 1M
     python scripts/bench_writes.py --sizes 10000 100000 --writes 300
@@ -91,9 +92,13 @@ def measure(root: Path, writes: int) -> dict[str, float]:
             t0 = time.perf_counter()
             engine.remove_products([f"new{n - 1}"])
             delete.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    engine.checkpoint()  # what a server's background checkpoint costs (writes wait for it)
+    saved = time.perf_counter() - t0
     engine.close()
     return {
         "open_s": opened,
+        "checkpoint_s": saved,
         "put_p50_ms": percentile(put, 50),
         "put_p99_ms": percentile(put, 99),
         "delete_p50_ms": percentile(delete, 50),
