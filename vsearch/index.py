@@ -39,6 +39,7 @@ __all__ = ["VectorIndex", "choose_factory", "gpu_available", "ivf_nlist", "merge
 FLAT_MAX = 100_000
 SQ_MAX = 2_000_000
 DEFAULT_NPROBE = 16  # until tuned
+FILTER_SCAN_FACTOR = 8  # a filtered IVF query scans this x as many allowed vectors as an unfiltered one scans
 TRAIN_MIN_PER_LIST = 39  # faiss warns below this many training points per centroid
 TRAIN_PER_LIST = 64  # what train_size asks for (faiss subsamples past 256 per centroid)
 TRAIN_BASE = 100_000  # ... and at least this many, where the catalog has them
@@ -157,6 +158,8 @@ class VectorIndex:
         self.paths: Counter[str] = Counter()
         self._gpu: faiss.Index | None = None
         self._gpu_wanted = False
+        self._lists: tuple[np.ndarray, np.ndarray] | None = None  # _list_map
+        self._centroid_cache: np.ndarray | None = None
         self._apply_nprobe()
 
     @property
@@ -183,6 +186,9 @@ class VectorIndex:
         if ivf is not None:
             # Reconstruct and remove by id need a direct map from ids to list entries.
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+            pq = faiss.downcast_index(ivf)
+            if hasattr(pq, "do_polysemous_training"):  # IVF-PQ: minutes of training for codes we never compare
+                pq.do_polysemous_training = False
         return cls(index, factory, nprobe)
 
     @property
@@ -266,19 +272,19 @@ class VectorIndex:
         if allowed == 0:
             self.paths["empty"] += len(xq)
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
-        nprobe = self.filtered_nprobe(allowed)
-        if nprobe == 0:  # Flat, or the exact scan of the set costs less than probing
+        ids = np.concatenate(list(blocks.values()))
+        plan = self._filtered_plan(ids)
+        if plan is None:  # Flat, or the exact scan of the set costs less than probing
             self.paths["exact"] += len(xq)
             try:
                 return self._search_blocks(xq, k, blocks, cache)
             except RuntimeError:  # a block names ids this index lacks (it was retired by a swap)
-                return self._search_selected(xq, k, np.concatenate(list(blocks.values())))
-        ids = np.concatenate(list(blocks.values()))
-        D, I = self._search_selected(xq, k, ids, nprobe)
+                return self._search_selected(xq, k, ids)
+        D, I = self._search_lists(xq, k, ids, plan)
         short = np.flatnonzero(I[:, min(k, allowed) - 1] < 0)  # the probed lists held too few allowed ids
         self.paths["selector"] += len(xq) - len(short)
-        if len(short) and nprobe < self.nlist:
-            D2, I2 = self._search_selected(xq[short], k, ids, min(4 * nprobe, self.nlist))
+        if len(short):
+            D2, I2 = self._search_lists(xq[short], k, ids, (plan[0], plan[1], 4 * plan[2]))
             D[short], I[short] = D2, I2
             filled = I2[:, min(k, allowed) - 1] >= 0
             self.paths["selector_more"] += int(filled.sum())
@@ -291,22 +297,87 @@ class VectorIndex:
                 pass
         return D, I
 
-    def filtered_nprobe(self, allowed: int) -> int:
-        """The nprobe for a search among ``allowed`` ids, or 0 for the exact path.
+    def _filtered_plan(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """For a search among ``ids`` on an IVF index: the lists holding any of them,
+        how many of them each holds, and how many allowed vectors a query should scan;
+        None for the exact path.
 
-        A filter keeping a share s of the vectors pushes its k nearest out to roughly
-        the k/s nearest overall; probing nprobe / sqrt(s) lists brings recall back
-        (measured: tests/test_index_sizes.py). If that scans more vectors (the share
-        of lists probed) than the filter allows (s), the exact scan is cheaper.
+        Unfiltered, a query scans nprobe lists, about nprobe * ntotal / nlist vectors.
+        Filtered, it probes the lists holding allowed ids nearest first until it has
+        scanned that many *allowed* vectors (a category's vectors cluster: the plain
+        nearest lists may hold none of them). Where that means scanning more vectors
+        than the filter allows, the exact scan of the allowed vectors is cheaper.
         """
-        nlist = self.nlist
-        if nlist == 0 or self.ntotal == 0:
-            return 0
-        share = min(allowed / self.ntotal, 1.0)
-        nprobe = min(nlist, math.ceil(self.nprobe / math.sqrt(share)))
-        if nprobe / nlist >= share:
-            return 0
-        return nprobe
+        ivf = _ivf(self.index)
+        if ivf is None or self.ntotal == 0:
+            return None
+        all_ids, list_of = self._list_map()
+        pos = np.minimum(np.searchsorted(all_ids, ids), len(all_ids) - 1)
+        present = pos[all_ids[pos] == ids]
+        if len(present) == 0:
+            return None
+        per_list = np.bincount(list_of[present], minlength=int(ivf.nlist))
+        lists = np.flatnonzero(per_list)
+        want = FILTER_SCAN_FACTOR * self.nprobe * self.ntotal / int(ivf.nlist)
+        share = len(present) / self.ntotal  # lists hold allowed ids at this rate on average
+        if want / share >= len(present):  # probing would scan about want / share vectors
+            return None
+        return lists, per_list[lists], math.ceil(want)
+
+    def _list_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """An IVF index's ids, sorted, and the list holding each; kept until a change."""
+        cached = self._lists
+        if cached is None:
+            ivf = _ivf(self.index)
+            assert ivf is not None
+            invlists, parts, owners = ivf.invlists, [], []
+            assert invlists is not None
+            for n in range(int(ivf.nlist)):
+                size = invlists.list_size(n)
+                if size:
+                    ptr = invlists.get_ids(n)
+                    parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+                    invlists.release_ids(n, ptr)  # type: ignore[attr-defined]
+                    owners.append(np.full(size, n, dtype=np.int32))
+            ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            lists = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int32)
+            order = np.argsort(ids, kind="stable")
+            cached = self._lists = (ids[order], lists[order])
+        return cached
+
+    def _centroids(self) -> np.ndarray:
+        if self._centroid_cache is None:
+            ivf = _ivf(self.index)
+            assert ivf is not None
+            self._centroid_cache = np.asarray(ivf.quantizer.reconstruct_n(0, int(ivf.nlist)), dtype=np.float32)
+        return self._centroid_cache
+
+    def _search_lists(
+        self, xq: np.ndarray, k: int, ids: np.ndarray, plan: tuple[np.ndarray, np.ndarray, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search among ``ids``, each query probing its nearest of the plan's lists
+        until it has scanned the plan's number of allowed vectors."""
+        ivf = _ivf(self.index)
+        assert ivf is not None
+        lists, counts, want = plan
+        coarse = xq @ self._centroids()[lists].T  # inner products with the list centroids
+        order = np.argsort(-coarse, axis=1, kind="stable")
+        scanned = np.cumsum(counts[order], axis=1)
+        nprobe = int(min(len(lists), 1 + (scanned < want).sum(axis=1).max()))
+        order = order[:, :nprobe]
+        Dq = np.ascontiguousarray(np.take_along_axis(coarse, order, 1), dtype=np.float32)
+        Iq = np.where(scanned[:, :nprobe] - counts[order] < want, lists[order], -1).astype(np.int64)  # -1: not probed
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
+        kk = min(k, self.ntotal)
+        D = np.empty((len(xq), kk), dtype=np.float32)
+        I = np.empty((len(xq), kk), dtype=np.int64)
+        # the python wrapper of search_preassigned takes no params (the selector): the C++ call does
+        ivf.search_preassigned_c(  # type: ignore[attr-defined]
+            len(xq), faiss.swig_ptr(xq), kk, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
+            faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
+        )  # fmt: skip
+        return merge_topk(D, I, k)
 
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.ntotal == 0:
@@ -317,13 +388,12 @@ class VectorIndex:
         D, I = index.search(xq, min(k, self.ntotal))
         return merge_topk(D, I, k)
 
-    def _search_selected(
-        self, xq: np.ndarray, k: int, ids: np.ndarray, nprobe: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _search_selected(self, xq: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search among ``ids`` with an ``IDSelector``; IVF: at the index's nprobe."""
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
         ivf = _ivf(self.index)
         if ivf is not None:
-            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe or self.nprobe)  # type: ignore[call-arg]
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)  # type: ignore[call-arg]
         else:
             params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         D, I = self.index.search(xq, min(k, self.ntotal), params=params)
@@ -345,6 +415,7 @@ class VectorIndex:
         return merge_topk(np.concatenate(parts_D, 1), np.concatenate(parts_I, 1), k)
 
     def _changed(self) -> None:
+        self._lists = None
         self._gpu = None  # re-mirrored lazily on the next search, not on every added batch
 
     def _apply_nprobe(self) -> None:
