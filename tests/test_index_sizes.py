@@ -185,3 +185,37 @@ def test_tune_nprobe_picks_the_smallest_reaching_the_target(built: tuple[str, Ve
     assert recall >= TARGET and 1 <= nprobe <= index.nlist and index.nprobe == served  # measured, not set
     assert tune_nprobe(index, xq, 0.01) == (1, pytest.approx(tune_nprobe(index, xq, 0.01)[1]))
     assert tune_nprobe(index, xq, 1.0)[0] >= nprobe
+
+
+def test_build_index_trains_on_enough_vectors_and_tunes_nprobe(tmp_path: Path) -> None:
+    """indexfile.build_index: IVF from the catalog's vectors, nprobe tuned and kept on save/load."""
+    from vsearch.catalog import BASE_MODEL, Catalog
+    from vsearch.config import IndexConfig
+    from vsearch.indexfile import build_index, load_saved_index
+    from vsearch.manifest import IndexManifest, IndexPaths
+    from vsearch.presets import resolve_model
+    from vsearch.projection import Projection
+
+    rng = np.random.default_rng(0)
+    centers = l2_normalize(rng.standard_normal((CLUSTERS, D)).astype(np.float32))
+    xb, _ = mixture(5000, 1, centers)
+    catalog = Catalog.open(tmp_path / "catalog.db")
+    with catalog.transaction():
+        catalog.upsert_product("p", category="c")
+        for n, x in enumerate(xb):
+            catalog.put_image("p", f"{n}.jpg", f"sha{n}", 1, 1, x)
+    factory = f"IVF{ivf_nlist(5000)},SQ8"
+    manifest = IndexManifest(resolve_model("efficientnet-lite2"), index=IndexConfig(factory=factory), dim=D, factory=factory)
+    index = build_index(catalog, manifest, Projection(), BASE_MODEL)
+    assert index.ntotal == 5000 and index.recall_at_10 is not None and index.recall_at_10 >= TARGET
+    assert 1 <= index.nprobe < index.nlist
+    paths = IndexPaths(tmp_path)
+    index.save(paths.index)
+    manifest.catalog_generation = catalog.generation
+    loaded = load_saved_index(paths, manifest, floor=0)
+    assert loaded is not None and loaded.nprobe == index.nprobe
+    untuned = IndexManifest(
+        manifest.model, index=IndexConfig(factory=factory, nprobe=7, tune_recall=None), dim=D, factory=factory
+    )
+    assert build_index(catalog, untuned, Projection(), BASE_MODEL).nprobe == 7
+    catalog.close()
