@@ -8,6 +8,7 @@ benchmark; full whitening hurt, so it is off by default.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +38,30 @@ class Projection:
 
     @classmethod
     def fit(cls, x: np.ndarray, config: ProjectionConfig) -> Projection:
+        """Centring (and PCA) fitted on ``x``. PCA takes the eigenvectors of the d x d
+        covariance, accumulated a chunk at a time in float64: a 100k x 1752 sample
+        costs seconds and ~25 MB beyond ``x`` (an SVD of the centred float64 copy of
+        ``x`` took minutes and 8.6 GB). Each component's sign is fixed (largest
+        entry positive), so the same data gives the same projection."""
         if len(x) == 0:
             return cls()
-        x = np.asarray(x, dtype=np.float64)
-        mean = x.mean(axis=0) if config.center else np.zeros(x.shape[1])
+        x = np.asarray(x, dtype=np.float32)
+        n, d = x.shape
+        mean = _chunked_sum(x, lambda c: c.sum(axis=0), np.zeros(d)) / n if config.center else np.zeros(d)
         components = None
-        if config.pca_dim is not None and config.pca_dim < x.shape[1] and len(x) > 2 * config.pca_dim:
-            _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-            components = vt[: config.pca_dim]
+        if config.pca_dim is not None and config.pca_dim < d and n > 2 * config.pca_dim:
+            cov = _chunked_sum(x, lambda c: (c - mean).T @ (c - mean), np.zeros((d, d)))
+            eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
+            top = eigenvectors[:, ::-1][:, : config.pca_dim].T
+            signs = np.sign(top[np.arange(len(top)), np.abs(top).argmax(axis=1)])
+            components = top * signs[:, None]
             if config.whiten:
-                components = components / (s[: config.pca_dim, None] / np.sqrt(len(x)) + 1e-6)
+                scale = np.sqrt(np.maximum(eigenvalues[::-1][: config.pca_dim], 0) / n)
+                components = components / (scale[:, None] + 1e-6)
         return cls(
             mean=mean.astype(np.float32) if config.center else None,
             components=None if components is None else components.astype(np.float32),
-            fitted_on=len(x),
+            fitted_on=n,
         )
 
     def out_dim(self, in_dim: int) -> int:
@@ -93,3 +104,11 @@ class Projection:
                 f"{path}: damaged projection ({type(exc).__name__}); fit it again: vsearch ingest SOURCE --index "
                 f"{path.parent} --center-on PHOTOS"
             ) from None
+
+
+def _chunked_sum(x: np.ndarray, term: Callable[[np.ndarray], np.ndarray], start: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """sum(term(rows)) over ``x`` in float64, a chunk of rows at a time."""
+    total = start
+    for lo in range(0, len(x), chunk):
+        total = total + term(x[lo : lo + chunk].astype(np.float64))
+    return total
