@@ -219,3 +219,27 @@ def test_build_index_trains_on_enough_vectors_and_tunes_nprobe(tmp_path: Path) -
     )
     assert build_index(catalog, untuned, Projection(), BASE_MODEL).nprobe == 7
     catalog.close()
+
+
+def test_filtered_rows_the_probes_cannot_fill_escalate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows short of k after probing: 4x the probes, then the exact scan; each counted."""
+    import vsearch.index
+
+    monkeypatch.setattr(vsearch.index, "FILTER_SCAN_FACTOR", 0.01)  # probe next to nothing
+    rng = np.random.default_rng(0)
+    centers = l2_normalize(rng.standard_normal((CLUSTERS, D)).astype(np.float32))
+    xb, _ = mixture(4000, 1, centers)
+    ids = np.arange(4000, dtype=np.int64) * 2
+    index = VectorIndex.create("IVF64,Flat", D, nprobe=1)
+    index.train(xb)
+    index.add(ids, xb)
+    allowed = np.sort(rng.choice(ids, 2000, replace=False))
+    xq, _ = mixture(20, 2, centers)
+    _, I_ = index.search(xq, 50, {"half": allowed})
+    assert (I_ >= 0).all() and np.isin(I_, allowed).all()
+    assert index.paths["exact_fallback"] > 0 and sum(index.paths.values()) == len(xq), index.paths
+    before = index.paths.copy()
+    _, I_ = index.search(xq, 1000, {"half": allowed})  # more than a few lists hold: every row ends exact
+    assert dict(index.paths - before) == {"exact_fallback": len(xq)}
+    mask = np.isin(ids, allowed)
+    np.testing.assert_array_equal(I_, exact(xq, xb[mask], ids[mask], 1000)[1])

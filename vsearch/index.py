@@ -9,10 +9,12 @@ Filtered search. A filter is a set of allowed ids in blocks (one per category, s
 index, is searched exactly on the blocks' vectors, reconstructed once and kept in a
 bounded :class:`~vsearch.categories.BlockCache`, so a query restricted to a 1%
 category touches 1% of the data. A large set on an IVF index goes through faiss with
-an ``IDSelector``, probing more lists the smaller the set (its neighbours lie further
-out), as long as that scans fewer vectors than the exact path would; rows the probed
-lists cannot fill are searched again with 4x the probes, then exactly.
-``VectorIndex.paths`` counts which path each query row took.
+an ``IDSelector``, each query probing, nearest first, only the lists that hold allowed
+ids until it has scanned FILTER_SCAN_FACTOR times as many allowed vectors as an
+unfiltered query scans, as long as that costs less than the exact path; rows the
+probed lists cannot fill are searched again with 4x the probes, then exactly.
+``VectorIndex.paths`` counts which path each query row took ("all", "empty", "exact",
+"selector", "selector_more", "exact_fallback").
 
 Sizes. ``choose_factory`` keeps nlist within what the catalog can train (faiss wants
 >= 39 training points per list); :meth:`VectorIndex.train_size` says how many points
@@ -39,7 +41,9 @@ __all__ = ["VectorIndex", "choose_factory", "gpu_available", "ivf_nlist", "merge
 FLAT_MAX = 100_000
 SQ_MAX = 2_000_000
 DEFAULT_NPROBE = 16  # until tuned
-FILTER_SCAN_FACTOR = 8  # a filtered IVF query scans this x as many allowed vectors as an unfiltered one scans
+# a filtered IVF query scans this many times as many allowed vectors as an unfiltered
+# query scans vectors (3 gave recall@10 0.93 with 50% of the clusters allowed, 8 0.98)
+FILTER_SCAN_FACTOR = 8
 TRAIN_MIN_PER_LIST = 39  # faiss warns below this many training points per centroid
 TRAIN_PER_LIST = 64  # what train_size asks for (faiss subsamples past 256 per centroid)
 TRAIN_BASE = 100_000  # ... and at least this many, where the catalog has them
