@@ -51,14 +51,9 @@ class Busy(Overloaded):
     request may succeed in a moment (the server answers 503 with Retry-After)."""
 
 
-class DecodeBudget:
-    """A byte semaphore: decodes together hold at most ``capacity`` bytes.
-
-    A request for more than the whole budget is granted the whole budget (so every
-    image under ``max_pixels`` can be decoded, one at a time). ``wait_s`` is how long
-    :meth:`hold` waits for room before raising :class:`Busy`; ``math.inf`` waits as
-    long as it takes (ingestion: nothing else competes, and failing would lose work).
-    """
+class _Gauge:
+    """A counting semaphore of ``capacity`` units; a holder that cannot get its units
+    within its wait is refused with :class:`Busy`."""
 
     def __init__(self, capacity: int, wait_s: float = math.inf) -> None:
         self.capacity = max(1, capacity)
@@ -71,49 +66,52 @@ class DecodeBudget:
         return self._used
 
     @contextmanager
-    def hold(self, nbytes: int, what: str = "an image", wait_s: float | None = None) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget for the block; ``wait_s`` None: the budget's own."""
-        need = min(max(0, nbytes), self.capacity)
-        wait = self.wait_s if wait_s is None else wait_s
+    def _hold(self, need: int, wait: float, refusal: Callable[[], str]) -> Iterator[None]:
         with self._changed:
             if not self._changed.wait_for(lambda: self._used + need <= self.capacity, None if math.isinf(wait) else wait):
-                raise Busy(f"too many large images are being decoded; {what} ({need // MB} MB) must wait; retry shortly")
+                raise Busy(refusal())
             self._used += need
         try:
             yield
         finally:
             with self._changed:
                 self._used -= need
-                self._changed.notify_all()
+                self._changed.notify_all()  # holders differ in size: any may fit now
 
 
-class Slots:
+class DecodeBudget(_Gauge):
+    """A byte semaphore: decodes together hold at most ``capacity`` bytes.
+
+    A request for more than the whole budget is granted the whole budget (so every
+    image under ``max_pixels`` can be decoded, one at a time). ``wait_s`` is how long
+    :meth:`hold` waits for room before raising :class:`Busy`; ``math.inf`` waits as
+    long as it takes (ingestion: nothing else competes, and failing would lose work).
+    """
+
+    @contextmanager
+    def hold(self, nbytes: int, what: str = "an image", wait_s: float | None = None) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget for the block; ``wait_s`` None: the budget's own."""
+        need = min(max(0, nbytes), self.capacity)
+        refusal = f"too many large images are being decoded; {what} ({need // MB} MB) must wait; retry shortly"
+        with self._hold(need, self.wait_s if wait_s is None else wait_s, lambda: refusal):
+            yield
+
+
+class Slots(_Gauge):
     """At most ``limit`` holders at once; past that, :class:`Busy` after ``wait_s``."""
 
     def __init__(self, limit: int, what: str, wait_s: float = math.inf) -> None:
-        self.limit = max(1, limit)
+        super().__init__(limit, wait_s)
         self.what = what
-        self.wait_s = wait_s
-        self._used = 0
-        self._changed = threading.Condition()
 
     @property
-    def used(self) -> int:
-        return self._used
+    def limit(self) -> int:
+        return self.capacity
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        with self._changed:
-            wait = None if math.isinf(self.wait_s) else self.wait_s
-            if not self._changed.wait_for(lambda: self._used < self.limit, wait):
-                raise Busy(f"{self.limit} {self.what} are in progress already; retry shortly")
-            self._used += 1
-        try:
+        with self._hold(1, self.wait_s, lambda: f"{self.limit} {self.what} are in progress already; retry shortly"):
             yield
-        finally:
-            with self._changed:
-                self._used -= 1
-                self._changed.notify()
 
 
 DEFAULT_DECODE_BUDGET_MB = 512
