@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,15 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"needs ../shared/datasets/{name} (not present in this checkout)")
     return path
+
+
+def committed_images(db_path: Path) -> int:
+    """Images a catalog holds now (0 if it is missing or locked): for kill -9 tests
+    that watch another process's progress."""
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=0.1) as db:
+            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
+    except sqlite3.Error:
+        return 0

@@ -14,7 +14,7 @@ import pytest
 
 from vsearch.cli import build_parser, main
 
-from .conftest import make_image
+from .conftest import committed_images, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 N_KILL = 240  # images in the kill -9 test: enough that the kill lands mid-run
@@ -92,26 +92,16 @@ def test_kill_9_mid_ingest_then_rerun_gives_one_vector_per_image(tmp_path: Path)
     deadline = time.monotonic() + 60
     committed = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        committed = _committed(index / "catalog.db")
+        committed = committed_images(index / "catalog.db")
         if committed >= 8:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < _committed(index / "catalog.db") < N_KILL, "the kill must land mid-run for this test to mean anything"
+    assert 0 < committed_images(index / "catalog.db") < N_KILL, "the kill must land mid-run for this test to mean anything"
     done = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
     assert report["embedded"] + report["unchanged"] == N_KILL
     assert report["index"]["images"] == report["index"]["vectors"] == N_KILL
     with sqlite3.connect(index / "catalog.db") as db:
         assert db.execute("SELECT count(DISTINCT sha256) FROM images").fetchone()[0] == N_KILL
-
-
-def _committed(db_path: Path) -> int:
-    if not db_path.exists():
-        return 0
-    try:
-        with sqlite3.connect(db_path, timeout=0.1) as db:
-            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
-    except sqlite3.Error:
-        return 0

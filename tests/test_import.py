@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from vsearch.bulkimport import ImportReport, export_parquet, import_shards
 from vsearch.cli import main
 from vsearch.errors import ManifestError
 from vsearch.writer import IndexWriter
+
+from .conftest import committed_images
 
 MODEL = "tiny-test"
 
@@ -214,11 +215,11 @@ def test_kill_9_mid_import_then_rerun_adds_only_the_rest(tmp_path: Path, shard: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and _committed(index / "catalog.db") < 500:
+    while time.monotonic() < deadline and proc.poll() is None and committed_images(index / "catalog.db") < 500:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = _committed(index / "catalog.db")
+    before = committed_images(index / "catalog.db")
     assert 0 < before < n, "the kill must land mid-run for this test to mean anything"
     done = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
@@ -229,13 +230,3 @@ def test_kill_9_mid_import_then_rerun_adds_only_the_rest(tmp_path: Path, shard: 
     order = np.argsort(np.concatenate(ids))
     expected = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     np.testing.assert_allclose(np.concatenate(stored)[order], expected, atol=1e-6)
-
-
-def _committed(db_path: Path) -> int:
-    if not db_path.exists():
-        return 0
-    try:
-        with sqlite3.connect(db_path, timeout=0.1) as db:
-            return int(db.execute("SELECT count(*) FROM images").fetchone()[0])
-    except sqlite3.Error:
-        return 0
