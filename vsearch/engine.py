@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
-from .errors import ModelError, ProductNotFoundError
+from .errors import ModelError, ProductNotFoundError, VsearchError
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
@@ -47,7 +47,7 @@ from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import CHECKPOINT_EVERY, IndexWriter
+from .writer import CHECKPOINT_EVERY, IndexWriter, log_save_failure
 
 _log = logging.getLogger("vsearch")
 
@@ -228,9 +228,22 @@ class Engine:
 
     def checkpoint(self, every: int = 1) -> bool:
         """Save the index if it lags the catalog by ``every`` generations or more (see
-        :meth:`IndexWriter.checkpoint`); True if it saved."""
-        with self.writer() as writer:
-            return writer.checkpoint(every)
+        :meth:`IndexWriter.checkpoint`); True if it saved. Writes go on while the file
+        is written: they wait only for the in-memory copy (:meth:`IndexWriter.capture`).
+        A failed save is logged and left to the next checkpoint."""
+        try:
+            with ExitStack() as files:
+                with self.writer() as writer:
+                    if not writer.checkpoint_due(every):
+                        return False
+                    files.enter_context(self.dir_lock.hold())  # lock order: writer, then directory
+                    image = writer.capture()
+                if image is not None:  # None: superseded, or rebuilt and saved already
+                    image.write()
+                return image is not None
+        except (OSError, VsearchError) as exc:
+            log_save_failure(self.paths.index, exc)
+            return False
 
     def remove_products(self, product_ids: list[str]) -> int:
         """Delete products and their images; returns how many images went."""
