@@ -27,6 +27,7 @@ from . import families, products, refit, versions
 from . import ingest as _ingest
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
+from .checkpoint import log_save_failure
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
@@ -47,7 +48,7 @@ from .search import Votes, best_per_product, region_boxes, search_snapshot
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
-from .writer import CHECKPOINT_EVERY, IndexWriter, log_save_failure
+from .writer import CHECKPOINT_EVERY, IndexWriter
 
 _log = logging.getLogger("vsearch")
 

@@ -21,13 +21,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from .catalog import Catalog
+from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
 from .errors import IndexBusyError, StorageError, VsearchError
 from .index import VectorIndex, choose_factory
 from .indexfile import build_index
@@ -39,7 +39,7 @@ from .sources import Item
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["CHECKPOINT_EVERY", "IndexImage", "IndexWriter", "NewImage", "log_save_failure"]
+__all__ = ["CHECKPOINT_EVERY", "IndexWriter", "NewImage"]
 
 _log = logging.getLogger("vsearch")
 SMALL_CHANGE = 256  # vectors; fewer are added on one OpenMP thread (see _one_faiss_thread)
@@ -274,14 +274,14 @@ class IndexWriter:
         (writes wait for a memory copy, ~30 ms at 1M vectors, not for the disk).
         None if there is nothing to write (superseded, or rebuilt and saved)."""
         engine = self.engine
-        if self._superseded():
+        if superseded(engine):
             return None
         if engine.snapshot.index is not None and not self.catch_up():
             self.rebuild()  # saves
             return None
         with engine._rw.read():
             snap = engine.snapshot
-            copy = _copy(snap.index) if snap.index is not None else None
+            copy = copy_index(snap.index) if snap.index is not None else None
             generation = engine.index_generation if snap.index is not None else -1
             return IndexImage(engine, engine.manifest, copy, generation, snap.vectors)
 
@@ -304,17 +304,6 @@ class IndexWriter:
         manifest = self.engine.manifest
         lag = self.catalog.generation - manifest.catalog_generation
         return manifest.catalog_generation < 0 or lag >= max(every, 1)
-
-    def _superseded(self) -> bool:
-        try:
-            disk = IndexManifest.load(self.engine.paths)
-        except VsearchError:
-            return False  # none yet, or damaged: ours replaces it
-        ours = self.engine.manifest
-        if disk.state_id == ours.state_id or disk.updated_at <= ours.updated_at:
-            return False
-        _log.warning("vsearch: another process switched %s to another model or projection; not saved", self.engine.paths.root)
-        return True
 
     def finish(self) -> None:
         """After a batch of writes: fit the projection the first time, move to a bigger
@@ -410,46 +399,6 @@ class IndexWriter:
         if snap.index is not None and ids:
             self._touched.update(ids)
             snap.index.remove(np.array(ids, dtype=np.int64))
-
-
-@dataclass
-class IndexImage:
-    """A copy of the served index and what the manifest will say of it, taken by
-    :meth:`IndexWriter.capture`; :meth:`write` puts it on disk without the engine's
-    locks (the caller holds the directory lock from capture to write)."""
-
-    engine: Engine
-    manifest: IndexManifest  # the one the copy was taken under: a refresh that replaced it meanwhile wins
-    index: VectorIndex | None
-    generation: int
-    vectors: int
-
-    def write(self) -> None:
-        engine, paths = self.engine, self.engine.paths
-        if self.index is not None:
-            self.index.save(paths.index)
-        counts = engine.catalog.counts()
-        if engine.manifest is not self.manifest:
-            return  # a refresh adopted another process's state while we wrote; the index file is its to describe
-        self.manifest.counts = {**counts, "vectors": self.vectors}
-        self.manifest.catalog_generation = self.generation
-        self.manifest.save(paths)
-        if self.index is not None:
-            engine.catalog.prune_changes(self.generation)
-
-
-def log_save_failure(path: Path, exc: BaseException) -> None:
-    _log.warning("vsearch: could not save %s (%s); the catalog has every change; will retry", path, exc)
-
-
-def _copy(index: VectorIndex) -> VectorIndex:
-    """An in-memory copy of ``index`` (faiss.clone_index: a memory copy, 30 ms for
-    1M 64-d SQ8 vectors where writing the file took 0.1-0.5 s)."""
-    try:
-        copy = faiss.clone_index(index.index)
-    except RuntimeError:  # a type clone_index does not know (a memory-mapped index): its bytes
-        copy = faiss.deserialize_index(faiss.serialize_index(index.index))
-    return VectorIndex(copy, index.factory, index.nprobe)
 
 
 @contextmanager
