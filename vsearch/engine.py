@@ -402,6 +402,7 @@ class Engine:
             "path": str(self.paths.root),
             **counts,
             "vectors": snap.vectors,
+            "catalog_generation": self.index_generation,  # the catalog write the served index reflects
             "model": self.manifest.model.name,
             "active_model": snap.model,
             "layers": list(self.manifest.model.layers),
