@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from .catalog import Catalog
+from .faissthreads import BATCH_MIN, one_thread
 from .query import Hit, SearchOptions
 from .snapshot import Snapshot
 
@@ -48,12 +49,14 @@ def search_snapshot(
     votes: list[Votes] = [[] for _ in raw]
     while True:
         start = time.perf_counter()
-        D, I = index.search(xq, k_img, blocks, snap.filters.cache)
+        with one_thread(len(xq) < BATCH_MIN):
+            D, I = index.search(xq, k_img, blocks, snap.filters.cache)
         middle = time.perf_counter()
         hits = [collect_hits(catalog, d, i, want, options) for d, i in zip(D, I)]
         if neighbours:
             if blocks is not None:
-                I = index.search(xq, min(neighbours, index.ntotal))[1]
+                with one_thread(len(xq) < BATCH_MIN):
+                    I = index.search(xq, min(neighbours, index.ntotal))[1]
             votes = [snap.filters.vote(row[:neighbours]) for row in I]
         timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
         timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000

@@ -23,12 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 from .catalog import Catalog
 from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
 from .errors import IndexBusyError, StorageError, VsearchError
+from .faissthreads import one_thread
 from .index import VectorIndex, choose_factory
 from .indexfile import build_index
 from .manifest import IndexManifest
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_EVERY", "IndexWriter", "NewImage"]
 
 _log = logging.getLogger("vsearch")
-SMALL_CHANGE = 256  # vectors; fewer are added on one OpenMP thread (see _one_faiss_thread)
+SMALL_CHANGE = 256  # vectors; fewer are added on one OpenMP thread (see vsearch.faissthreads)
 CHECKPOINT_EVERY = 64  # catalog generations (write transactions) between index saves of API writes
 
 
@@ -392,29 +392,13 @@ class IndexWriter:
     def _add(self, snap: Snapshot, ids: np.ndarray, raw: np.ndarray, new: bool = False) -> None:
         if snap.index is not None and len(ids):
             self._touched.update(int(i) for i in ids)
-            with _one_faiss_thread(len(ids) < SMALL_CHANGE):
+            with one_thread(len(ids) < SMALL_CHANGE):
                 snap.index.add(ids, snap.projection.apply(raw), new=new)
 
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
             self._touched.update(ids)
             snap.index.remove(np.array(ids, dtype=np.int64))
-
-
-@contextmanager
-def _one_faiss_thread(small: bool) -> Iterator[None]:
-    """A small change runs on one OpenMP thread: adding one vector to a 300k IVF index
-    took 10 ms with faiss's default team on 2 busy cores and 0.07 ms on one thread.
-    Safe to set process-wide here: searches wait for the write lock meanwhile."""
-    if not small:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 @contextmanager
