@@ -172,3 +172,46 @@ def test_a_stale_process_saving_between_anothers_index_and_manifest_loses_nothin
     with Engine.open(tmp_path / "index") as engine:
         assert engine.catalog.counts()["images"] == 7
         _assert_index_matches_catalog(engine)
+
+
+KILLED_WRITER = (
+    SLOW_SAVE
+    + """
+import sys
+from vsearch import Engine
+index, folder, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with Engine.open(index) as engine:
+    engine.checkpoint_every = 3  # saves are frequent, so kills land in them too
+    for i in range(start, {n}):
+        engine.put_product(f"api{{i:03d}}", category="API", images=[f"{{folder}}/api{{i:03d}}.png"])
+        print(i, flush=True)
+"""
+)
+
+
+def test_kill_9_in_a_loop_never_loses_an_acknowledged_write(tmp_path: Path) -> None:
+    """Issue 10: reopen after kill -9 at any moment, with every acknowledged write present."""
+    folder = tmp_path / "images"
+    _images(folder, "api", API_WRITES, 1000)
+    _images(tmp_path / "seed", "seed", 6, 3000)
+    index = tmp_path / "index"
+    with Engine.open(index, model=MODEL, create=True) as engine:
+        engine.ingest(tmp_path / "seed", quiet=True, workers=0)
+    rng = np.random.default_rng(7)
+    acked: list[int] = []
+    for _ in range(3):
+        writer = _start(KILLED_WRITER, index, folder, acked[-1] + 1 if acked else 0)
+        assert writer.stdout is not None
+        for _ in range(int(rng.integers(2, 6))):
+            line = writer.stdout.readline()
+            assert line, "the writer died on its own"
+            acked.append(int(line))
+        time.sleep(float(rng.uniform(0, 0.2)))  # a random moment: mid-write, mid-save or idle
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        with Engine.open(index) as engine:
+            products = engine.catalog.product_ids()
+            assert {f"api{i:03d}" for i in acked} <= products
+            _assert_index_matches_catalog(engine)
+            last = f"api{acked[-1]:03d}"
+            assert engine.search_vectors(engine.product_vector(last), SearchOptions(k=1))[0][0].product_id == last
