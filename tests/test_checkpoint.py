@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vsearch import Engine
+from vsearch import engine as engine_module
 from vsearch.index import VectorIndex
 from vsearch.manifest import IndexManifest, IndexPaths
 
@@ -65,3 +66,30 @@ def test_a_checkpoint_that_is_not_due_writes_nothing(index: Path) -> None:
         assert engine.checkpoint(every=5) is False  # one generation behind, five asked
         assert engine.checkpoint() is True
         assert IndexManifest.load(IndexPaths(index)).catalog_generation == engine.catalog.generation
+
+
+def test_an_outgrown_index_is_rebuilt_aside_with_writes_going_on(index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vsearch.index.FLAT_MAX", 30)  # past 30 vectors: IVF
+    build = engine_module.build_index
+    during: list[bool] = []
+
+    def build_with_a_write_meanwhile(*args: object, **kwargs: object) -> VectorIndex:
+        writer = threading.Thread(target=lambda: engine.put_product("during", category="New", images=[jpeg(950)]))
+        writer.start()
+        writer.join(60)
+        during.append(not writer.is_alive())  # the build holds no write lock
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "build_index", build_with_a_write_meanwhile)
+    with Engine.open(index) as engine:
+        assert engine.upgrade_index() is False  # 25 vectors: Flat still fits
+        for n in range(8):
+            engine.put_product(f"new{n}", category="New", images=[jpeg(960 + n)])
+        assert engine.manifest.factory.startswith("IDMap")  # a request never upgrades
+        assert engine.upgrade_index() is True
+        assert during == [True]
+        assert engine.manifest.factory.startswith("IVF") and engine.index is not None and engine.index.ntotal == 34
+        for product_id in ("new0", "during"):  # written before and during the build
+            assert engine.search_vectors(engine.product_vector(product_id))[0][0].product_id == product_id
+    with Engine.open(index) as engine:
+        assert engine.manifest.factory.startswith("IVF") and engine.index is not None and engine.index.ntotal == 34

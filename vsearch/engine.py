@@ -35,8 +35,8 @@ from .errors import ModelError, ProductNotFoundError, VsearchError
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
-from .index import VectorIndex
-from .indexfile import load_saved_index
+from .index import VectorIndex, choose_factory
+from .indexfile import build_index, load_saved_index
 from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import FORMAT_VERSION, IndexManifest, IndexPaths
@@ -245,6 +245,25 @@ class Engine:
         except (OSError, VsearchError) as exc:
             log_save_failure(self.paths.index, exc)
             return False
+
+    def upgrade_index(self) -> bool:
+        """Move to the index type the catalog has grown into (Flat -> IVF -> IVF-PQ,
+        :func:`~vsearch.index.choose_factory`; never with a configured factory). The new
+        index is built aside from the stored vectors while searches and writes go on,
+        then swapped in and caught up with the writes made meanwhile (the change log).
+        False if the current type still fits. A server runs it after its background
+        checkpoints, an ingest at its end: never inside a request."""
+        snap, manifest = self._snapshot, self.manifest
+        if manifest.index.factory or snap.index is None or choose_factory(snap.index.ntotal, manifest.dim) == manifest.factory:
+            return False
+        generation = self.catalog.generation  # read before the build: later writes are caught up at the swap
+        index = build_index(self.catalog, manifest, snap.projection, snap.model)
+        with self.writer() as writer:
+            if self._snapshot.model != snap.model or self._snapshot.projection is not snap.projection:
+                return False  # switched or refitted meanwhile: that swap built its own index
+            writer.swap(self.new_snapshot(snap.model, snap.projection, index, like=self._snapshot), generation)
+        _log.info("vsearch: %s now serves %s (%d vectors)", self.paths.root, index.factory, index.ntotal)
+        return True
 
     def remove_products(self, product_ids: list[str]) -> int:
         """Delete products and their images; returns how many images went."""

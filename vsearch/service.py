@@ -164,6 +164,7 @@ class SearchService:
                     self.engine.refresh()
                     if interval > 0 and time.monotonic() - last_checkpoint >= interval:
                         self.engine.checkpoint()  # off the request path; a no-op when nothing was written
+                        self.engine.upgrade_index()  # Flat -> IVF once the writes have outgrown it, built aside
                         last_checkpoint = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - keep serving the current version; say why
                     print(f"vsearch: could not reload {self.engine.paths.root}: {exc}", flush=True)
