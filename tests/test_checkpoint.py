@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vsearch import Engine
-from vsearch import engine as engine_module
+from vsearch import checkpoint as checkpoint_module
 from vsearch.index import VectorIndex
 from vsearch.manifest import IndexManifest, IndexPaths
 
@@ -70,7 +70,7 @@ def test_a_checkpoint_that_is_not_due_writes_nothing(index: Path) -> None:
 
 def test_an_outgrown_index_is_rebuilt_aside_with_writes_going_on(index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("vsearch.index.FLAT_MAX", 30)  # past 30 vectors: IVF
-    build = engine_module.build_index
+    build = checkpoint_module.build_index
     during: list[bool] = []
 
     def build_with_a_write_meanwhile(*args: object, **kwargs: object) -> VectorIndex:
@@ -80,7 +80,7 @@ def test_an_outgrown_index_is_rebuilt_aside_with_writes_going_on(index: Path, mo
         during.append(not writer.is_alive())  # the build holds no write lock
         return build(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine_module, "build_index", build_with_a_write_meanwhile)
+    monkeypatch.setattr(checkpoint_module, "build_index", build_with_a_write_meanwhile)
     with Engine.open(index) as engine:
         assert engine.upgrade_index() is False  # 25 vectors: Flat still fits
         for n in range(8):

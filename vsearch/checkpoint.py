@@ -11,6 +11,7 @@ reflects, holding only the directory lock (:meth:`vsearch.writer.IndexWriter.cap
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING
 import faiss
 
 from .errors import VsearchError
-from .index import VectorIndex
+from .index import VectorIndex, choose_factory
+from .indexfile import build_index
 from .manifest import IndexManifest
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["IndexImage", "copy_index", "log_save_failure", "superseded"]
+__all__ = ["IndexImage", "checkpoint", "copy_index", "log_save_failure", "superseded", "upgrade_index"]
 
 _log = logging.getLogger("vsearch")
 
@@ -81,4 +83,44 @@ def superseded(engine: Engine) -> bool:
     if disk.state_id == ours.state_id or disk.updated_at <= ours.updated_at:
         return False
     _log.warning("vsearch: another process switched %s to another model or projection; not saved", engine.paths.root)
+    return True
+
+
+def checkpoint(engine: Engine, every: int = 1) -> bool:
+    """Save the index if it lags the catalog by ``every`` generations or more (see
+    :meth:`IndexWriter.checkpoint`); True if it saved. Writes go on while the file
+    is written: they wait only for the in-memory copy (:meth:`IndexWriter.capture`).
+    A failed save is logged and left to the next checkpoint."""
+    try:
+        with ExitStack() as files:
+            with engine.writer() as writer:
+                if not writer.checkpoint_due(every):
+                    return False
+                files.enter_context(engine.dir_lock.hold())  # lock order: writer, then directory
+                image = writer.capture()
+            if image is not None:  # None: superseded, or rebuilt and saved already
+                image.write()
+            return image is not None
+    except (OSError, VsearchError) as exc:
+        log_save_failure(engine.paths.index, exc)
+        return False
+
+
+def upgrade_index(engine: Engine) -> bool:
+    """Move to the index type the catalog has grown into (Flat -> IVF -> IVF-PQ,
+    :func:`~vsearch.index.choose_factory`; never with a configured factory). The new
+    index is built aside from the stored vectors while searches and writes go on,
+    then swapped in and caught up with the writes made meanwhile (the change log).
+    False if the current type still fits. A server runs it after its background
+    checkpoints, an ingest at its end: never inside a request."""
+    snap, manifest = engine.snapshot, engine.manifest
+    if manifest.index.factory or snap.index is None or choose_factory(snap.index.ntotal, manifest.dim) == manifest.factory:
+        return False
+    generation = engine.catalog.generation  # read before the build: later writes are caught up at the swap
+    index = build_index(engine.catalog, manifest, snap.projection, snap.model)
+    with engine.writer() as writer:
+        if engine.snapshot.model != snap.model or engine.snapshot.projection is not snap.projection:
+            return False  # switched or refitted meanwhile: that swap built its own index
+        writer.swap(engine.new_snapshot(snap.model, snap.projection, index, like=engine.snapshot), generation)
+    _log.info("vsearch: %s now serves %s (%d vectors)", engine.paths.root, index.factory, index.ntotal)
     return True

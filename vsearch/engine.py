@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,20 +23,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import families, products, refit, versions
+from . import checkpoint, families, products, refit, versions
 from . import ingest as _ingest
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
-from .checkpoint import log_save_failure
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
-from .errors import ModelError, ProductNotFoundError, VsearchError
+from .errors import ModelError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
-from .index import VectorIndex, choose_factory
-from .indexfile import build_index, load_saved_index
+from .index import VectorIndex
+from .indexfile import load_saved_index
 from .ingest import IngestReport
 from .locks import RWLock
 from .manifest import FORMAT_VERSION, IndexManifest, IndexPaths
@@ -228,42 +227,14 @@ class Engine:
         self.remove_products([product_id])
 
     def checkpoint(self, every: int = 1) -> bool:
-        """Save the index if it lags the catalog by ``every`` generations or more (see
-        :meth:`IndexWriter.checkpoint`); True if it saved. Writes go on while the file
-        is written: they wait only for the in-memory copy (:meth:`IndexWriter.capture`).
-        A failed save is logged and left to the next checkpoint."""
-        try:
-            with ExitStack() as files:
-                with self.writer() as writer:
-                    if not writer.checkpoint_due(every):
-                        return False
-                    files.enter_context(self.dir_lock.hold())  # lock order: writer, then directory
-                    image = writer.capture()
-                if image is not None:  # None: superseded, or rebuilt and saved already
-                    image.write()
-                return image is not None
-        except (OSError, VsearchError) as exc:
-            log_save_failure(self.paths.index, exc)
-            return False
+        """Save the index if it lags the catalog by ``every`` generations or more; writes
+        go on while the file is written. True if it saved (see :func:`vsearch.checkpoint.checkpoint`)."""
+        return checkpoint.checkpoint(self, every)
 
     def upgrade_index(self) -> bool:
-        """Move to the index type the catalog has grown into (Flat -> IVF -> IVF-PQ,
-        :func:`~vsearch.index.choose_factory`; never with a configured factory). The new
-        index is built aside from the stored vectors while searches and writes go on,
-        then swapped in and caught up with the writes made meanwhile (the change log).
-        False if the current type still fits. A server runs it after its background
-        checkpoints, an ingest at its end: never inside a request."""
-        snap, manifest = self._snapshot, self.manifest
-        if manifest.index.factory or snap.index is None or choose_factory(snap.index.ntotal, manifest.dim) == manifest.factory:
-            return False
-        generation = self.catalog.generation  # read before the build: later writes are caught up at the swap
-        index = build_index(self.catalog, manifest, snap.projection, snap.model)
-        with self.writer() as writer:
-            if self._snapshot.model != snap.model or self._snapshot.projection is not snap.projection:
-                return False  # switched or refitted meanwhile: that swap built its own index
-            writer.swap(self.new_snapshot(snap.model, snap.projection, index, like=self._snapshot), generation)
-        _log.info("vsearch: %s now serves %s (%d vectors)", self.paths.root, index.factory, index.ntotal)
-        return True
+        """Move to the index type the catalog has grown into, built aside; False if the
+        current one still fits (see :func:`vsearch.checkpoint.upgrade_index`)."""
+        return checkpoint.upgrade_index(self)
 
     def remove_products(self, product_ids: list[str]) -> int:
         """Delete products and their images; returns how many images went."""
