@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from vsearch import Engine
+from vsearch.index import VectorIndex
 from vsearch.query import SearchOptions
 
 from .api_helpers import build_small_index, jpeg
@@ -53,3 +55,43 @@ def test_blocks_follow_random_writes_and_keep_untouched_caches(tmp_path: Path) -
         engine.put_product("Bakery/p04", category="Dairy/Milk")  # a move out of the cached category drops its vectors
         assert "Bakery" not in engine.snapshot.filters.cache._entries
         assert _blocks(engine) == _fresh(engine)
+
+
+def test_a_filtered_search_votes_from_a_sample_not_a_second_exhaustive_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[bool] = []
+    search = VectorIndex.search
+
+    def counted(self: VectorIndex, xq: np.ndarray, k: int, *args: object, **kwargs: object) -> object:
+        calls.append(bool(args and args[0] is not None or kwargs.get("blocks") is not None))
+        return search(self, xq, k, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VectorIndex, "search", counted)
+    with Engine.open(build_small_index(tmp_path)) as engine:
+        raw = engine.product_vector("Bakery/p04")
+        filtered = SearchOptions(k=3, categories=("Dairy",))
+        engine.search_and_suggest(raw, filtered)
+        assert calls == [True, False]  # a catalog no bigger than the sample: the full search votes
+        monkeypatch.setattr("vsearch.categories.VOTE_SAMPLE", 10)  # 25 images: every 3rd votes
+        calls.clear()
+        _, votes = engine.search_and_suggest(raw, filtered)
+        assert calls == [True]  # the filtered search only
+        assert votes[0] and abs(sum(share for _, share in votes[0]) - 1) < 1e-3
+        assert {c for c, _ in votes[0]} <= {"Fruit/Apple", "Fruit/Banana", "Dairy/Milk", "Dairy/Yoghurt", "Bakery"}
+        sampled = engine.snapshot.filters.sample_neighbours(raw_projected(engine, raw), 20, engine.index.reconstruct)  # type: ignore[union-attr]
+        assert sampled is not None and sampled.shape == (1, 10)  # every 3rd of each category's 5: 10, all ranked
+        # a write to a category replaces its cached sample vectors, never serves stale ones
+        engine.put_product("Bakery/p04", category="Bakery", images=[jpeg(990)])
+        again = engine.snapshot.filters.sample_neighbours(raw_projected(engine, raw), 20, engine.index.reconstruct)  # type: ignore[union-attr]
+        assert again is not None
+        ids = np.sort(again[0])
+        cache = engine.snapshot.filters.cache
+        for key, (cached_ids, xb) in cache._entries.items():
+            if key.startswith("\0vote:"):
+                np.testing.assert_array_equal(xb, engine.index.reconstruct(cached_ids))  # type: ignore[union-attr]
+        assert len(ids) == 10
+
+
+def raw_projected(engine: Engine, raw: np.ndarray) -> np.ndarray:
+    return engine.snapshot.projection.apply(raw)

@@ -55,8 +55,7 @@ def search_snapshot(
         hits = [collect_hits(catalog, d, i, want, options) for d, i in zip(D, I)]
         if neighbours:
             if blocks is not None:
-                with one_thread(len(xq) < BATCH_MIN):
-                    I = index.search(xq, min(neighbours, index.ntotal))[1]
+                I = _vote_neighbours(snap, xq, neighbours)
             votes = [snap.filters.vote(row[:neighbours]) for row in I]
         timings["search"] = timings.get("search", 0.0) + (middle - start) * 1000
         timings["lookup"] = timings.get("lookup", 0.0) + (time.perf_counter() - middle) * 1000
@@ -64,6 +63,21 @@ def search_snapshot(
         if all(len(h) >= want for h in hits) or k_img >= ntotal or past_min_score:
             return [h[options.offset :] for h in hits], votes
         k_img = min(ntotal, k_img * 4)
+
+
+def _vote_neighbours(snap: Snapshot, xq: np.ndarray, neighbours: int) -> np.ndarray:
+    """The neighbours a filtered search's category vote counts, regardless of the
+    filter: an IVF index's own (cheap) search; on an exact index, the nearest among an
+    even sample of the catalog (a second exhaustive search would cost more than the
+    filtered one)."""
+    index = snap.index
+    assert index is not None
+    with one_thread(len(xq) < BATCH_MIN):
+        if not index.nlist:
+            sampled = snap.filters.sample_neighbours(xq, neighbours, index.reconstruct)
+            if sampled is not None:
+                return sampled
+        return index.search(xq, min(neighbours, index.ntotal))[1]
 
 
 def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options: SearchOptions) -> list[Hit]:
