@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="decode and embed on Ray (pip install 'vsearch[ray]'): a private local Ray without ADDRESS, "
+        "'auto' for the cluster `ray start` made on this machine, or ray://HOST:10001",
+    )
+    p.add_argument("--actors", type=int, help="with --ray: model replicas (default: one per GPU, else one per CPU)")
+    p.add_argument("--ray-cpus", type=int, metavar="N", help="with --ray and no ADDRESS: CPUs of the local Ray (default: all)")
+    p.add_argument("--keep-shards", action="store_true", help="with --ray: keep the shards (DIR/ray-shards/) once imported")
 
     p = command(
         "import",
@@ -208,8 +219,17 @@ def _index_arg(p: argparse.ArgumentParser, default: str) -> None:
 def _ingest(args: argparse.Namespace) -> int:
     from .config import IndexConfig, ProjectionConfig
     from .engine import DEFAULT_MODEL, Engine
+    from .errors import ConfigError
     from .presets import resolve_model
 
+    if args.ray is None and (args.actors or args.ray_cpus or args.keep_shards):
+        raise ConfigError("--actors, --ray-cpus and --keep-shards go with --ray")
+    if args.ray is not None:
+        from .rayingest import require_ray
+
+        if args.workers is not None:
+            raise ConfigError("--workers sizes in-process decoding; with --ray, actors decode (see --actors)")
+        require_ray()  # before anything is created
     model = None  # an existing index keeps the model it was built with
     if args.model or args.layers or args.pooling or args.gem_p:
         model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
@@ -217,19 +237,43 @@ def _ingest(args: argparse.Namespace) -> int:
     with Engine.open(
         args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device
     ) as engine:
-        report = engine.ingest(
-            args.source,
-            prune=args.prune,
-            center_on=args.center_on,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            quiet=args.quiet,
-        )
+        if args.ray is not None:
+            from .rayingest import ray_ingest
+
+            report: IngestReport = ray_ingest(
+                engine,
+                args.source,
+                address=args.ray,
+                actors=args.actors,
+                num_cpus=args.ray_cpus,
+                device=args.device,
+                batch_size=args.batch_size,
+                prune=args.prune,
+                center_on=args.center_on,
+                keep_shards=args.keep_shards,
+                quiet=args.quiet,
+            )
+        else:
+            report = engine.ingest(
+                args.source,
+                prune=args.prune,
+                center_on=args.center_on,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                quiet=args.quiet,
+            )
         info = engine.info()
     if args.json:
         _print_json({**report.to_dict(), "index": info})
     elif not report.failed:
         _print_ingest_summary(report, args.index, info)
+        ray = report.to_dict().get("ray")
+        if isinstance(ray, dict):  # a --ray run: where the time went
+            print(
+                f"ray: {ray['actors']} actors, {ray['computed']} vectors computed, {ray['reused']} reused; "
+                f"start {ray['ray_start_s']:.1f} s, first result {ray['first_result_s']:.1f} s, "
+                f"then {ray['steady_images_per_s']:.1f} images/s; import {ray['import_s']:.1f} s"
+            )
     if report.failed:
         raise _nothing_ingested(report, args.source, args.index / "rejects.jsonl")
     return 0
