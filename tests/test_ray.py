@@ -20,7 +20,8 @@ import pytest
 from vsearch import Engine
 from vsearch.cli import main
 from vsearch.errors import ConfigError
-from vsearch.rayingest import RUNS_DIR, init_args
+from vsearch.rayingest import init_args
+from vsearch.rayshards import RUNS_DIR
 
 from .conftest import make_image
 
@@ -131,7 +132,7 @@ def main_report(engine: Engine, source: Path, **kwargs: Any) -> Any:
 def test_an_interrupted_run_resumes_from_its_shards_without_embedding_them_again(
     local_ray: Any, tmp_path: Path, catalog_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vsearch.rayingest as rayingest
+    import vsearch.rayshards as rayshards
 
     images = sorted(catalog_folder.rglob("*.jpg"))
     broken = tmp_path / "broken.png"
@@ -145,7 +146,7 @@ def test_an_interrupted_run_resumes_from_its_shards_without_embedding_them_again
             fh.write(json.dumps(row) + "\n")
 
     written = []
-    write = rayingest._write_shard
+    write = rayshards.write_shard
 
     def dies_after_the_first_shard(pa: Any, path: Path, table: Any) -> None:
         if written:
@@ -153,14 +154,14 @@ def test_an_interrupted_run_resumes_from_its_shards_without_embedding_them_again
         written.append(table.num_rows)
         write(pa, path, table)
 
-    monkeypatch.setattr(rayingest, "SHARD_ROWS", 8)
-    monkeypatch.setattr(rayingest, "_write_shard", dies_after_the_first_shard)
+    monkeypatch.setattr(rayshards, "SHARD_ROWS", 8)
+    monkeypatch.setattr(rayshards, "write_shard", dies_after_the_first_shard)
     index = tmp_path / "B"
     with Engine.open(index, model=MODEL, create=True) as engine:
         with pytest.raises(KeyboardInterrupt):
             main_report(engine, manifest, actors=1, decode="tasks")  # decoding in a CPU stage of its own
         assert engine.catalog.counts()["images"] == 0  # nothing imported yet
-    monkeypatch.setattr(rayingest, "_write_shard", write)
+    monkeypatch.setattr(rayshards, "write_shard", write)
     assert len(written) == 1 and 8 <= written[0] < 25  # the first rows, as they came back
     make_image(99).save(images[0], quality=95)  # changed since it was embedded: its shard row is stale
 

@@ -32,13 +32,12 @@ pipeline preserves the source's order), the same ``rejects.jsonl`` and report.
   checkpoint path must be readable there too.
 
 Ray is optional (``pip install 'vsearch[ray]'``) and imported only when a run starts.
+What runs on the workers is :mod:`vsearch.raywork`; the shards are :mod:`vsearch.rayshards`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -50,28 +49,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .bulkimport import META_MODEL, META_VERSION, RESERVED, import_shards
+from .bulkimport import import_shards
 from .catalog import BASE_MODEL
-from .errors import ConfigError, IndexBusyError, StorageError
-from .fsutil import atomic_write, atomic_write_bytes
+from .errors import ConfigError
+from .fsutil import atomic_write_bytes
 from .ingest import IngestReport, Reject, _storable, _unique, _update_known_products, _work, merge_products
+from .rayshards import Columns, Shards, keep_verified, next_number, old_shards, run_dir, run_lock
+from .raywork import EMBEDDED, FAILED, UNCHANGED, EmbedActor, decode_batch
 from .sources import Item, read_source_items
 
 if TYPE_CHECKING:
-    from .embed import Embedder, LoadedImage
     from .engine import Engine
 
-__all__ = ["FLUSH_EVERY_S", "RUNS_DIR", "SHARD_ROWS", "RayIngestReport", "init_args", "ray_ingest", "require_ray"]
+__all__ = ["RayIngestReport", "init_args", "ray_ingest", "require_ray"]
 
-_log = logging.getLogger(__name__)
-
-RUNS_DIR = "ray-shards"
-SHARD_ROWS = 4096  # vectors per shard (about 20 MB at 1280 floats)
-FLUSH_EVERY_S = 30.0  # ... or what came back in this many seconds: a crash loses at most that
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2  # only paths go in and vectors come out: images stay in the actors
-EMBEDDED, UNCHANGED, FAILED = "embedded", "unchanged", "error"
 
 
 @dataclass
@@ -155,21 +147,21 @@ def ray_ingest(
         pending = _update_known_products(engine, writer, products)
         work = _work(engine, ordered, report)  # (n, source, catalog sha256)
 
-    run_dir = _run_dir(engine, source, ordered)
-    report.shards_dir = str(run_dir)
-    with _run_lock(run_dir):
+    folder = run_dir(engine, source, ordered)
+    report.shards_dir = str(folder)
+    with run_lock(folder):
         try:
-            old = _old_shards(pa, run_dir)
-            first_new = _next_number(run_dir)
-            columns = _Columns(pa, engine, ordered, products)
+            old = old_shards(pa, folder)
+            first_new = next_number(folder)
+            columns = Columns(pa, engine, ordered, products)
             verified: set[tuple[str, str, str]] = set()
             if work:
-                run = _Run(ray, engine, ordered, report, old, _Shards(pa, run_dir, columns))
+                run = _Run(ray, engine, ordered, report, old, Shards(pa, folder, columns))
                 plan = (actors, cpus_per_actor, device, decode)
                 run.embed(work, address=address, num_cpus=num_cpus, plan_args=plan, batch_size=batch_size, quiet=quiet)
                 verified = run.verified
-            report.reused = _keep_verified(pa, run_dir, verified, first_new) if old else 0
-            _store(engine, run_dir, report, ordered, products, pending, lossy=columns.lossy, prune=prune, quiet=quiet)
+            report.reused = keep_verified(pa, folder, verified, first_new) if old else 0
+            _store(engine, folder, report, ordered, products, pending, lossy=columns.lossy, prune=prune, quiet=quiet)
             report.seconds = time.perf_counter() - start
             with engine.writer() as writer:
                 if center_on is not None:
@@ -177,17 +169,17 @@ def ray_ingest(
                 elif prune or not report.embedded:
                     writer.finish()  # otherwise import_shards finished its own writes
         except BaseException:
-            if not any(run_dir.glob("shard-*.parquet")):
-                _remove(run_dir)  # nothing to resume from
+            if not any(folder.glob("shard-*.parquet")):
+                _remove(folder)  # nothing to resume from
             raise
         if not keep_shards:
-            _remove(run_dir)
+            _remove(folder)
     return report
 
 
 def _store(
     engine: Engine,
-    run_dir: Path,
+    folder: Path,
     report: RayIngestReport,
     ordered: list[Item],
     products: dict[str, Item],
@@ -201,7 +193,7 @@ def _store(
     ingest does after its last batch: product fields the shards could not carry,
     products left out, the prune and ``rejects.jsonl``."""
     t = time.perf_counter()
-    files = sorted(run_dir.glob("shard-*.parquet"))
+    files = sorted(folder.glob("shard-*.parquet"))
     if files:
         imported = import_shards(engine, files, quiet=quiet)
         report.embedded += imported.added
@@ -219,10 +211,10 @@ def _store(
         atomic_write_bytes(engine.paths.rejects, lines.encode())
 
 
-def _remove(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
-        run_dir.parent.rmdir()  # only when no other run's shards are left
+        folder.parent.rmdir()  # only when no other run's shards are left
 
 
 class _Run:
@@ -236,7 +228,7 @@ class _Run:
         ordered: list[Item],
         report: RayIngestReport,
         old: dict[tuple[str, str], str],
-        shards: _Shards,
+        shards: Shards,
     ) -> None:
         self.ray, self.engine, self.ordered, self.report, self.old, self.shards = ray, engine, ordered, report, old, shards
         self.verified: set[tuple[str, str, str]] = set()
@@ -419,10 +411,10 @@ def _pipeline(
         }
         if plan.decode == "tasks":
             ds = ds.map_batches(
-                _decode_batch, fn_kwargs={"model": spec["model"]}, batch_size=batch_size, batch_format="numpy", num_cpus=1
+                decode_batch, fn_kwargs={"model": spec["model"]}, batch_size=batch_size, batch_format="numpy", num_cpus=1
             )
         ds = ds.map_batches(
-            _EmbedActor,
+            EmbedActor,
             fn_constructor_kwargs=embed_kwargs,
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
             batch_size=batch_size,
@@ -443,266 +435,3 @@ def _blocks(rows: Any, batch_size: int, actors: int) -> list[Any]:
     per_block = max(1, min(8, batches // (4 * actors)))
     size = per_block * batch_size
     return [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
-
-
-# What runs on the workers ---------------------------------------------------------------
-def _decode_batch(batch: dict[str, np.ndarray], model: dict[str, Any]) -> dict[str, Any]:
-    """Read, hash, decode and prepare a batch (a CPU task): ``tensor`` is the model's
-    input, empty for rows that are unchanged or unreadable."""
-    from .config import ModelConfig
-    from .embed import Preprocess
-
-    loaded = _load(batch, Preprocess(ModelConfig.from_dict(model)))
-    out = _columns(loaded)
-    out["tensor"] = [x.tensor.numpy() if x.tensor is not None else np.zeros((0, 0, 0), np.float32) for x in loaded]
-    return out
-
-
-class _EmbedActor:
-    """One model per actor, loaded once; embeds a batch (decoding it first, unless a
-    decoding stage did)."""
-
-    def __init__(self, spec: dict[str, Any], device: str, threads: int, decode: bool) -> None:
-        import torch
-
-        from .config import ModelConfig
-        from .embed import Preprocess
-
-        torch.set_num_threads(max(1, threads))
-        self.embedder = _load_embedder(spec, device)
-        self.preprocess = Preprocess(ModelConfig.from_dict(spec["model"]))  # as the in-process ingest prepares images
-        self.decode = decode
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        if self.decode:
-            loaded = _load(batch, self.preprocess)
-            out = _columns(loaded)
-            tensors = [x.tensor for x in loaded]
-        else:
-            out = {k: batch[k] for k in ("n", "sha256", "width", "height", "status", "error")}
-            tensors = [  # a copy: the batch may be a read-only view of Ray's object store
-                torch.from_numpy(np.array(t, dtype=np.float32)) if out["status"][i] == EMBEDDED else None
-                for i, t in enumerate(batch["tensor"])
-            ]
-        todo = [i for i, status in enumerate(out["status"]) if status == EMBEDDED]
-        vectors = np.zeros((len(out["n"]), self.embedder.dim), dtype=np.float32)
-        if todo:
-            stack = torch.stack([tensors[i] for i in todo])  # type: ignore[misc]
-            vectors[todo] = self.embedder.embed_tensor(stack)
-        out["vector"] = vectors
-        return out
-
-
-def _load_embedder(spec: dict[str, Any], device: str) -> Embedder:
-    """The served version's embedder on this worker (``device``: "cuda" on the GPU Ray
-    gave the actor, else "cpu")."""
-    from .config import ModelConfig
-    from .embed import Embedder
-
-    if spec["folder"]:
-        from .adapter import AdaptedEmbedder
-
-        return AdaptedEmbedder(Path(spec["folder"]), device=device)
-    return Embedder(ModelConfig.from_dict(spec["model"]), device=device)
-
-
-def _load(batch: dict[str, np.ndarray], preprocess: Any) -> list[LoadedImage]:
-    """The in-process loader's read -> hash -> decode -> prepare, on this worker."""
-    from .embed import load_images
-
-    work = [(int(n), str(s), str(k)) for n, s, k in zip(batch["n"], batch["source"], batch["known"])]
-    return [x for part in load_images(work, preprocess, batch_size=max(1, len(work)), workers=0) for x in part]
-
-
-def _columns(loaded: list[LoadedImage]) -> dict[str, Any]:
-    def status(x: LoadedImage) -> str:
-        return FAILED if x.error or (x.tensor is None and not x.unchanged) else UNCHANGED if x.unchanged else EMBEDDED
-
-    return {
-        "n": np.array([int(x.key) for x in loaded], dtype=np.int64),  # type: ignore[call-overload]
-        "sha256": np.array([x.sha256 for x in loaded], dtype=object),
-        "width": np.array([x.width for x in loaded], dtype=np.int32),
-        "height": np.array([x.height for x in loaded], dtype=np.int32),
-        "status": np.array([status(x) for x in loaded], dtype=object),
-        "error": np.array([x.error or ("unreadable" if status(x) == FAILED else "") for x in loaded], dtype=object),
-    }
-
-
-# Shards --------------------------------------------------------------------------------
-class _Columns:
-    """How rows become shard columns: ``vsearch import``'s format, each row with its
-    product's merged fields, and the index's model in the metadata."""
-
-    def __init__(self, pa: Any, engine: Engine, ordered: list[Item], products: dict[str, Item]) -> None:
-        self.pa, self.ordered, self.products = pa, ordered, products
-        given = [p.attributes for p in products.values()]
-        keys = sorted({k for a in given for k in (a or {})})
-        # A null cell means "not given", so a product whose rows give no attributes at
-        # all (keep the catalog's) cannot sit beside ones that do: then the shards carry
-        # none, and the products get them from the source after the import.
-        self.lossy = bool(keys) and (any(a is None for a in given) or any(k in RESERVED for k in keys))
-        keys = [] if self.lossy else keys
-        self.attributes = {k: self._kind([(a or {}).get(k) for a in given]) for k in keys}
-        fields = [
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("sha256", pa.string()),
-            ("vector", pa.list_(pa.float32())),
-            ("category", pa.string()),
-            ("title", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            *self.attributes.items(),
-        ]
-        meta = {META_MODEL: engine.manifest.model.name.encode(), META_VERSION: engine.active.encode()}
-        self.schema = pa.schema(fields, metadata=meta)
-
-    def _kind(self, values: list[Any]) -> Any:
-        pa = self.pa
-        seen = {type(v) for v in values} - {type(None)}
-        if seen == {bool}:
-            return pa.bool_()
-        if seen == {int}:
-            return pa.int64()
-        if seen and seen <= {int, float}:
-            return pa.float64()
-        if seen - {str}:
-            self.lossy = True  # stored as JSON text by the import; the source's values are put back after it
-        return pa.string()
-
-    def table(self, ns: np.ndarray, sha256: np.ndarray, width: np.ndarray, height: np.ndarray, vectors: np.ndarray) -> Any:
-        pa = self.pa
-        items = [self.ordered[int(n)] for n in ns]
-        merged = [self.products[i.product_id] for i in items]
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), -1)
-        offsets = np.arange(0, vectors.size + 1, max(1, vectors.shape[1]), dtype=np.int32)[: len(items) + 1]
-        data = {
-            "id": [i.product_id for i in items],
-            "image": [i.image for i in items],
-            "sha256": [str(s) for s in sha256],
-            "category": [p.category for p in merged],
-            "title": [p.title for p in merged],
-            "width": [int(w) for w in width],
-            "height": [int(h) for h in height],
-        }
-        for key, kind in self.attributes.items():
-            values = [(p.attributes or {}).get(key) for p in merged]
-            if kind == pa.string():
-                values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
-            data[key] = values
-        arrays = {name: pa.array(values, type=self.schema.field(name).type) for name, values in data.items()}
-        arrays["vector"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.ravel()))
-        return pa.Table.from_arrays([arrays[name] for name in self.schema.names], schema=self.schema)
-
-
-class _Shards:
-    """Vectors as they come back, written as numbered shards every SHARD_ROWS rows or
-    FLUSH_EVERY_S seconds (a temporary name, then a rename: a shard is whole or absent)."""
-
-    def __init__(self, pa: Any, folder: Path, columns: _Columns) -> None:
-        self.pa, self.folder, self.columns = pa, folder, columns
-        self.next = _next_number(folder)
-        self.parts: list[tuple[np.ndarray, ...]] = []
-        self.rows = 0
-        self.last = time.monotonic()
-
-    def add(self, *part: np.ndarray) -> None:
-        self.parts.append(part)
-        self.rows += len(part[0])
-        if self.rows >= SHARD_ROWS or time.monotonic() - self.last >= FLUSH_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.parts:
-            return
-        joined = [np.concatenate(column) for column in zip(*self.parts)]
-        table = self.columns.table(*joined)
-        _write_shard(self.pa, self.folder / f"shard-{self.next:06d}.parquet", table)
-        self.next += 1
-        self.parts, self.rows, self.last = [], 0, time.monotonic()
-
-
-def _next_number(folder: Path) -> int:
-    return max((int(p.stem.split("-")[1]) for p in folder.glob("shard-*.parquet")), default=-1) + 1
-
-
-def _write_shard(pa: Any, path: Path, table: Any) -> None:
-    try:
-        atomic_write(path, lambda tmp: pa.parquet.write_table(table, tmp))
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _run_dir(engine: Engine, source: str | os.PathLike[str] | Sequence[Item], ordered: list[Item]) -> Path:
-    """``DIR/ray-shards/<version>-<key>``: the same for every run of one source with
-    one model, so a re-run finds what an interrupted one left."""
-    if isinstance(source, (str, os.PathLike)):
-        what = str(Path(source).resolve())
-    else:
-        what = hashlib.sha256("\n".join(f"{i.product_id}\t{i.image}" for i in ordered).encode()).hexdigest()
-    model = json.dumps({"source": what, "model": engine.manifest.model.to_dict(), "version": engine.active}, sort_keys=True)
-    key = hashlib.sha256(model.encode()).hexdigest()[:16]
-    folder = engine.paths.root / RUNS_DIR / f"{engine.active}-{key}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "run.json").write_text(
-            json.dumps({"source": what, "model": engine.manifest.model.name, "version": engine.active})
-        )
-    except OSError as exc:
-        raise StorageError(f"cannot write {folder}: {exc.strerror or exc}") from None
-    return folder
-
-
-@contextlib.contextmanager
-def _run_lock(folder: Path) -> Iterator[None]:
-    """One run per shard folder at a time (an flock the kernel drops if we die)."""
-    folder.mkdir(parents=True, exist_ok=True)  # again: a run that just finished removes it
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexBusyError(f"another `vsearch ingest --ray` of this source is writing {folder}; let it finish") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _old_shards(pa: Any, folder: Path) -> dict[tuple[str, str], str]:
-    """(product id, image) -> sha256 of the rows an interrupted run left (the newest
-    shard's row where several have one); unreadable shards are set aside."""
-    rows: dict[tuple[str, str], str] = {}
-    for path in sorted(folder.glob("shard-*.parquet")):
-        try:
-            table = pa.parquet.read_table(path, columns=["id", "image", "sha256"])
-        except (OSError, pa.ArrowException) as exc:
-            _log.warning("vsearch: ignoring unreadable shard %s: %s", path, exc)
-            with contextlib.suppress(OSError):
-                path.rename(path.with_name(f"{path.name}.damaged"))
-            continue
-        for pid, image, sha in zip(*(table.column(c).to_pylist() for c in ("id", "image", "sha256"))):
-            rows[(pid, image)] = sha
-    return rows
-
-
-def _keep_verified(pa: Any, folder: Path, verified: set[tuple[str, str, str]], below: int) -> int:
-    """Cut the shards an interrupted run left (numbered below ``below``) down to the
-    rows this run found unchanged: the file still has the hash the row records. Returns
-    how many rows are left to import."""
-    kept = 0
-    for path in sorted(folder.glob("shard-*.parquet")):
-        if int(path.stem.split("-")[1]) >= below:
-            continue
-        table = pa.parquet.read_table(path)
-        keys = zip(*(table.column(c).to_pylist() for c in ("id", "image", "sha256")))
-        mask = [key in verified for key in keys]
-        kept += sum(mask)
-        if all(mask):
-            continue
-        if any(mask):
-            _write_shard(pa, path, table.filter(pa.array(mask)))
-        else:
-            path.unlink()
-    return kept
