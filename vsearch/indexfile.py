@@ -8,7 +8,7 @@ import logging
 
 from .catalog import Catalog
 from .errors import IndexFormatError
-from .index import VectorIndex, choose_factory
+from .index import ExactTopK, VectorIndex, choose_factory
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
 
@@ -25,8 +25,12 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
 
     An IVF index is trained on as many vectors as its lists need
     (:meth:`VectorIndex.train_size`), then, unless ``manifest.index.tune_recall`` is
-    None, its nprobe is tuned to the smallest reaching that recall@10 on
-    TUNE_QUERIES of its own vectors; the saved file keeps it."""
+    None, its nprobe is tuned to the smallest reaching that recall@10 against an exact
+    search, on TUNE_QUERIES of its own vectors (drawn first; their true neighbours are
+    found in the pass that adds the vectors). The saved file keeps the nprobe;
+    ``index.tuning`` says how it was chosen (None where nothing was tuned), for the
+    manifest of whoever serves the index (``manifest`` itself is only read: an upgrade
+    builds while another index is served)."""
     config = manifest.index
     n = catalog.counts()["images"]
     dim = projection.out_dim(catalog.vector_dim(model) or manifest.raw_dim)
@@ -34,14 +38,29 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
     index = VectorIndex.create(factory, dim, nprobe=config.nprobe)
     if not index.is_trained:
         index.train(projection.apply(catalog.sample_vectors(index.train_size(), model=model)))
+    truth = None
+    if index.nlist and config.tune_recall is not None:
+        truth = ExactTopK(projection.apply(catalog.sample_vectors(TUNE_QUERIES, seed=TUNE_SEED, model=model)))
     for ids, raw in catalog.iter_vectors(model=model):
-        index.add(ids, projection.apply(raw))
-    if index.nlist and config.tune_recall is not None and index.ntotal:
-        queries = projection.apply(catalog.sample_vectors(TUNE_QUERIES, seed=TUNE_SEED, model=model))
-        nprobe, recall = index.tune(queries, config.tune_recall)
-        _log.info("vsearch: %s over %d vectors: nprobe %d gives recall@10 %.3f", factory, index.ntotal, nprobe, recall)
+        xb = projection.apply(raw)
+        index.add(ids, xb)
+        if truth is not None:
+            truth.add(ids, xb)
+    if truth is not None and config.tune_recall is not None and index.ntotal:
+        _tune(index, truth, config.tune_recall)
     index.to_gpu()
     return index
+
+
+def _tune(index: VectorIndex, truth: ExactTopK, target: float) -> None:
+    nprobe, recall = index.tune(truth.xq, target, truth=truth.others())
+    if recall < target:
+        _log.warning(
+            "vsearch: %s over %d vectors reaches recall@10 %.3f at most (target %.2f); nprobe %d",
+            index.factory, index.ntotal, recall, target, nprobe,
+        )  # fmt: skip
+    else:
+        _log.info("vsearch: %s over %d vectors: nprobe %d gives recall@10 %.3f", index.factory, index.ntotal, nprobe, recall)
 
 
 def load_saved_index(paths: IndexPaths, manifest: IndexManifest, floor: int, mmap: bool = False) -> VectorIndex | None:
@@ -59,5 +78,7 @@ def load_saved_index(paths: IndexPaths, manifest: IndexManifest, floor: int, mma
     if index.d != manifest.dim:
         _log.warning("vsearch: %s has dimension %d, not %d; rebuilt from the catalog", paths.index, index.d, manifest.dim)
         return None
+    if manifest.tuning is not None and manifest.tuning.nprobe == index.nprobe:
+        index.tuning = manifest.tuning
     index.to_gpu()
     return index

@@ -1,7 +1,8 @@
 """The index directory and its manifest: a folder that explains itself.
 
 DIR/manifest.json   format version, model config, layers, pooling, projection,
-                    dimension, faiss factory, counts, catalog generation
+                    dimension, faiss factory, its nprobe tuning, counts, catalog
+                    generation
 DIR/catalog.db      products, images and every model version's raw vectors (SQLite)
 DIR/index.faiss     the faiss index (derived from the catalog; rebuilt if stale)
 DIR/projection.npz  fitted centring/PCA
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,16 @@ from .catalog import BASE_MODEL
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .errors import IndexFormatError, IndexNotFoundError, VsearchError
 from .fsutil import atomic_write_bytes
+from .index import IndexTuning
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]
 
 # 2: model versions (active_model, DIR/models/). 3: catalog schema 2 (all model
 # versions' vectors in one table); Catalog.open migrates a format 1 or 2 catalog.
-# 4: catalog schema 3 (the change log), state_id, DIR/write.lock.
+# 4: catalog schema 3 (the change log), state_id, DIR/write.lock. Fields added
+# since, optional, leave the format as it is: an older manifest loads with their
+# default (tuning: None), and load ignores fields it does not know.
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 
@@ -73,6 +77,8 @@ class IndexManifest:
     raw_dim: int = 0
     dim: int = 0
     factory: str = ""
+    # how build_index tuned the saved IVF index's nprobe (None: exact index, not tuned, or older manifest)
+    tuning: IndexTuning | None = None
     projection_fitted: bool = False
     catalog_generation: int = -1
     active_model: str = BASE_MODEL  # which model version's vectors the index holds
@@ -135,7 +141,10 @@ class IndexManifest:
             data["model"] = ModelConfig.from_dict(data["model"])
             data["projection"] = ProjectionConfig(**data["projection"])
             data["index"] = IndexConfig(**{k: v for k, v in data["index"].items() if k != "extra"})  # formats 1-2 had extra: {}
-            return cls(**data)
+            tuning = data.get("tuning")
+            data["tuning"] = IndexTuning(**tuning) if tuning is not None else None
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
         except (TypeError, KeyError, AttributeError, ValueError, VsearchError) as exc:
             raise IndexFormatError(f"{paths.manifest}: damaged manifest: {type(exc).__name__}: {exc}") from None
 
