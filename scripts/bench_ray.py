@@ -14,7 +14,12 @@ so a busy machine slows them alike. Reported per run:
   first result / the time after it), ``import_s`` (shards -> catalog and index) and
   ``total_s`` (the whole call, wall clock).
 
-The ratios compare Ray's steady rate and its whole-call rate with the in-process rate.
+Both also report ``cpu_s``, the CPU seconds of the process and all its descendants
+(Ray's raylet, workers and actors) sampled from /proc, and images per CPU second (for
+Ray also over the steady phase alone). The ratios compare Ray's steady and whole-call
+rates with the in-process rate, by wall clock and per CPU second. On a machine that
+other jobs load, the per-CPU-second ratio is the fairer one: the kernel gives a run of
+several busy processes (Ray's actors) a bigger share of the cores than one process.
 
     python scripts/bench_ray.py --images ../shared/datasets/grocery-store/dataset/train --n 320
 """
@@ -28,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +50,64 @@ def items(paths: list[Path]) -> list:
     return [Item(product_id=f"p{i}", image=str(p.resolve()), category=p.parent.name, title=p.stem) for i, p in enumerate(paths)]
 
 
+class CpuMeter:
+    """CPU seconds used by this process and every process below it (a local Ray's
+    raylet, its workers and actors), sampled from /proc every ``every_s``: on a machine
+    others load, what each path costs in CPU says more than its wall clock, since the
+    scheduler gives more processes a bigger share."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.every_s = every_s
+        self.seen: dict[int, float] = {}  # pid -> its last CPU seconds (a dead process keeps its last value)
+        self.samples: list[tuple[float, float]] = []  # (perf_counter, total CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuMeter:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def at(self, t: float) -> float:
+        """Total CPU seconds at perf_counter time ``t`` (the last sample before it)."""
+        before = [cpu for when, cpu in self.samples if when <= t]
+        return before[-1] if before else self.samples[0][1]
+
+    @property
+    def total(self) -> float:
+        return self.samples[-1][1] - self.samples[0][1]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU seconds)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as fh:
+                        fields = fh.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
+        mine = {os.getpid()}
+        grew = True
+        while grew:
+            below = {pid for pid, (parent, _) in stats.items() if parent in mine} - mine
+            grew = bool(below)
+            mine |= below
+        for pid in mine:
+            self.seen[pid] = stats[pid][1] if pid in stats else self.seen.get(pid, 0.0)
+        self.samples.append((time.perf_counter(), sum(self.seen.values())))
+
+
 def one(config: str, model: str, paths: list[Path], batch: int, cpus: int, work: Path) -> dict[str, object]:
     """One measurement in this process: ``inproc`` or ``ACTORSxCPUS``."""
     from vsearch.config import ProjectionConfig
@@ -56,7 +120,8 @@ def one(config: str, model: str, paths: list[Path], batch: int, cpus: int, work:
             engine.snapshot.embedder.get()
             load = time.perf_counter() - start
             start = time.perf_counter()
-            report = engine.ingest(items(paths), batch_size=batch, quiet=True)
+            with CpuMeter() as cpu:
+                report = engine.ingest(items(paths), batch_size=batch, quiet=True)
             took = time.perf_counter() - start
             return {
                 "config": config,
@@ -65,17 +130,22 @@ def one(config: str, model: str, paths: list[Path], batch: int, cpus: int, work:
                 "ingest_s": round(took, 2),
                 "images_per_s": round(report.embedded / took, 2),
                 "total_s": round(load + took, 2),
+                "cpu_s": round(cpu.total, 1),
+                "images_per_cpu_s": round(report.embedded / cpu.total, 3),
             }
         from vsearch.rayingest import ray_ingest
 
         actors, per_actor = (int(x) for x in config.split("x"))
         start = time.perf_counter()
-        ray = ray_ingest(
-            engine, items(paths), actors=actors, cpus_per_actor=per_actor, num_cpus=cpus, batch_size=batch, quiet=True
-        )
+        with CpuMeter() as cpu:
+            ray = ray_ingest(
+                engine, items(paths), actors=actors, cpus_per_actor=per_actor, num_cpus=cpus, batch_size=batch, quiet=True
+            )
         took = time.perf_counter() - start
         out = ray.to_dict()["ray"]
         assert isinstance(out, dict)
+        first = start + ray.ray_start_s + ray.first_result_s  # the pipeline starts right after ray.init
+        steady_cpu = cpu.at(start + ray.ray_start_s + ray.pipeline_s) - cpu.at(first)
         return {
             "config": config,
             "embedded": ray.embedded,
@@ -85,6 +155,9 @@ def one(config: str, model: str, paths: list[Path], batch: int, cpus: int, work:
             "import_s": out["import_s"],
             "total_s": round(took, 2),
             "images_per_s_total": round(ray.embedded / took, 2),
+            "cpu_s": round(cpu.total, 1),
+            "images_per_cpu_s": round(ray.embedded / cpu.total, 3),
+            "steady_images_per_cpu_s": round(ray.steady_rows / steady_cpu, 3) if steady_cpu > 0 else 0.0,
         }
 
 
@@ -128,13 +201,20 @@ def main() -> int:
     print(f"\n{len(paths)} images, {args.model}, batch {args.batch_size}, local Ray of {args.cpus} CPUs", end="")
     print(f"; medians of {args.repeat}")
     base = median("inproc", "images_per_s") if "inproc" in runs else 0.0
+    base_cpu = median("inproc", "images_per_cpu_s") if "inproc" in runs else 0.0
     if base:
-        print(f"  in-process  {base:6.2f} images/s  (model load {median('inproc', 'model_load_s'):.1f} s excluded)")
+        print(
+            f"  in-process  {base:6.2f} images/s, {base_cpu:.3f} images per CPU second "
+            f"(model load {median('inproc', 'model_load_s'):.1f} s excluded)"
+        )
     for config in runs:
         if config == "inproc":
             continue
         steady, whole = median(config, "steady_images_per_s"), median(config, "images_per_s_total")
+        per_cpu, steady_cpu = median(config, "images_per_cpu_s"), median(config, "steady_images_per_cpu_s")
         ratio = f"  steady {steady / base:.2f}x, whole call {whole / base:.2f}x of in-process" if base else ""
+        if base_cpu:
+            ratio += f"; per CPU second: steady {steady_cpu / base_cpu:.2f}x, whole call {per_cpu / base_cpu:.2f}x"
         print(
             f"  ray {config:<6} {steady:6.2f} images/s steady, {whole:6.2f} whole call; "
             f"start {median(config, 'ray_start_s'):.1f} s, first result {median(config, 'first_result_s'):.1f} s, "

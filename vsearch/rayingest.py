@@ -397,10 +397,12 @@ def _pipeline(
     saved = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order = True  # image ids as an in-process ingest gives them
     context.enable_progress_bars = not quiet and sys.stderr.isatty()
-    data_log = logging.getLogger("ray.data")
-    level = data_log.level
+    data_log, bars_log = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
+    levels = data_log.level, bars_log.level
     if quiet:
         data_log.setLevel(logging.WARNING)
+    if not context.enable_progress_bars:
+        bars_log.setLevel(logging.ERROR)  # not "progress bars disabled": we turned them off
     try:
         ds = ray.data.from_arrow(_blocks(rows, batch_size, plan.actors))
         embed_kwargs: dict[str, Any] = {
@@ -425,7 +427,8 @@ def _pipeline(
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
-        data_log.setLevel(level)
+        data_log.setLevel(levels[0])
+        bars_log.setLevel(levels[1])
 
 
 def _blocks(rows: Any, batch_size: int, actors: int) -> list[Any]:
