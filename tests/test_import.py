@@ -57,7 +57,7 @@ def state(index: Path) -> dict[str, Any]:
         "images": images,
         "ids": np.concatenate(ids),
         "vectors": np.concatenate(vectors),
-        "info": {k: v for k, v in info.items() if k != "path"},
+        "info": {k: v for k, v in info.items() if k not in ("path", "catalog_generation")},  # where and how often it was written
     }
 
 
