@@ -41,7 +41,18 @@ from .writer import IndexWriter, NewImage
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["IngestReport", "Reject", "embed_batches", "ingest", "merge_products", "printable"]
+__all__ = [
+    "IngestReport",
+    "Reject",
+    "embed_batches",
+    "ingest",
+    "merge_products",
+    "printable",
+    "storable_items",
+    "unique_items",
+    "update_known_products",
+    "work_list",
+]
 
 
 @dataclass(frozen=True)
@@ -156,12 +167,12 @@ def ingest(
     items = read_source_items(source) if isinstance(source, (str, os.PathLike)) else list(source)
     start = time.perf_counter()
     report = IngestReport(items=len(items))
-    ordered = _unique(_storable(items, report), report)
+    ordered = unique_items(storable_items(items, report), report)
     products = merge_products(ordered, report)
 
     with engine.writer() as writer:
-        pending = _update_known_products(engine, writer, products)
-        work = _work(engine, ordered, report)
+        pending = update_known_products(engine, writer, products)
+        work = work_list(engine, ordered, report)
 
         def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
             images = [NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height) for x in loaded]
@@ -203,7 +214,7 @@ def ingest(
     return report
 
 
-def _storable(items: list[Item], report: IngestReport) -> list[Item]:
+def storable_items(items: list[Item], report: IngestReport) -> list[Item]:
     """The items whose text SQLite can store; the others become rejects.
 
     A file name that is not UTF-8 reaches us as a str with lone surrogates
@@ -253,7 +264,7 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _unique(items: list[Item], report: IngestReport) -> list[Item]:
+def unique_items(items: list[Item], report: IngestReport) -> list[Item]:
     """``items`` without rows that repeat an earlier row's product id and image."""
     unique: dict[tuple[str, str], Item] = {}
     for item in items:
@@ -309,7 +320,7 @@ def _pick(values: list[Any], name: str, conflicts: list[str]) -> Any:
     return given[-1] if given else None
 
 
-def _update_known_products(engine: Engine, writer: IndexWriter, products: dict[str, Item]) -> set[str]:
+def update_known_products(engine: Engine, writer: IndexWriter, products: dict[str, Item]) -> set[str]:
     """Update the products that already have images now; return the others' ids, which
     are created (or updated) with their first stored image and not at all if none is."""
     known = [item for pid, item in products.items() if engine.catalog.images_of(pid)]
@@ -318,7 +329,7 @@ def _update_known_products(engine: Engine, writer: IndexWriter, products: dict[s
     return set(products) - {item.product_id for item in known}
 
 
-def _work(engine: Engine, ordered: list[Item], report: IngestReport) -> list[Work]:
+def work_list(engine: Engine, ordered: list[Item], report: IngestReport) -> list[Work]:
     """What may need embedding: each item with the content hash the catalog knows
     (decoding skips an unchanged file); a known URL is not fetched again."""
     work: list[Work] = []

@@ -53,7 +53,7 @@ from .bulkimport import import_shards
 from .catalog import BASE_MODEL
 from .errors import ConfigError
 from .fsutil import atomic_write_bytes
-from .ingest import IngestReport, Reject, _storable, _unique, _update_known_products, _work, merge_products
+from .ingest import IngestReport, Reject, merge_products, storable_items, unique_items, update_known_products, work_list
 from .rayshards import Columns, Shards, keep_verified, next_number, old_shards, run_dir, run_lock
 from .raywork import EMBEDDED, FAILED, UNCHANGED, EmbedActor, decode_batch
 from .sources import Item, read_source_items
@@ -141,11 +141,11 @@ def ray_ingest(
     start = time.perf_counter()
     items = read_source_items(source) if isinstance(source, (str, os.PathLike)) else list(source)
     report = RayIngestReport(items=len(items), address=address or "local")
-    ordered = _unique(_storable(items, report), report)
+    ordered = unique_items(storable_items(items, report), report)
     products = merge_products(ordered, report)
     with engine.writer() as writer:
-        pending = _update_known_products(engine, writer, products)
-        work = _work(engine, ordered, report)  # (n, source, catalog sha256)
+        pending = update_known_products(engine, writer, products)
+        work = work_list(engine, ordered, report)  # (n, source, catalog sha256)
 
     folder = run_dir(engine, source, ordered)
     report.shards_dir = str(folder)
