@@ -11,7 +11,9 @@ vectors like the default model) in several layouts and measures, for each:
                  columns (search filters and every save read these)
   meta           every image row without its vector, as ``images_without_vectors``
                  does on each reindex (a table scan: no index covers it)
-  sample         ``sample_vectors(5000)``, the projection fit's sample
+  sample         ``sample_vectors(5000)``, the projection fit's sample (the raw
+                 layouts read every id, then the chosen rows; ``Catalog`` draws ids,
+                 so its cost follows the sample: see scripts/bench_fit.py)
   lookup ms      what a search does after faiss: image and product rows of 100 hits
   remove 1% s    deleting 1% of the images, their vectors going with them
   100 puts s     one-image writes, each its own commit (the API's put_product),
@@ -27,8 +29,10 @@ of two. Layouts:
               key (model, image_id) and an index on image_id: what vsearch uses
   norowid     the same table WITHOUT ROWID (clustered on (model, image_id))
   rowid-64k   rowid in 64 KiB pages instead of SQLite's default 4 KiB
-  rowid-f16   rowid with float16 vectors (an option only: it moves eval numbers)
-  vsearch     rowid, written and read through ``vsearch.catalog.Catalog``
+  rowid-f16   rowid with float16 vectors
+  vsearch     rowid plus a dtype column, written and read through
+              ``vsearch.catalog.Catalog``: float16 rows, its default since catalog
+              schema 5 (scripts/bench_vector_dtype.py: no recall moved)
   migrated    an ``old`` catalog opened by ``Catalog`` (which migrates it; no
               VACUUM), then read through it
 
@@ -331,7 +335,7 @@ class Real(Raw):
 
         self.catalog = Catalog.open(path)
         self.conn = self.catalog.db.conn
-        self.inline, self.dtype = False, "float32"
+        self.inline, self.dtype = False, "float16"
         self.table, self.where, self.key = "model_vectors", "model = 'base'", "image_id"
 
     def close(self) -> None:
@@ -492,7 +496,7 @@ def main() -> None:
     if "old" in samples:
         for layout, s in samples.items():
             same = s.shape == samples["old"].shape and np.array_equal(s, samples["old"])
-            if layout != "old":
+            if layout in LAYOUTS and layout != "old":  # Catalog's draw differs by design
                 print(f"sample_vectors({SAMPLE}, seed 0) of {layout} equals old's: {same}")
     for page_size, ms in scale.items():
         print(f"lookup ms at {args.lookup_scale} images, {page_size // 1024} KiB pages: {ms:.3f}")

@@ -3,16 +3,18 @@ code path; ``base`` differs only in that its vectors cannot be dropped."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vsearch.catalog import BASE_MODEL, Catalog
-from vsearch.errors import IndexFormatError
-from vsearch.vectorstore import SCHEMA_VERSION
+from vsearch.config import StorageConfig
+from vsearch.errors import ConfigError, IndexFormatError
+from vsearch.migrate import SCHEMA_VERSION
 
 FT = "ft-1"
 
@@ -128,30 +130,105 @@ def test_only_the_base_models_vectors_cannot_be_dropped(catalog: Catalog) -> Non
     assert stored(catalog, FT) == {} and stored(catalog, BASE_MODEL) == {image: vec(1.0).tolist()}
 
 
-def old_sample(ids: list[int], vectors: dict[int, np.ndarray], n: int, seed: int) -> np.ndarray:
-    """sample_vectors as the previous release computed it, for the same data."""
-    if len(ids) > n:
-        ids = sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
-    return np.stack([vectors[i] for i in ids])
-
-
-@pytest.mark.parametrize("model", [BASE_MODEL, FT])
-def test_sample_vectors_draws_what_it_always_drew(catalog: Catalog, model: str) -> None:
+def filled(catalog: Catalog, n: int, model: str = BASE_MODEL, dim: int = 8) -> dict[int, np.ndarray]:
+    """``n`` images with random vectors (as stored: float16-rounded), every 7th removed
+    again (gaps in the ids, like a catalog that lived); id -> vector of those left."""
     rng = np.random.default_rng(7)
     vectors: dict[int, np.ndarray] = {}
     with catalog.transaction():
-        for n in range(300):
-            catalog.upsert_product(f"p{n}")
-            v = rng.standard_normal(8).astype(np.float32)
-            vectors[catalog.put_image(f"p{n}", f"{n}.jpg", f"sha{n}", 1, 1, v, model=model)] = v
-        catalog.remove_images(list(vectors)[::7])  # gaps in the ids, like a catalog that lived
-    ids = sorted(set(vectors) - set(list(vectors)[::7]))
+        for k in range(n):
+            catalog.upsert_product(f"p{k}")
+            v = catalog.as_stored(rng.standard_normal(dim).astype(np.float32))
+            vectors[catalog.put_image(f"p{k}", f"{k}.jpg", f"sha{k}", 1, 1, v, model=model)] = v
+        gone = list(vectors)[::7]
+        catalog.remove_images(gone)
+    return {i: v for i, v in vectors.items() if i not in gone}
+
+
+@pytest.mark.parametrize("model", [BASE_MODEL, FT])
+@pytest.mark.parametrize("n", [100, 20])  # id range within SCAN_SPAN * n: ids read; beyond: ids drawn
+def test_sample_vectors_is_seeded_uniform_and_in_id_order(
+    catalog: Catalog, model: str, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vectors = filled(catalog, 300, model)
+    monkeypatch.setattr("vsearch.vectorstore.CHUNK", 7)  # ids looked up and vectors read (and transformed) in many chunks
     for seed in (0, 1, 42):
-        sample = catalog.sample_vectors(100, seed=seed, model=model)
-        np.testing.assert_array_equal(sample, old_sample(ids, vectors, 100, seed))
-        np.testing.assert_array_equal(sample, catalog.sample_vectors(100, seed=seed, model=model))
-    assert not np.array_equal(catalog.sample_vectors(100, seed=0, model=model), catalog.sample_vectors(100, seed=1, model=model))
-    np.testing.assert_array_equal(catalog.sample_vectors(1000, model=model), np.stack([vectors[i] for i in ids]))
+        sample = catalog.sample_vectors(n, seed=seed, model=model)
+        ids = catalog._vectors.sample_ids(n, seed, model)
+        assert len(ids) == n == len(set(ids)) and ids == sorted(ids) and set(ids) <= set(vectors)
+        np.testing.assert_array_equal(sample, np.stack([vectors[i] for i in ids]))
+        np.testing.assert_array_equal(sample, catalog.sample_vectors(n, seed=seed, model=model))
+        assert sample.dtype == np.float32
+        halves = catalog.sample_vectors(n, seed=seed, model=model, transform=lambda chunk: chunk[:, :4] / 2)
+        np.testing.assert_array_equal(halves, sample[:, :4] / 2)  # applied a chunk at a time
+    assert catalog._vectors.sample_ids(n, 0, model) != catalog._vectors.sample_ids(n, 1, model)
+    # uniform: over 400 seeds every id is drawn about 400 * n / len(vectors) times
+    counts = np.zeros(max(vectors) + 1)
+    for seed in range(400):
+        counts[catalog._vectors.sample_ids(n, seed, model)] += 1
+    expected = 400 * n / len(vectors)
+    assert counts[list(vectors)].min() > 0.5 * expected and counts[list(vectors)].max() < 1.6 * expected
+    assert counts.sum() == 400 * n
+    # all of them, in id order, when fewer than asked for
+    np.testing.assert_array_equal(catalog.sample_vectors(1000, model=model), np.stack([vectors[i] for i in sorted(vectors)]))
+
+
+def test_sampling_sparse_ids_reads_them_instead(catalog: Catalog) -> None:
+    vectors = filled(catalog, 400)
+    with catalog.transaction():  # 40 of 400 ids left: drawing would mostly miss
+        catalog.remove_images([i for i in vectors if i % 10])
+    left = sorted(i for i in vectors if i % 10 == 0)
+    assert catalog._vectors._draw(np.random.default_rng(0), BASE_MODEL, min(left), max(left) - min(left) + 1, 30) is None
+    ids = catalog._vectors.sample_ids(30, 0, BASE_MODEL)
+    assert len(ids) == 30 and set(ids) <= set(left) and ids == catalog._vectors.sample_ids(30, 0, BASE_MODEL)
+    assert catalog._vectors.sample_ids(50, 0, BASE_MODEL) == left
+    assert catalog.sample_vectors(5, model="none").shape == (0, 0)
+
+
+def vm_steps(catalog: Catalog, fn: Callable[[], object]) -> int:
+    """SQLite virtual-machine instructions ``fn`` runs: a deterministic measure of work."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 100
+        return 0
+
+    catalog.db.conn.set_progress_handler(count, 100)
+    try:
+        fn()
+    finally:
+        catalog.db.conn.set_progress_handler(None, 0)
+    return steps
+
+
+def _scan(catalog: Catalog) -> int:
+    return sum(len(ids) for ids, _ in catalog.iter_vectors())
+
+
+def test_sampling_costs_what_the_sample_costs_not_the_table(tmp_path: Path) -> None:
+    work = {}
+    for n in (2_000, 32_000):
+        catalog = Catalog.open(tmp_path / f"{n}.db")
+        db = catalog.db.conn
+        with catalog.transaction():  # bulk, in SQL: the catalog's own rows, 16 numbers each
+            db.executemany("INSERT INTO products(id, created_at, updated_at) VALUES (?, 0, 0)", [(f"p{i}",) for i in range(n)])
+            db.executemany(
+                "INSERT INTO images(id, product_id, source, sha256, width, height, created_at, updated_at) "
+                "VALUES (?, ?, 's', 'h', 1, 1, 0, 0)",
+                [(i + 1, f"p{i}") for i in range(n)],
+            )
+            db.executemany(
+                "INSERT INTO model_vectors(model, image_id, vector, dtype) VALUES ('base', ?, ?, 1)",
+                [(i + 1, np.full(16, i, dtype=np.float16).tobytes()) for i in range(n)],
+            )
+        sample, scan = functools.partial(catalog.sample_vectors, 100), functools.partial(_scan, catalog)
+        work[n] = (vm_steps(catalog, sample), vm_steps(catalog, scan))
+        assert len(catalog.sample_vectors(100)) == 100
+        catalog.close()
+    (sample_small, scan_small), (sample_big, scan_big) = work[2_000], work[32_000]
+    assert scan_big > 10 * scan_small  # a scan follows the table
+    assert sample_big < 2 * sample_small  # a sample does not
 
 
 def test_iter_vectors_pages_in_id_order(catalog: Catalog) -> None:
@@ -190,3 +267,34 @@ def test_a_catalog_from_a_newer_vsearch_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
     with pytest.raises(IndexFormatError, match="newer"):
         Catalog.open(path)
+
+
+def test_rows_are_float16_by_default_and_every_read_is_float32(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    unit = rng.standard_normal(64).astype(np.float32)
+    unit /= np.linalg.norm(unit)
+    huge, tiny = unit * 1e6, unit * 1e-6  # past float16's range; in its subnormals
+    odd = np.full(64, np.nan, dtype=np.float32)
+    catalog = Catalog.open(tmp_path / "catalog.db")
+    ids = [add(catalog, f"p{k}", "a.jpg", f"sha{k}", v) for k, v in enumerate([unit, huge, tiny, odd])]
+    rows = catalog.db.execute("SELECT image_id, dtype, length(vector) FROM model_vectors ORDER BY image_id").fetchall()
+    assert rows == [(ids[0], 1, 128), (ids[1], 0, 256), (ids[2], 0, 256), (ids[3], 0, 256)]  # kept exact where float16 fails
+    batch = np.stack([unit, huge, tiny, odd])
+    want = catalog.as_stored(batch)  # what the index should hold: what a read gives back
+    assert want.dtype == np.float32 and np.array_equal(want[1:], batch[1:], equal_nan=True)
+    np.testing.assert_array_equal(want[0], unit.astype(np.float16).astype(np.float32))
+    assert np.abs(want[0] - unit).max() < 1e-3 and not np.array_equal(want[0], unit)
+    got_ids, got = catalog.vectors_by_id(ids)
+    assert got.dtype == np.float32 and got.flags.writeable
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.concatenate([v for _, v in catalog.iter_vectors(batch=3)]), want, equal_nan=True)
+    np.testing.assert_array_equal(catalog.vectors_of("p0"), want[:1])
+    assert catalog.vector_dim() == 64
+    catalog.close()
+    with pytest.raises(ConfigError, match="raw_vectors"):
+        Catalog.open(tmp_path / "other.db", raw_vectors="int8")
+    assert not (tmp_path / "other.db").exists()
+    with pytest.raises(ConfigError, match="raw_vectors"):
+        StorageConfig(raw_vectors="int8")
+    assert StorageConfig().raw_vectors == "float16"
+    assert StorageConfig.from_dict({"raw_vectors": "float32"}) == StorageConfig("float32")

@@ -34,6 +34,11 @@ def test_ingest_then_search_finds_the_same_image(index_dir: Path, catalog_folder
     with build(index_dir, catalog_folder) as engine:
         info = engine.info()
         assert (info["products"], info["images"], info["vectors"]) == (25, 25, 25)
+        assert info["raw_dim"] == engine.snapshot.embedder.get().dim and info["tuning"] is None  # Flat: nothing to tune
+        index_ram = info["footprint"]["ram_bytes_per_image"]["index"]
+        assert info["dim"] * 4 + 8 <= index_ram <= info["dim"] * 4 + 64  # a Flat code and an id (+ its map entry)
+        catalog_bytes = info["footprint"]["disk_bytes"]["catalog"]
+        assert catalog_bytes == sum(p.stat().st_size for p in index_dir.glob("catalog.db*") if not p.name.endswith("-shm"))
         hits = engine.search(catalog_folder / "Dairy/Milk/p02.jpg", k=5)
         assert hits[0].product_id == "Dairy/Milk/p02"
         assert hits[0].score > 0.9 > hits[1].score  # query TTA averages in a centre crop

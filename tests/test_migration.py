@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,9 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vsearch.catalog import BASE_MODEL, Catalog
+from vsearch import changelog
+from vsearch.catalog import BASE_MODEL, TABLES, Catalog
 from vsearch.engine import Engine
 from vsearch.manifest import FORMAT_VERSION, IndexManifest, IndexPaths
+from vsearch.migrate import SCHEMA_VERSION
 
 # vsearch/catalog.py's SCHEMA in the previous release (index formats 1 and 2), verbatim.
 OLD_SCHEMA = """
@@ -247,9 +250,9 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sqlite3, sys
 
-    import vsearch.vectorstore as vs
+    import vsearch.migrate as migrate
 
-    vs.MIGRATE_CHUNK = 1  # many small steps for the kill to land between
+    migrate.MIGRATE_CHUNK = 1  # many small steps for the kill to land between
     path, kill_at = sys.argv[1], int(sys.argv[2])
     steps = 0
     real_connect = sqlite3.connect
@@ -308,3 +311,141 @@ def test_a_migration_killed_midway_leaves_the_old_layout_whole(tmp_path: Path) -
     assert_same_vectors(stored(catalog, FT), content.ft)
     assert catalog.generation == 17
     catalog.close()
+
+
+# Schema 4 -> 5 ----------------------------------------------------------------
+# Schema 4's model_vectors, verbatim: every blob float32, no dtype column. Its other
+# tables, indexes and change-log triggers are schema 5's (unchanged since).
+SCHEMA_4_VECTORS = """
+CREATE TABLE IF NOT EXISTS model_vectors (
+    model TEXT NOT NULL,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model, image_id)
+);
+CREATE INDEX IF NOT EXISTS model_vectors_image ON model_vectors(image_id);
+"""
+BUMP = "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+
+
+def schema_4_catalog(path: Path, n: int = 20, dim: int = 16) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """A schema-4 catalog.db as the previous release wrote it: two write transactions
+    (n images with float32 vectors, then image 3 removed), each in the change log.
+    Returns its (base, ft) vectors."""
+    rng = np.random.default_rng(5)
+    base = {i: rng.standard_normal(dim).astype(np.float32) for i in range(1, n + 1)}
+    ft = {i: rng.standard_normal(dim // 2).astype(np.float32) for i in range(1, n + 1, 2)}
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.executescript(TABLES + SCHEMA_4_VECTORS)
+    for statement in changelog.STATEMENTS:
+        db.execute(statement)
+    db.executemany(
+        "INSERT INTO meta(key, value) VALUES (?, ?)", [("schema_version", "4"), ("generation", "0"), ("changes_floor", "0")]
+    )
+    db.execute("BEGIN")
+    for i in range(1, n + 1):
+        db.execute(
+            "INSERT INTO products(id, title, category, attributes, created_at, updated_at) VALUES (?, '', 'c', '{}', 1, 1)",
+            [f"p{i}"],
+        )
+        db.execute(
+            "INSERT INTO images(id, product_id, source, sha256, width, height, created_at, updated_at) "
+            "VALUES (?, ?, 'a.jpg', ?, 1, 1, 1, 1)",
+            [i, f"p{i}", f"sha{i}"],
+        )
+    db.executemany(
+        "INSERT INTO model_vectors(model, image_id, vector) VALUES (?, ?, ?)",
+        [*((BASE_MODEL, i, v.tobytes()) for i, v in base.items()), *((FT, i, v.tobytes()) for i, v in ft.items())],
+    )
+    db.execute(BUMP)
+    db.execute("COMMIT")
+    db.execute("BEGIN")
+    db.execute("DELETE FROM images WHERE id = 3")
+    db.execute(BUMP)
+    db.execute("COMMIT")
+    db.close()
+    del base[3], ft[3]
+    return base, ft
+
+
+def test_a_schema_4_catalog_keeps_its_float32_rows_and_its_log_and_writes_float16(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    base, ft = schema_4_catalog(path)
+    catalog = Catalog.open(path)
+    db = catalog.db
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+    assert db.execute("SELECT DISTINCT dtype FROM model_vectors").fetchall() == [(0,)]  # read as written
+    assert_same_vectors(stored(catalog, BASE_MODEL), base)
+    assert_same_vectors(stored(catalog, FT), ft)
+    assert catalog.generation == 2 and catalog.changes_floor == 0
+    assert catalog.changed_images(1) == [3]  # the log goes on: an index saved at 1 is caught up, not rebuilt
+    assert catalog.vector_dim(BASE_MODEL) == 16 and catalog.vector_dim(FT) == 8
+
+    new = np.random.default_rng(6).standard_normal(16).astype(np.float32)
+    with catalog.transaction():
+        catalog.upsert_product("p21")
+        image = catalog.put_image("p21", "a.jpg", "sha21", 1, 1, new)
+    assert db.execute("SELECT dtype, length(vector) FROM model_vectors WHERE image_id = ?", [image]).fetchone() == (1, 32)
+    want = {**base, image: new.astype(np.float16).astype(np.float32)}
+    assert_same_vectors(stored(catalog, BASE_MODEL), want)  # both encodings in one read
+    ids, vectors = catalog.vectors_by_id([1, 2, image])
+    assert ids.tolist() == [1, 2, image] and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors, np.stack([want[1], want[2], want[image]]))
+    np.testing.assert_array_equal(catalog.vectors_of("p21"), [want[image]])
+    np.testing.assert_array_equal(catalog.sample_vectors(100), np.stack([want[i] for i in sorted(want)]))
+    assert catalog.vector_dim(BASE_MODEL) == 16
+    catalog.close()
+    before = path.read_bytes()
+    Catalog.open(path).close()  # migrated once
+    assert path.read_bytes() == before
+
+    exact = Catalog.open(path, raw_vectors="float32")  # the setting applies to new rows
+    with exact.transaction():
+        exact.upsert_product("p22")
+        image = exact.put_image("p22", "a.jpg", "sha22", 1, 1, new)
+    assert exact.db.execute("SELECT dtype FROM model_vectors WHERE image_id = ?", [image]).fetchone() == (0,)
+    np.testing.assert_array_equal(exact.vectors_by_id([image])[1], [new])
+    exact.close()
+
+
+def as_schema_4(root: Path) -> None:
+    """Turn a current index directory's catalog into schema 4's (float32 blobs, no
+    dtype column, the log as it was): what the previous release left."""
+    db = sqlite3.connect(root / "catalog.db", isolation_level=None)
+    rows = db.execute("SELECT model, image_id, vector, dtype FROM model_vectors").fetchall()
+    db.execute("BEGIN")
+    last_logged = db.execute("SELECT coalesce(max(rowid), 0) FROM image_changes").fetchone()[0]
+    db.execute("ALTER TABLE model_vectors DROP COLUMN dtype")
+    for model, image_id, blob, dtype in rows:
+        vector = np.frombuffer(blob, dtype=np.float16 if dtype == 1 else np.float32).astype(np.float32)
+        db.execute("UPDATE model_vectors SET vector = ? WHERE model = ? AND image_id = ?", [vector.tobytes(), model, image_id])
+    db.execute("DELETE FROM image_changes WHERE rowid > ?", [last_logged])  # a re-encoding, not a change
+    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    db.execute("COMMIT")
+    db.close()
+
+
+def test_an_index_with_a_schema_4_catalog_catches_up_across_the_upgrade(
+    old_index: tuple[Path, Path, OldCatalog], tmp_path: Path
+) -> None:
+    source, folder, content = old_index
+    root = tmp_path / "index"
+    shutil.copytree(source, root)
+    as_schema_4(root)
+    with sqlite3.connect(root / "catalog.db") as db:  # the previous release removes a product after its last save
+        db.execute("PRAGMA foreign_keys=ON")  # as it always had: its vectors cascade
+        gone = db.execute("SELECT product_id FROM images WHERE product_id != ? ORDER BY id LIMIT 1", [SEARCHED]).fetchone()[0]
+        db.execute("DELETE FROM images WHERE product_id = ?", [gone])
+        db.execute("DELETE FROM products WHERE id = ?", [gone])
+        db.execute(BUMP)
+    saved_index = (root / "index.faiss").read_bytes()
+    with Engine.open(root) as engine:
+        assert engine.info()["vectors"] == 23 == engine.catalog.counts()["images"]
+        assert engine.catalog.generation == engine.index_generation == int(dict(content.meta)["generation"]) + 1
+        hits = engine.search(folder / f"{SEARCHED}.jpg", k=25)
+        assert hits[0].product_id == SEARCHED and gone not in {h.product_id for h in hits}
+        want = {i: v for i, v in content.base.items() if i in stored(engine.catalog, BASE_MODEL)}
+        assert_same_vectors(stored(engine.catalog, BASE_MODEL), want)
+    assert (root / "index.faiss").read_bytes() == saved_index, "caught up from the log, not rebuilt"

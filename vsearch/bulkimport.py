@@ -7,7 +7,7 @@ A shard has one row per image:
 * ``id`` (product id), ``image`` (the image's source: an absolute path, an http(s)
   URL, or a path relative to the shard's folder), ``sha256`` (of the image's bytes)
   and ``vector`` (a list of floats: the raw vector of the index's model version,
-  before any projection, ``vector_dim`` numbers in ``vsearch info``);
+  before any projection, ``raw_dim`` numbers in ``vsearch info`` and ``vsearch models --json``);
 * optionally ``category``, ``title``, ``width`` and ``height`` (pixels; 0 if absent);
   every other column becomes a product attribute (a null cell: not given).
 
@@ -245,7 +245,7 @@ def _checked(pa: Any, engine: Engine, path: Path, dim: int) -> Any:
     if first is not None and first != dim:
         raise ManifestError(
             f"{path}: vectors have {first} numbers, but model {model!r} (version {version}) of {engine.paths.root} "
-            f"makes {dim} (vector_dim); nothing was imported"
+            f"makes {dim} (raw_dim); nothing was imported"
         )
     return parquet
 

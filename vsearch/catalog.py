@@ -2,13 +2,14 @@
 
 The catalog is the source of truth. Each image row's integer primary key is its
 FAISS id (never reused thanks to AUTOINCREMENT), and every model version's raw
-vectors are kept here too (:mod:`vsearch.vectorstore`), so the FAISS index can
-always be rebuilt from here without any model work. Every write transaction bumps
-``generation``; the index manifest records the generation it reflects, which is how
-a crash between the two is detected and repaired.
+vectors are kept here too (:mod:`vsearch.vectorstore`; float16 by default, read
+back as float32), so the FAISS index can always be rebuilt from here without any
+model work. Every write transaction bumps ``generation``; the index manifest records
+the generation it reflects, which is how a crash between the two is detected and
+repaired.
 
 The schema has a version (``meta.schema_version``); :meth:`Catalog.open` brings an
-older catalog up to date in one transaction (:func:`vsearch.vectorstore.upgrade`).
+older catalog up to date in one transaction (:func:`vsearch.migrate.upgrade`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import sqlite_utils
 
 from . import changelog
 from .errors import IndexFormatError, ProductNotFoundError
-from .vectorstore import VECTOR_SCHEMA, VectorStore, upgrade
+from .migrate import upgrade
+from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
 
 __all__ = ["BASE_MODEL", "Catalog", "Product", "ImageRow"]
 
@@ -96,19 +98,23 @@ def _locked(method: F) -> F:
 class Catalog:
     """Products and images. Open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, db: sqlite_utils.Database, path: Path) -> None:
+    def __init__(self, db: sqlite_utils.Database, path: Path, raw_vectors: str = "float16") -> None:
         self.db = db
         self.path = path
         # One connection shared by threads: each method (and each whole transaction)
         # holds this lock, so statements of concurrent callers never interleave.
         self._mutex = threading.RLock()
-        self._vectors = VectorStore(db.conn)
+        self._vectors = VectorStore(db.conn, encoding(raw_vectors))
 
     @classmethod
-    def open(cls, path: str | Path, *, must_exist: bool = False) -> Catalog:
+    def open(cls, path: str | Path, *, must_exist: bool = False, raw_vectors: str = "float16") -> Catalog:
         """Open (or create, unless ``must_exist``) the catalog at ``path``, migrating an
-        older layout in place. A missing or damaged file is an IndexFormatError."""
+        older layout in place. A missing or damaged file is an IndexFormatError.
+        ``raw_vectors`` (:class:`vsearch.config.StorageConfig`): how vectors written
+        from now on are encoded; rows already there keep theirs, and every read
+        returns float32."""
         path = Path(path)
+        encoding(raw_vectors)  # a bad setting fails before the file is touched
         if must_exist and not path.exists():
             raise IndexFormatError(f"{path} is missing: the catalog is the index's source of truth; restore it")
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -124,7 +130,7 @@ class Catalog:
             conn.close()
             raise
         db.execute("PRAGMA foreign_keys=ON")  # after upgrade, which needs them off
-        return cls(db, path)
+        return cls(db, path, raw_vectors)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -304,6 +310,12 @@ class Catalog:
         """Images that have no current vector from ``model`` (new or changed content)."""
         return [ImageRow(*row) for row in self._vectors.missing(model)]
 
+    def as_stored(self, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` (rows) as storing them and reading them back gives them (float16
+        rounding by default): what the index should hold for them, so that it equals
+        one rebuilt or caught up from the catalog."""
+        return round_trip(vectors, self._vectors.dtype)
+
     @_locked
     def vector_dim(self, model: str = BASE_MODEL) -> int:
         """The dimension of ``model``'s stored vectors (0 if it has none)."""
@@ -361,9 +373,16 @@ class Catalog:
             last = int(page[0][-1])
 
     @_locked
-    def sample_vectors(self, n: int, seed: int = 0, model: str = BASE_MODEL) -> np.ndarray:
-        """Up to ``n`` raw vectors from ``model``, drawn uniformly at random (all if fewer)."""
-        return self._vectors.sample(n, seed, model)
+    def sample_vectors(
+        self, n: int, seed: int = 0, model: str = BASE_MODEL, transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Up to ``n`` raw vectors from ``model``, drawn uniformly at random (all if
+        fewer), in id order; the same data and ``seed`` give the same sample. Costs what
+        reading ``n`` vectors costs, whatever the catalog's size (see
+        :meth:`vsearch.vectorstore.VectorStore.sample_ids`). ``transform`` (e.g.
+        ``projection.apply``) is applied a chunk at a time: the raw sample is never
+        held whole."""
+        return self._vectors.sample(n, seed, model, transform)
 
     def image_products(self, image_ids: list[int]) -> dict[int, str]:
         return self._image_column(image_ids, "product_id")

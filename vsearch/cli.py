@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
 
-    p = command("models", _models, "List the built-in models and their layers.")
+    p = command("models", _models, "List the built-in models: layers, pooling and raw_dim (the length of their raw vectors).")
     p.add_argument("--json", action="store_true")
 
     p = command("serve", _serve, "Serve the HTTP API (/v1), the web page (/) and the OpenAPI docs (/docs).")
@@ -514,15 +514,17 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from .embed import raw_dim
     from .presets import preset, preset_names
 
-    configs = [preset(n).to_dict() for n in preset_names()]
+    configs = [{**preset(n).to_dict(), "raw_dim": raw_dim(preset(n))} for n in preset_names()]
     if args.json:
         _print_json(configs)
         return 0
     for c in configs:
         pooling = c["pooling"] if isinstance(c["pooling"], str) else ",".join(c["pooling"])
-        print(f"{c['name']:<20} {c['arch']:<24} {c['image_size']}px  layers={','.join(c['layers'])}  pooling={pooling}")
+        layers = ",".join(c["layers"])
+        print(f"{c['name']:<20} {c['arch']:<24} {c['image_size']}px  layers={layers}  pooling={pooling}  raw_dim={c['raw_dim']}")
     print("any open_clip model as MODEL:PRETRAINED, e.g. ViT-B-32:laion2b_s34b_b79k (downloads on first use)")
     return 0
 

@@ -19,10 +19,12 @@ __all__ = [
     "ModelConfig",
     "ProjectionConfig",
     "ServeConfig",
+    "StorageConfig",
 ]
 
 POOLINGS = ("mean", "gem")
 RESIZE_MODES = ("pad", "crop", "squash")
+RAW_VECTORS = ("float16", "float32")  # StorageConfig.raw_vectors
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,28 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.nprobe < 1 or (self.tune_recall is not None and not 0 < self.tune_recall <= 1):
             raise ConfigError("index nprobe must be >= 1 and tune_recall in (0, 1]")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How the catalog keeps each image's raw vectors (kept for refits, rebuilds,
+    "more like this" and export; every read gives float32).
+
+    ``raw_vectors``: "float16" (the default: half the bytes, 3.5 KB a row for the
+    default model's 1752 numbers; no recall moved on the grocery benchmark, see
+    ``scripts/bench_vector_dtype.py``) or "float32" (exact). It applies to vectors
+    written from then on; rows already stored keep their encoding.
+    """
+
+    raw_vectors: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.raw_vectors not in RAW_VECTORS:
+            raise ConfigError(f"raw_vectors must be one of {RAW_VECTORS}, not {self.raw_vectors!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StorageConfig:
+        return cls(**_checked_fields(cls, data, "storage config"))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .families import build_backbone, has_text
 from .images import DEFAULT_MAX_PIXELS, decode, read_source, sha256_bytes
 from .malloc import tune_malloc
 
-__all__ = ["Embedder", "Preprocess", "LoadedImage", "decode_side", "load_images", "pick_device", "pool"]
+__all__ = ["Embedder", "Preprocess", "LoadedImage", "decode_side", "load_images", "pick_device", "pool", "raw_dim"]
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -132,6 +132,12 @@ def center_crop(image: Image.Image, fraction: float) -> Image.Image:
     cw, ch = max(1, round(w * fraction)), max(1, round(h * fraction))
     left, top = (w - cw) // 2, (h - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
+
+
+def raw_dim(config: ModelConfig) -> int:
+    """The length of ``config``'s raw vectors, from its architecture with random
+    weights: nothing is loaded or downloaded (a second or so for the presets)."""
+    return Embedder(replace(config, pretrained=""), device="cpu").dim
 
 
 class Embedder:

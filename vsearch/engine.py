@@ -16,14 +16,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import checkpoint, families, products, refit, versions
+from . import checkpoint, families, footprint, products, refit, versions
 from . import ingest as _ingest
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
@@ -398,8 +398,12 @@ class Engine:
             "layers": list(self.manifest.model.layers),
             "pooling": list(self.manifest.model.poolings),
             "dim": self.manifest.dim,
-            "vector_dim": snap.raw_dim,  # the length of a `vector` query (before projection)
+            "raw_dim": snap.raw_dim,  # the length of a `vector` query and of an import's vectors (before projection)
             "factory": self.manifest.factory,
+            "tuning": asdict(self.manifest.tuning) if self.manifest.tuning is not None else None,
+            "footprint": footprint.measure(
+                self.paths, counts["images"], snap.index.index if snap.index else None, folders=False
+            ).to_dict(),
             "projection": {**self.manifest.projection.__dict__, "fitted_on": snap.projection.fitted_on}
             if snap.model == BASE_MODEL
             else f"part of model version {snap.model} (its zero-shot half)",

@@ -393,7 +393,9 @@ class IndexWriter:
         if snap.index is not None and len(ids):
             self._touched.update(int(i) for i in ids)
             with one_thread(len(ids) < SMALL_CHANGE):
-                snap.index.add(ids, snap.projection.apply(raw), new=new)
+                # As the catalog stores them (float16 by default): the index then
+                # equals one rebuilt or caught up from the catalog.
+                snap.index.add(ids, snap.projection.apply(self.catalog.as_stored(raw)), new=new)
 
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
