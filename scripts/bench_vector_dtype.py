@@ -116,7 +116,7 @@ def recall(order: np.ndarray, owners: np.ndarray, expected: np.ndarray, n: int) 
 @contextmanager
 def storing(raw_vectors: str) -> Iterator[None]:
     """Catalogs opened meanwhile write ``raw_vectors`` rows (the setting an index's
-    StorageConfig passes)."""
+    IndexConfig passes)."""
     from vsearch.catalog import Catalog
 
     real = Catalog.open

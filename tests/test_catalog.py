@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vsearch.catalog import BASE_MODEL, Catalog
-from vsearch.config import StorageConfig
+from vsearch.config import IndexConfig
 from vsearch.errors import ConfigError, IndexFormatError
 from vsearch.migrate import SCHEMA_VERSION
 
@@ -295,6 +295,5 @@ def test_rows_are_float16_by_default_and_every_read_is_float32(tmp_path: Path) -
         Catalog.open(tmp_path / "other.db", raw_vectors="int8")
     assert not (tmp_path / "other.db").exists()
     with pytest.raises(ConfigError, match="raw_vectors"):
-        StorageConfig(raw_vectors="int8")
-    assert StorageConfig().raw_vectors == "float16"
-    assert StorageConfig.from_dict({"raw_vectors": "float32"}) == StorageConfig("float32")
+        IndexConfig(raw_vectors="int8")
+    assert IndexConfig().raw_vectors == "float16"

@@ -233,3 +233,17 @@ def test_kill_9_mid_import_then_rerun_adds_only_the_rest(tmp_path: Path, shard: 
     order = np.argsort(np.concatenate(ids))
     expected = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     np.testing.assert_allclose(np.concatenate(stored)[order], expected, atol=1e-3)  # float16 storage
+
+
+def test_raw_vectors_float32_is_kept_by_the_index_and_stores_exact_vectors(tmp_path: Path, shard: Path) -> None:
+    exact = np.stack(pq.read_table(shard).column("vector").to_pylist()).astype(np.float32)
+    for setting, atol in (("float32", 0.0), ("float16", 1e-3)):
+        index = tmp_path / setting
+        assert main(["import", str(shard), "--index", str(index), "--raw-vectors", setting, "--quiet"]) == 0
+        with Engine.open(index) as engine:  # reopened: the setting is the index's, from its manifest
+            assert engine.manifest.index.raw_vectors == setting
+            _, stored = next(engine.catalog.iter_vectors(batch=1000))
+        np.testing.assert_allclose(stored, exact / np.linalg.norm(exact, axis=1, keepdims=True), rtol=0, atol=atol or 1e-7)
+        assert (setting == "float32") == bool(
+            np.allclose(stored, exact / np.linalg.norm(exact, axis=1, keepdims=True), atol=1e-6)
+        )

@@ -110,7 +110,7 @@ class Catalog:
     def open(cls, path: str | Path, *, must_exist: bool = False, raw_vectors: str = "float16") -> Catalog:
         """Open (or create, unless ``must_exist``) the catalog at ``path``, migrating an
         older layout in place. A missing or damaged file is an IndexFormatError.
-        ``raw_vectors`` (:class:`vsearch.config.StorageConfig`): how vectors written
+        ``raw_vectors`` (:class:`vsearch.config.IndexConfig`): how vectors written
         from now on are encoded; rows already there keep theirs, and every read
         returns float32."""
         path = Path(path)

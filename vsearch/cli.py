@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
     p.add_argument("--center-on", metavar="SOURCE", help="folder/manifest of unlabelled shopper photos to centre on")
     p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
+    p.add_argument(
+        "--raw-vectors",
+        choices=["float16", "float32"],
+        default="float16",
+        help="how the catalog stores raw vectors (new index only; default float16: half the bytes, no recall lost)",
+    )
     p.add_argument("--prune", action="store_true", help="remove products and images the source no longer lists")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="image decoding processes (default: by device and cores; 0 decodes in-process)")
@@ -100,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
     p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
     p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
+    p.add_argument(
+        "--raw-vectors",
+        choices=["float16", "float32"],
+        default="float16",
+        help="how the catalog stores raw vectors (new index only; default float16: half the bytes, no recall lost)",
+    )
     p.add_argument("--batch-size", type=int, default=4096, help="rows per transaction (default 4096)")
     p.add_argument("--device", default=env.device, help="where the model runs if a new index needs its dimension")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -235,7 +247,12 @@ def _ingest(args: argparse.Namespace) -> int:
         model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
     projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
     with Engine.open(
-        args.index, model=model, projection=projection, index=IndexConfig(factory=args.factory), create=True, device=args.device
+        args.index,
+        model=model,
+        projection=projection,
+        index=IndexConfig(factory=args.factory, raw_vectors=args.raw_vectors),
+        create=True,
+        device=args.device,
     ) as engine:
         if args.ray is not None:
             from .rayingest import ray_ingest
@@ -347,7 +364,7 @@ def _import(args: argparse.Namespace) -> int:
         args.shards,
         model=args.model,
         projection=projection,
-        index=IndexConfig(factory=args.factory),
+        index=IndexConfig(factory=args.factory, raw_vectors=args.raw_vectors),
         device=args.device,
     ) as engine:
         report = import_shards(engine, args.shards, batch_size=args.batch_size, quiet=args.quiet)

@@ -19,12 +19,11 @@ __all__ = [
     "ModelConfig",
     "ProjectionConfig",
     "ServeConfig",
-    "StorageConfig",
 ]
 
 POOLINGS = ("mean", "gem")
 RESIZE_MODES = ("pad", "crop", "squash")
-RAW_VECTORS = ("float16", "float32")  # StorageConfig.raw_vectors
+RAW_VECTORS = ("float16", "float32")  # IndexConfig.raw_vectors
 
 
 @dataclass(frozen=True)
@@ -96,37 +95,24 @@ class IndexConfig:
     An IVF index's nprobe is tuned when it is built: the smallest whose recall@10 on
     a sample of its own vectors reaches ``tune_recall``; the index file keeps it.
     ``tune_recall`` None uses ``nprobe`` instead (and is the only case it is used).
+
+    ``raw_vectors``: how the catalog stores each image's raw vectors (kept for refits,
+    rebuilds, "more like this" and export; every read gives float32): "float16" (the
+    default: half the bytes, 3.5 KB for the default model's 1752 numbers; no recall
+    moved on the grocery protocols, ``scripts/bench_vector_dtype.py``) or "float32"
+    (exact). It applies to vectors written from then on.
     """
 
     factory: str | None = None
     nprobe: int = 16
     tune_recall: float | None = 0.95
+    raw_vectors: str = "float16"
 
     def __post_init__(self) -> None:
         if self.nprobe < 1 or (self.tune_recall is not None and not 0 < self.tune_recall <= 1):
             raise ConfigError("index nprobe must be >= 1 and tune_recall in (0, 1]")
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How the catalog keeps each image's raw vectors (kept for refits, rebuilds,
-    "more like this" and export; every read gives float32).
-
-    ``raw_vectors``: "float16" (the default: half the bytes, 3.5 KB a row for the
-    default model's 1752 numbers; no recall moved on the grocery benchmark, see
-    ``scripts/bench_vector_dtype.py``) or "float32" (exact). It applies to vectors
-    written from then on; rows already stored keep their encoding.
-    """
-
-    raw_vectors: str = "float16"
-
-    def __post_init__(self) -> None:
         if self.raw_vectors not in RAW_VECTORS:
             raise ConfigError(f"raw_vectors must be one of {RAW_VECTORS}, not {self.raw_vectors!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StorageConfig:
-        return cls(**_checked_fields(cls, data, "storage config"))
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,11 @@ class Engine:
             new = IndexManifest(wanted or resolve_model(DEFAULT_MODEL), projection or ProjectionConfig(), index or IndexConfig())
         manifest = IndexManifest.open(paths, wanted, new)
         # a manifest that describes content never gets a new, empty catalog
-        catalog = Catalog.open(paths.catalog, must_exist=manifest.projection_fitted or bool(manifest.counts.get("images")))
+        catalog = Catalog.open(
+            paths.catalog,
+            must_exist=manifest.projection_fitted or bool(manifest.counts.get("images")),
+            raw_vectors=manifest.index.raw_vectors,
+        )
         if manifest.format_version < FORMAT_VERSION:  # so that an older vsearch refuses the directory
             manifest.format_version = FORMAT_VERSION
             manifest.save(paths)

@@ -24,7 +24,7 @@ Layout (measured with ``scripts/bench_storage.py``): a rowid table, primary key
 Encoding: each row's ``dtype`` says how its blob is encoded: 0 float32 (the column's
 default, so every row written before schema 5 is read as it was written), 1 float16.
 New rows are float16 unless the catalog is opened with ``raw_vectors="float32"``
-(:class:`vsearch.config.StorageConfig`): 3.5 KB instead of 7 KB for the default
+(:class:`vsearch.config.IndexConfig`): 3.5 KB instead of 7 KB for the default
 model's 1752 numbers, one 4 KiB page per row instead of a page and an overflow page.
 Measured with ``scripts/bench_vector_dtype.py`` on the grocery data set: no recall
 moved. A vector float16 would not hold to within :data:`FLOAT16_TOLERANCE` (out of
@@ -75,7 +75,7 @@ CREATE INDEX IF NOT EXISTS model_vectors_image ON model_vectors(image_id);
 """
 
 FLOAT32, FLOAT16 = 0, 1  # model_vectors.dtype
-ENCODINGS = {"float32": FLOAT32, "float16": FLOAT16}  # StorageConfig.raw_vectors -> dtype
+ENCODINGS = {"float32": FLOAT32, "float16": FLOAT16}  # IndexConfig.raw_vectors -> dtype
 _NUMPY: dict[int, np.dtype[Any]] = {FLOAT32: np.dtype("<f4"), FLOAT16: np.dtype("<f2")}
 FLOAT16_TOLERANCE = 1e-3  # relative L2 error past which a vector is kept as float32
 IMAGE_COLUMNS = "i.id, i.product_id, i.source, i.sha256, i.width, i.height"
@@ -85,7 +85,7 @@ SCAN_SPAN = 4  # sampling reads a model's ids rather than drawing them when that
 
 
 def encoding(raw_vectors: str) -> int:
-    """The dtype code of a :class:`vsearch.config.StorageConfig` ``raw_vectors`` setting."""
+    """The dtype code of a :class:`vsearch.config.IndexConfig` ``raw_vectors`` setting."""
     if raw_vectors not in ENCODINGS:
         raise ConfigError(f"raw_vectors must be one of {sorted(ENCODINGS)}, not {raw_vectors!r}")
     return ENCODINGS[raw_vectors]
