@@ -423,7 +423,7 @@ def _search(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from .engine import Engine
 
-    with Engine.open(args.index) as engine:
+    with Engine.open(args.index, mmap=True) as engine:  # mapped, not read into memory, where the file is current
         info = engine.info()
     if args.json:
         _print_json(info)
