@@ -63,14 +63,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def ingested(work: Path, name: str, items: list[Any], model: str) -> tuple[np.ndarray, list[str]]:
     """Raw float32 vectors of ``items`` as ``vsearch ingest`` embeds and stores them
-    (read back exactly: the store is float32 when this cache is written), by item order."""
+    (read back exactly: this index stores float32), by item order."""
     cache = work / f"{name}.npz"
     if cache.exists():
         with np.load(cache) as data:
             return data["x"], data["ids"].tolist()
     from vsearch import Engine
+    from vsearch.config import IndexConfig
 
-    with Engine.open(work / f"index-{name}", model=model, create=True) as engine:
+    exact = IndexConfig(raw_vectors="float32")  # the reference: what the model gave, unrounded
+    with Engine.open(work / f"index-{name}", model=model, create=True, index=exact) as engine:
         engine.ingest(items, quiet=True, workers=0)
         ids, raws = zip(*engine.catalog.iter_vectors(batch=10_000))
         id_array = np.concatenate(ids)
