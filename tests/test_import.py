@@ -247,3 +247,31 @@ def test_raw_vectors_float32_is_kept_by_the_index_and_stores_exact_vectors(tmp_p
         assert (setting == "float32") == bool(
             np.allclose(stored, exact / np.linalg.norm(exact, axis=1, keepdims=True), atol=1e-6)
         )
+
+
+def test_an_ivf_index_records_its_tuned_nprobe_in_the_manifest_and_info(tmp_path: Path, shard: Path) -> None:
+    dim = len(pq.read_table(shard).column("vector")[0].as_py())
+    n = 3000
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(30, dim))
+    vectors = (centres[rng.integers(0, 30, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    table = pa.table(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "image": [f"{i}.jpg" for i in range(n)],
+            "sha256": [f"{i:064x}" for i in range(n)],
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+            ),
+        }
+    )
+    pq.write_table(table, tmp_path / "ivf.parquet")
+    index = tmp_path / "ivf"
+    args = ["import", str(tmp_path / "ivf.parquet"), "--index", str(index), "--model", MODEL, "--factory", "IVF16,SQ8"]
+    assert main([*args, "--quiet"]) == 0
+    saved = json.loads((index / "manifest.json").read_text())["tuning"]
+    assert saved is not None and saved["target"] == 0.95 and saved["vectors"] == n and saved["exact"]
+    with Engine.open(index) as engine:
+        info = engine.info()
+        assert engine.index is not None and info["tuning"] == saved and saved["nprobe"] == engine.index.nprobe
+        assert 1 <= saved["nprobe"] <= 16 and 0 < saved["recall_at_10"] <= 1

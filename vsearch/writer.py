@@ -206,7 +206,7 @@ class IndexWriter:
             if changes:
                 manifest.state_id = uuid.uuid4().hex
             if snapshot.index is not None:
-                manifest.factory = snapshot.index.factory
+                manifest.factory, manifest.tuning = snapshot.index.factory, snapshot.index.tuning
             manifest.catalog_generation = -1
             manifest.save(engine.paths)
             files()
