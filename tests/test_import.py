@@ -275,3 +275,12 @@ def test_an_ivf_index_records_its_tuned_nprobe_in_the_manifest_and_info(tmp_path
         info = engine.info()
         assert engine.index is not None and info["tuning"] == saved and saved["nprobe"] == engine.index.nprobe
         assert 1 <= saved["nprobe"] <= 16 and 0 < saved["recall_at_10"] <= 1
+
+
+def test_an_import_into_a_new_index_never_loads_the_model(tmp_path: Path, shard: Path) -> None:
+    """The dimension a new index expects comes from the model's architecture (random
+    weights), so importing embeddings needs no weights on this machine."""
+    with Engine.open(tmp_path / "new", model=MODEL, create=True) as engine:
+        report = import_shards(engine, [shard], quiet=True)
+        assert report.added == 25 and engine.info()["raw_dim"] == len(pq.read_table(shard).column("vector")[0].as_py())
+        assert not engine.snapshot.embedder.loaded

@@ -203,10 +203,15 @@ class _Row:
 
 def _expected_dim(engine: Engine) -> int:
     """The length of the served version's raw vectors: from the catalog or the
-    manifest, or, in an index with none yet, from the model itself (loaded once)."""
+    manifest, or, in an index with none yet, from the base model's architecture
+    (random weights: nothing downloaded) or a fine-tuned version itself (loaded once)."""
     snap = engine.snapshot
     dim = snap.raw_dim or (engine.manifest.raw_dim if snap.model == BASE_MODEL else 0)
-    return dim or snap.embedder.get().dim
+    if dim:
+        return dim
+    from .embed import raw_dim  # torch: only when needed
+
+    return raw_dim(engine.manifest.model) if snap.model == BASE_MODEL else snap.embedder.get().dim
 
 
 def _open(pa: Any, path: Path) -> Any:
