@@ -191,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
 
+    p = command("refit", _refit, "Refit the projection (centring/PCA) and rebuild the index with it; no catalog vector changes.")
+    _index_arg(p, env.index_dir)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--from-queries", action="store_true", help="on the shoppers' query photos a server collected (query_vectors.npz)"
+    )
+    what.add_argument("--catalog", action="store_true", help="on a sample of the catalog's own vectors (the default fit)")
+    what.add_argument("--center-on", metavar="SOURCE", help="on a folder/manifest of unlabelled in-domain photos")
+    p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
+
     p = command("model", _model, "List an index's model versions, switch to one (rollback), or remove one.")
     _index_arg(p, env.index_dir)
     p.add_argument("action", choices=["list", "use", "remove"], help="list | use NAME | remove NAME")
@@ -501,6 +511,20 @@ def _reindex(args: argparse.Namespace) -> int:
         f"{report.changed} changed on disk (re-ingest them); {report.vectors} vectors served"
         + (" (switched)" if report.switched else "")
     )
+    return 0
+
+
+def _refit(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .refit import fit_projection, refit_from_queries
+
+    with Engine.open(args.index, device=args.device) as engine:
+        if args.from_queries:
+            refit_from_queries(engine)
+        else:
+            fit_projection(engine, args.center_on)
+        projection = engine.info()["projection"]
+    print(f"projection fitted on {projection['fitted_on']} vectors from {projection['fitted_from']}")
     return 0
 
 

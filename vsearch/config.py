@@ -165,6 +165,12 @@ class ServeConfig:
     reload_interval_s: float = 2.0  # how often to look for a model switch made by another process; 0: never
     checkpoint_interval_s: float = 30.0  # how often the index file is saved in the background after writes; 0: at every 64th
     block_cache_mb: float = 256  # vectors kept for category-filtered search (exact search on Flat/small filters)
+    # A uniform sample of the shoppers' query embeddings (raw vectors of image queries
+    # only: never the images, URLs or who sent them; DIR/query_vectors.npz), and the
+    # refit of the projection on it once this many queries were seen, again at each
+    # doubling (vsearch.refit.refit_from_queries). 0 turns either off.
+    query_reservoir: int = 2000
+    refit_after_queries: int = 500
 
     def __post_init__(self) -> None:
         limits = (self.max_upload_bytes, self.max_pixels, self.queue_size or 1, self.batch_max or 1, self.url_fetch_max)
@@ -172,6 +178,8 @@ class ServeConfig:
             raise ConfigError("limits must be positive")
         if self.decode_wait_s < 0:
             raise ConfigError("decode_wait_s must not be negative")
+        if self.query_reservoir < 0 or self.refit_after_queries < 0:
+            raise ConfigError("query_reservoir and refit_after_queries must not be negative (0 turns them off)")
         if self.block_cache_mb < 0:
             raise ConfigError("block_cache_mb must not be negative (0 keeps no vectors between searches)")
 

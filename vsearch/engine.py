@@ -408,7 +408,11 @@ class Engine:
             "footprint": footprint.measure(
                 self.paths, counts["images"], snap.index.index if snap.index else None, folders=False
             ).to_dict(),
-            "projection": {**self.manifest.projection.__dict__, "fitted_on": snap.projection.fitted_on}
+            "projection": {
+                **self.manifest.projection.__dict__,
+                "fitted_on": snap.projection.fitted_on,
+                "fitted_from": snap.projection.fitted_from,
+            }
             if snap.model == BASE_MODEL
             else f"part of model version {snap.model} (its zero-shot half)",
             "text_search": snap.has_text,

@@ -17,6 +17,7 @@ __all__ = [
     "FilterError",
     "ConflictError",
     "TrainingDataError",
+    "QueryDataError",
     "VersionError",
     "IndexBusyError",
     "StorageError",
@@ -79,6 +80,10 @@ class ConflictError(VsearchError):
 
 class TrainingDataError(VsearchError):
     """The labelled photos cannot train a model (none usable, no known products)."""
+
+
+class QueryDataError(VsearchError):
+    """Too few shoppers' query photos have been collected to fit on."""
 
 
 class VersionError(VsearchError):

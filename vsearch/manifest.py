@@ -61,6 +61,10 @@ class IndexPaths:
         return self.root / "projection.npz"
 
     @property
+    def queries(self) -> Path:
+        return self.root / "query_vectors.npz"
+
+    @property
     def rejects(self) -> Path:
         return self.root / "rejects.jsonl"
 

@@ -35,6 +35,7 @@ class Projection:
     mean: np.ndarray | None = None
     components: np.ndarray | None = None  # (out_dim, in_dim)
     fitted_on: int = 0
+    fitted_from: str = ""  # "catalog", "photos" (--center-on) or "queries" (shoppers' photos); "" before any fit
 
     @classmethod
     def fit(cls, x: np.ndarray, config: ProjectionConfig) -> Projection:
@@ -80,7 +81,7 @@ class Projection:
         return l2_normalize(x)
 
     def save(self, path: Path) -> None:
-        arrays: dict[str, Any] = {"fitted_on": np.array(self.fitted_on)}
+        arrays: dict[str, Any] = {"fitted_on": np.array(self.fitted_on), "fitted_from": np.array(self.fitted_from)}
         if self.mean is not None:
             arrays["mean"] = self.mean
         if self.components is not None:
@@ -102,6 +103,7 @@ class Projection:
                     mean=data["mean"] if "mean" in data else None,
                     components=data["components"] if "components" in data else None,
                     fitted_on=int(data["fitted_on"]),
+                    fitted_from=str(data["fitted_from"]) if "fitted_from" in data else "",
                 )
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise IndexFormatError(

@@ -10,15 +10,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .catalog import BASE_MODEL
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, QueryDataError
 from .indexfile import FIT_SAMPLE
+from .reservoir import QueryReservoir
 from .snapshot import Snapshot
 from .sources import read_source_items
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["embed_photos", "fit_projection"]
+__all__ = ["MIN_QUERIES", "embed_photos", "fit_projection", "refit_from_queries"]
+
+MIN_QUERIES = 200  # query photos below which a refit on them is refused (see scripts/bench_day_one.py)
 
 
 def fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None = None) -> None:
@@ -39,7 +42,29 @@ def fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None = No
         if len(raw) == 0:
             writer.save()
             return
-        writer.refit(raw)
+        writer.refit(raw, "photos" if center_on is not None else "catalog")
+
+
+def refit_from_queries(engine: Engine, reservoir: QueryReservoir | None = None, minimum: int | None = None) -> int:
+    """Refit the base model's projection on the shoppers' query photos: ``reservoir``
+    (a server's), or the one saved in the index directory. The index is rebuilt from
+    the catalog aside and swapped in with the projection, searches going on; no catalog
+    vector is touched, and ``vsearch refit --catalog`` goes back. Returns how many
+    query vectors it was fitted on; QueryDataError below ``minimum`` (default MIN_QUERIES)."""
+    minimum = MIN_QUERIES if minimum is None else minimum
+    if reservoir is None:
+        reservoir = QueryReservoir.load(engine.paths.queries, capacity=1 << 30, model=BASE_MODEL)
+    raw = reservoir.vectors()
+    if reservoir.model != BASE_MODEL or len(raw) < minimum:
+        raise QueryDataError(
+            f"{len(raw)} query photos in the sample (of model {reservoir.model!r}); a refit needs {minimum} of the "
+            f"base model's (vsearch serve collects them: query_reservoir in the serve config)"
+        )
+    with engine.writer() as writer:
+        if writer.snapshot.model != BASE_MODEL:
+            raise ConfigError(f"the query refit fits the base model's projection; model {writer.snapshot.model!r} is active")
+        writer.refit(raw, "queries")
+    return len(raw)
 
 
 def embed_photos(engine: Engine, snap: Snapshot, sources: list[str], batch: int = 32) -> np.ndarray:

@@ -37,6 +37,7 @@ from .errors import ConfigError, ImageTooLargeError, VsearchError
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import decode_image
+from .learner import ProjectionLearner
 from .limits import IdleTrimmer
 from .query import Crop, Hit, ImageQuery, ProductQuery, Query, SearchOptions, TextQuery, UrlQuery, VectorQuery
 from .snapshot import Snapshot
@@ -146,6 +147,7 @@ class SearchService:
         self._last_check = 0.0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.learner = ProjectionLearner(engine, config.query_reservoir, config.refit_after_queries)
 
     def watch_index(self) -> None:
         """Poll the index directory for a model switch (or write) made by another
@@ -162,7 +164,9 @@ class SearchService:
             while not self._stop.wait(self.config.reload_interval_s):
                 try:
                     self.engine.refresh()
-                    if interval > 0 and time.monotonic() - last_checkpoint >= interval:
+                    due = interval > 0 and time.monotonic() - last_checkpoint >= interval
+                    self.learner.tick(save=due)  # a refit on the shoppers' photos when due, built aside
+                    if due:
                         self.engine.checkpoint()  # off the request path; a no-op when nothing was written
                         self.engine.upgrade_index()  # Flat -> IVF once the writes have outgrown it, built aside
                         last_checkpoint = time.monotonic()
@@ -178,6 +182,7 @@ class SearchService:
             self._watcher.join(timeout=10)
         self._batcher.close()
         self.trimmer.close()
+        self.learner.close()
 
     def warm_up(self) -> None:
         """Load the model and answer one search now, end to end (decode, model, index),
@@ -186,7 +191,7 @@ class SearchService:
         size = self.engine.manifest.model.image_size
         buffer = io.BytesIO()
         Image.new("RGB", (size, size), "white").save(buffer, format="PNG")
-        self.search(ImageQuery(buffer.getvalue()), SearchOptions(k=1))
+        self.search(ImageQuery(buffer.getvalue()), SearchOptions(k=1), learn=False)
 
     def ready(self, recheck_s: float = 5.0) -> bool:
         """Whether searches work (see :class:`SearchHealth`); cheap. While they do not,
@@ -206,18 +211,21 @@ class SearchService:
             self.warm_up()
 
     # searching --------------------------------------------------------------------
-    def search(self, query: Query, options: SearchOptions) -> SearchResult:
-        result = self.search_many([(query, options)])[0]
+    def search(self, query: Query, options: SearchOptions, learn: bool = True) -> SearchResult:
+        result = self.search_many([(query, options)], learn)[0]
         if isinstance(result, VsearchError):
             raise result
         return result
 
-    def search_many(self, requests: Sequence[tuple[Query, SearchOptions]]) -> list[SearchResult | VsearchError]:
+    def search_many(
+        self, requests: Sequence[tuple[Query, SearchOptions]], learn: bool = True
+    ) -> list[SearchResult | VsearchError]:
         """Answer several queries from one snapshot, their images embedded together;
-        a query that fails gets its error in its place."""
+        a query that fails gets its error in its place. With ``learn``, the image
+        queries' raw vectors join the sample the projection is refitted on."""
         self.trimmer.touch()
         try:
-            results = self._search_many(requests)
+            results = self._search_many(requests, learn)
         except Exception:
             self.health.record(False)  # a server error, not the request's fault
             raise
@@ -226,7 +234,7 @@ class SearchService:
         self.health.record(True)
         return results
 
-    def _search_many(self, requests: Sequence[tuple[Query, SearchOptions]]) -> list[SearchResult | VsearchError]:
+    def _search_many(self, requests: Sequence[tuple[Query, SearchOptions]], learn: bool) -> list[SearchResult | VsearchError]:
         snap = self.engine.snapshot
         full = self._batcher.full  # refuse before decoding what the model could not take
         prepared: list[_Prepared | VsearchError] = []
@@ -254,6 +262,9 @@ class SearchService:
             else:
                 for p, raw in zip(pending, vectors):
                     p.raw, p.timing["embed"] = raw, _ms(start)
+                photos = [raw for p, raw in zip(pending, vectors) if p.image is not None]
+                if learn and photos:
+                    self.learner.offer(np.stack(photos), snap.model)
         return [p if isinstance(p, VsearchError) else self._search_one(snap, p) for p in prepared]
 
     def _search_one(self, snap: Snapshot, p: _Prepared) -> SearchResult | VsearchError:

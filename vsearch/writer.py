@@ -241,10 +241,11 @@ class IndexWriter:
         index, generation = self.build_index(snap.projection, snap.model)
         self.swap(self.engine.new_snapshot(snap.model, snap.projection, index, like=snap), generation)
 
-    def refit(self, raw: np.ndarray) -> None:
-        """Fit centring/PCA on ``raw`` (base-model vectors), rebuild the index, serve both."""
+    def refit(self, raw: np.ndarray, source: str = "catalog") -> None:
+        """Fit centring/PCA on ``raw`` (base-model vectors; ``source`` says what they
+        are, for ``vsearch info``), rebuild the index from the catalog, serve both."""
         engine, snap = self.engine, self.snapshot
-        projection = Projection.fit(raw, engine.manifest.projection)
+        projection = replace(Projection.fit(raw, engine.manifest.projection), fitted_from=source)
         index, generation = self.build_index(projection, snap.model)
         raw_dim = int(raw.shape[1])
         self.swap(
