@@ -6,7 +6,7 @@ Shared grocery protocol: the 81 iconic images as the catalog (default ``vsearch
 ingest``: no ``--center-on``), the val photos as queries (Recall@1/10 with
 ``vsearch eval --index``). Then the train photos are sent to a ``SearchService`` as
 ordinary image searches (labels unused), in batches of 32, with the server's
-default learning settings (``query_reservoir`` 2000, refit at 500 queries and each
+default learning settings (``query_reservoir`` 2000, refit at 100 queries and each
 doubling; the background tick is called after each batch), and the val photos are
 scored again. Last, how many photos a refit needs: the projection refitted on n of
 the collected query vectors (seeded random subsets) and scored, for several n.

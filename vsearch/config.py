@@ -170,7 +170,7 @@ class ServeConfig:
     # refit of the projection on it once this many queries were seen, again at each
     # doubling (vsearch.refit.refit_from_queries). 0 turns either off.
     query_reservoir: int = 2000
-    refit_after_queries: int = 500
+    refit_after_queries: int = 100  # centring on 25-100 photos already gave most of the gain (bench_day_one.py)
 
     def __post_init__(self) -> None:
         limits = (self.max_upload_bytes, self.max_pixels, self.queue_size or 1, self.batch_max or 1, self.url_fetch_max)

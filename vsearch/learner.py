@@ -3,7 +3,7 @@ query embeddings (:class:`vsearch.reservoir.QueryReservoir`) and, once enough we
 seen, refits the projection on them (:func:`vsearch.refit.refit_from_queries`), so
 that a catalog with no labelled photos is centred on the photos shoppers send from
 day one. Refits happen when ``refit_after_queries`` queries were seen, then at each
-doubling (500, 1000, 2000, ... by default), off the request path."""
+doubling (100, 200, 400, ... by default), off the request path."""
 
 from __future__ import annotations
 
