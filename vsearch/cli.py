@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center-on", help="folder/CSV of unlabelled in-domain photos, or 'queries'")
     p.add_argument("--workers", type=int)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/index.html: one self-contained page (no external requests) with the summary, "
+        "Recall@k per category, the most confused products and the worst misses as thumbnails",
+    )
 
     tune = FinetuneConfig()  # the defaults, shown in --help
     p = command("finetune", _finetune, "Train a new model version on labelled shopper photos (image,product_id pairs).")
@@ -451,7 +458,7 @@ def _eval(args: argparse.Namespace) -> int:
     if (args.gallery is None) == (args.index is None):
         raise ConfigError("give exactly one of --gallery or --index")
     if args.index is not None:
-        metrics = evaluate_index(args.index, args.queries, k=args.k, regions=args.regions)
+        metrics = evaluate_index(args.index, args.queries, k=args.k, regions=args.regions, report=args.report)
     else:
         metrics = evaluate(
             args.gallery,
@@ -461,7 +468,10 @@ def _eval(args: argparse.Namespace) -> int:
             center_on=args.center_on,
             workers=args.workers,
             regions=args.regions,
+            report=args.report,
         )
+    if args.report is not None:
+        print(f"report: {args.report / 'index.html'}", file=sys.stderr)
     if args.json:
         _print_json(metrics)
         return 0

@@ -23,7 +23,7 @@ from .errors import ImageError, ManifestError, VsearchError
 from .query import Hit, SearchOptions
 from .sources import read_manifest
 
-__all__ = ["EvalError", "LabelledQuery", "read_queries", "evaluate", "evaluate_index", "score"]
+__all__ = ["EvalError", "LabelledQuery", "QueryResult", "read_queries", "evaluate", "evaluate_index", "score"]
 
 
 class EvalError(VsearchError):
@@ -35,6 +35,24 @@ class LabelledQuery:
     image: str
     expected_id: str = ""
     category: str = ""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query and the products it retrieved, best first: what a report needs to
+    show *why* a metric is low, which the averaged numbers cannot."""
+
+    query: LabelledQuery
+    hits: list[Hit]
+
+    @property
+    def rank(self) -> int | None:
+        """The expected product's 1-based rank among the hits; None if it is absent
+        or the query names no expected product."""
+        ranked = [h.product_id for h in self.hits]
+        if not self.query.expected_id or self.query.expected_id not in ranked:
+            return None
+        return ranked.index(self.query.expected_id) + 1
 
 
 def read_queries(path: Path) -> list[LabelledQuery]:
@@ -97,14 +115,18 @@ def evaluate(
     workers: int | None = None,
     quiet: bool = True,
     regions: bool = False,
+    report: Path | None = None,
 ) -> dict[str, Any]:
     """Build a temporary index of ``gallery`` and score ``queries_csv`` against it.
 
     ``center_on`` is a folder/CSV of unlabelled in-domain photos to centre on, or the
     word ``queries`` to centre on the query images themselves (transductive).
+    ``report`` is a folder for an HTML page of the results (:mod:`vsearch.report`),
+    written while the temporary index still exists to show its images.
     """
     items = read_manifest(gallery)
     queries = read_queries(queries_csv)
+    _prepare_report(report)
     with tempfile.TemporaryDirectory(prefix="vsearch-eval-") as tmp:
         center_path = None
         if center_on == "queries":
@@ -113,28 +135,46 @@ def evaluate(
         elif center_on:
             center_path = Path(center_on)
         with Engine.open(Path(tmp) / "index", model=model, create=True) as engine:
-            report = engine.ingest(items, center_on=center_path, workers=workers, quiet=quiet)
+            ingested = engine.ingest(items, center_on=center_path, workers=workers, quiet=quiet)
             if engine.info()["vectors"] == 0:
-                first = report.rejected[0] if report.rejected else None
+                first = ingested.rejected[0] if ingested.rejected else None
                 detail = f"; first reject: {first.source}: {first.reason}" if first else ""
                 raise EvalError(f"no gallery image of {gallery} could be used{detail}")
-            return _measure(engine, queries, k, regions=regions)
+            return _measure(engine, queries, k, regions=regions, report=report)
 
 
-def evaluate_index(index_dir: Path, queries_csv: Path, *, k: int = 10, regions: bool = False) -> dict[str, Any]:
-    """Score ``queries_csv`` against an existing index, exactly as it serves."""
+def evaluate_index(
+    index_dir: Path, queries_csv: Path, *, k: int = 10, regions: bool = False, report: Path | None = None
+) -> dict[str, Any]:
+    """Score ``queries_csv`` against an existing index, exactly as it serves
+    (``report``: as :func:`evaluate`)."""
     queries = read_queries(queries_csv)
+    _prepare_report(report)
     with Engine.open(index_dir) as engine:
-        return _measure(engine, queries, k, regions=regions)
+        return _measure(engine, queries, k, regions=regions, report=report)
 
 
-def _measure(engine: Engine, queries: list[LabelledQuery], k: int, *, regions: bool) -> dict[str, Any]:
+def _prepare_report(report: Path | None) -> None:
+    """Fail on an unusable report folder before the slow part, not after it."""
+    if report is not None:
+        from .report import report_folder
+
+        report_folder(report)
+
+
+def _measure(
+    engine: Engine, queries: list[LabelledQuery], k: int, *, regions: bool, report: Path | None = None
+) -> dict[str, Any]:
     per_category: dict[str, int] = engine.catalog.category_counts()
     start = time.perf_counter()
     results = search_all(engine, queries, k=max(k, 10), regions=regions)
     elapsed = time.perf_counter() - start
     metrics = score(queries, results, per_category, k)
     metrics["images_per_s"] = round(len(queries) / elapsed, 2) if elapsed > 0 else 0.0
+    if report is not None:
+        from .report import write_report
+
+        write_report(report, metrics, [QueryResult(q, hits) for q, hits in zip(queries, results)], engine)
     return metrics
 
 
