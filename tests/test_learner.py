@@ -114,3 +114,37 @@ def test_refit_from_queries_refuses_too_few(served: Engine) -> None:
     with pytest.raises(QueryDataError, match="0 query photos"):
         refit.refit_from_queries(served)
     served.close()
+
+
+def test_the_api_server_learns_in_the_background(tmp_path: Path) -> None:
+    """The watcher thread of ``vsearch serve`` runs the learner: searches through the
+    API are sampled, the refit lands without a request waiting for it, and the sample
+    is saved with the checkpoints."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from vsearch.api import create_app
+
+    from .api_helpers import build_small_index, jpeg
+
+    index = build_small_index(tmp_path)
+    config = ServeConfig(
+        index_dir=str(index), refit_after_queries=4, query_reservoir=20, reload_interval_s=0.05, checkpoint_interval_s=0.2
+    )
+    with TestClient(create_app(config)) as client:
+        assert client.get("/v1/info").json()["projection"]["fitted_from"] == "catalog"
+        images = client.get("/v1/info").json()["images"]
+        for seed in range(4):
+            response = client.post("/v1/search", files={"image": ("q.jpg", jpeg(seed), "image/jpeg")})
+            assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.get("/v1/info").json()["projection"]["fitted_from"] != "queries":
+            time.sleep(0.05)
+        info = client.get("/v1/info").json()
+        assert info["projection"]["fitted_from"] == "queries" and info["projection"]["fitted_on"] == 4
+        assert info["vectors"] == info["images"] == images
+        assert client.post("/v1/search", files={"image": ("q.jpg", jpeg(9), "image/jpeg")}).status_code == 200
+        while time.monotonic() < deadline and not (index / "query_vectors.npz").exists():
+            time.sleep(0.05)
+    assert QueryReservoir.load(index / "query_vectors.npz", 20, BASE_MODEL).seen == 5
