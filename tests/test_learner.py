@@ -73,8 +73,9 @@ def test_a_server_refits_on_its_queries_keeps_every_vector_and_remembers(served:
     assert info["projection"]["fitted_from"] == "queries" and info["projection"]["fitted_on"] == 8
     assert served.snapshot.projection is not before and not np.allclose(served.snapshot.projection.mean, before.mean)
     assert info["vectors"] == info["images"] == 25  # every catalog vector is in the refitted index
-    hits = service.search(ImageQuery(photo(0)), SearchOptions(k=3)).hits
-    assert len(hits) == 3
+    hits = service.search(ImageQuery(photo(0)), SearchOptions(k=3)).hits  # sent before: not counted again
+    assert len(hits) == 3 and service.learner.reservoir.seen == 8
+    service.search(ImageQuery(photo(8)), SearchOptions(k=3))
     assert service.learner.next_refit == 16  # again at the next doubling
     service.close()
     served.close()
@@ -148,3 +149,19 @@ def test_the_api_server_learns_in_the_background(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not (index / "query_vectors.npz").exists():
             time.sleep(0.05)
     assert QueryReservoir.load(index / "query_vectors.npz", 20, BASE_MODEL).seen == 5
+
+
+def test_a_photo_sent_again_is_not_counted_again() -> None:
+    reservoir = QueryReservoir(50, BASE_MODEL)
+    same = np.random.default_rng(3).normal(size=(1, 6)).astype(np.float32)
+    for _ in range(300):  # a bot, or a retrying client: one photo cannot fill the sample
+        reservoir.add(same, BASE_MODEL)
+    assert (reservoir.seen, len(reservoir)) == (1, 1)
+    other = np.random.default_rng(4).normal(size=(30, 6)).astype(np.float32)
+    reservoir.add(other, BASE_MODEL)
+    reservoir.add(other, BASE_MODEL)
+    assert (reservoir.seen, len(reservoir)) == (31, 31)
+    full = QueryReservoir(10, BASE_MODEL)
+    full.add(other, BASE_MODEL)
+    full.add(other, BASE_MODEL)  # those still in the sample are not counted again; evicted ones may be
+    assert full.seen < 60 and len(full) == 10 and len({row.tobytes() for row in full.vectors()}) == 10
