@@ -53,7 +53,7 @@ from .writer import NewImage
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ImportReject", "ImportReport", "export_parquet", "import_shards", "open_index", "shard_model"]
+__all__ = ["ImportReject", "ImportReport", "export_parquet", "import_shards", "open_index", "shard_model", "shard_schema"]
 
 REQUIRED = ("id", "image", "sha256", "vector")
 RESERVED = (*REQUIRED, "category", "title", "width", "height")
@@ -214,6 +214,16 @@ def _expected_dim(engine: Engine) -> int:
     return raw_dim(engine.manifest.model) if snap.model == BASE_MODEL else snap.embedder.get().dim
 
 
+def shard_schema(pa: Any, engine: Engine, attributes: dict[str, Any]) -> Any:
+    """The Parquet schema of a shard :func:`import_shards` reads, for the engine's
+    served model version, with ``attributes`` (column name -> pyarrow type) after the
+    fixed columns: what ``vsearch export`` and ``vsearch ingest --ray`` write."""
+    fixed = [("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()), ("vector", pa.list_(pa.float32()))]
+    fixed += [("category", pa.string()), ("title", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
+    meta = {META_MODEL: engine.manifest.model.name.encode(), META_VERSION: engine.active.encode()}
+    return pa.schema([*fixed, *attributes.items()], metadata=meta)
+
+
 def _open(pa: Any, path: Path) -> Any:
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
@@ -364,20 +374,7 @@ def export_parquet(engine: Engine, out: str | os.PathLike[str], *, batch_size: i
     rows = 0
     with catalog.reading():  # one consistent state throughout
         columns = _attribute_types(pa, engine)
-        schema = pa.schema(
-            [
-                ("id", pa.string()),
-                ("image", pa.string()),
-                ("sha256", pa.string()),
-                ("vector", pa.list_(pa.float32())),
-                ("category", pa.string()),
-                ("title", pa.string()),
-                ("width", pa.int32()),
-                ("height", pa.int32()),
-                *columns.items(),
-            ],
-            metadata={META_MODEL: engine.manifest.model.name.encode(), META_VERSION: model.encode()},
-        )
+        schema = shard_schema(pa, engine, columns)
         try:
             with pa.parquet.ParquetWriter(tmp, schema) as writer:
                 for ids, raw in catalog.iter_vectors(batch_size, model=model):

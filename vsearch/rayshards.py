@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bulkimport import META_MODEL, META_VERSION, RESERVED
+from .bulkimport import RESERVED, shard_schema
 from .errors import IndexBusyError, StorageError
 from .fsutil import atomic_write
 from .sources import Item
@@ -67,19 +67,7 @@ class Columns:
         self.lossy = bool(keys) and (any(a is None for a in given) or any(k in RESERVED for k in keys))
         keys = [] if self.lossy else keys
         self.attributes = {k: self._kind([(a or {}).get(k) for a in given]) for k in keys}
-        fields = [
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("sha256", pa.string()),
-            ("vector", pa.list_(pa.float32())),
-            ("category", pa.string()),
-            ("title", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            *self.attributes.items(),
-        ]
-        meta = {META_MODEL: engine.manifest.model.name.encode(), META_VERSION: engine.active.encode()}
-        self.schema = pa.schema(fields, metadata=meta)
+        self.schema = shard_schema(pa, engine, self.attributes)
 
     def _kind(self, values: list[Any]) -> Any:
         pa = self.pa
