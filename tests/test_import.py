@@ -63,6 +63,23 @@ def state(index: Path) -> dict[str, Any]:
     }
 
 
+def write_vectors(path: Path, vectors: np.ndarray) -> Path:
+    """A shard of one product per row of ``vectors`` (ids p0, p1, ...; image URLs)."""
+    n, dim = vectors.shape
+    table = pa.table(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "image": [f"https://example.com/{i}.jpg" for i in range(n)],
+            "sha256": [f"{i:064x}" for i in range(n)],
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+            ),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
 def searches(index: Path, queries: list[Path]) -> list[list[tuple[str, float]]]:
     with Engine.open(index) as engine:
         return [[(h.product_id, h.score) for h in engine.search(q, k=5)] for q in queries]
@@ -200,18 +217,7 @@ def test_kill_9_mid_import_then_rerun_adds_only_the_rest(tmp_path: Path, shard: 
     dim = len(pq.read_table(shard).column("vector")[0].as_py())
     n = 10_000
     vectors = np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
-    table = pa.table(
-        {
-            "id": [f"p{i}" for i in range(n)],
-            "image": [f"https://example.com/{i}.jpg" for i in range(n)],
-            "sha256": [f"{i:064x}" for i in range(n)],
-            "vector": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
-            ),
-        }
-    )
-    big = tmp_path / "big.parquet"
-    pq.write_table(table, big)
+    big = write_vectors(tmp_path / "big.parquet", vectors)
     index = tmp_path / "B"
     cmd = [sys.executable, "-m", "vsearch", "import", str(big), "--index", str(index), "--model", MODEL, "--quiet"]
     cmd += ["--batch-size", "100", "--pca", "0"]
@@ -255,17 +261,7 @@ def test_an_ivf_index_records_its_tuned_nprobe_in_the_manifest_and_info(tmp_path
     rng = np.random.default_rng(2)
     centres = rng.normal(size=(30, dim))
     vectors = (centres[rng.integers(0, 30, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
-    table = pa.table(
-        {
-            "id": [f"p{i}" for i in range(n)],
-            "image": [f"{i}.jpg" for i in range(n)],
-            "sha256": [f"{i:064x}" for i in range(n)],
-            "vector": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
-            ),
-        }
-    )
-    pq.write_table(table, tmp_path / "ivf.parquet")
+    write_vectors(tmp_path / "ivf.parquet", vectors)
     index = tmp_path / "ivf"
     args = ["import", str(tmp_path / "ivf.parquet"), "--index", str(index), "--model", MODEL, "--factory", "IVF16,SQ8"]
     assert main([*args, "--quiet"]) == 0
