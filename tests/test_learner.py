@@ -165,3 +165,17 @@ def test_a_photo_sent_again_is_not_counted_again() -> None:
     full.add(other, BASE_MODEL)
     full.add(other, BASE_MODEL)  # those still in the sample are not counted again; evicted ones may be
     assert full.seen < 60 and len(full) == 10 and len({row.tobytes() for row in full.vectors()}) == 10
+
+
+def test_a_projection_fitted_on_chosen_photos_is_not_replaced_automatically(
+    served: Engine, index_dir: Path, catalog_folder: Path
+) -> None:
+    refit.fit_projection(served, catalog_folder)  # the merchant's --center-on photos
+    chosen = served.snapshot.projection
+    service = SearchService(served, ServeConfig(index_dir=str(index_dir), refit_after_queries=2, reload_interval_s=0))
+    for seed in range(3):
+        service.search(ImageQuery(photo(seed)), SearchOptions(k=3))
+    assert service.learner.reservoir.seen == 3 and not service.learner.tick()
+    assert served.snapshot.projection is chosen and served.info()["projection"]["fitted_from"] == "photos"
+    service.close()
+    served.close()

@@ -67,7 +67,12 @@ class ProjectionLearner:
             return refitted
 
     def _can_refit(self) -> bool:
-        return self.reservoir.model == BASE_MODEL == self.engine.snapshot.model and len(self.reservoir) > 0
+        """Only the base model's projection, and never one fitted on photos the merchant
+        chose (``--center-on``): the automatic refit replaces the catalog's own fit or
+        an earlier one on queries (``vsearch refit --from-queries`` still may)."""
+        snap = self.engine.snapshot
+        chosen = snap.projection.fitted_from == "photos"
+        return self.reservoir.model == BASE_MODEL == snap.model and len(self.reservoir) > 0 and not chosen
 
     def close(self) -> None:
         with self._lock:
