@@ -61,3 +61,25 @@ def test_unknown_manifest_type(tmp_path: Path) -> None:
     (tmp_path / "m.txt").write_text("x")
     with pytest.raises(ManifestError, match="unsupported manifest"):
         read_source_items(tmp_path / "m.txt")
+
+
+def test_pairs_name_products_or_only_categories(tmp_path: Path) -> None:
+    from vsearch.sources import read_pairs
+
+    (tmp_path / "p.csv").write_text("image,product_id\nphotos/a.jpg,Banana\n")
+    (item,) = read_pairs(tmp_path / "p.csv")
+    assert (item.product_id, item.image) == ("Banana", str(tmp_path / "photos" / "a.jpg"))
+    (tmp_path / "c.jsonl").write_text('{"image": "a.jpg", "category": "/dress/"}\n')
+    (item,) = read_pairs(tmp_path / "c.jsonl")
+    assert (item.product_id, item.category, item.image) == ("", "dress", str(tmp_path / "a.jpg"))
+    (tmp_path / "mixed.jsonl").write_text('{"image": "a.jpg", "category": "dress"}\n{"image": "b.jpg", "product_id": "x"}\n')
+    with pytest.raises(ManifestError, match="every pair needs a product_id"):
+        read_pairs(tmp_path / "mixed.jsonl")
+    (tmp_path / "bare.csv").write_text("image\na.jpg\n")
+    with pytest.raises(ManifestError, match="every pair needs a product_id"):
+        read_pairs(tmp_path / "bare.csv")
+    (tmp_path / "empty.csv").write_text("image,category\na.jpg,\n")
+    with pytest.raises(ManifestError, match=r"empty.csv:2: empty category"):
+        read_pairs(tmp_path / "empty.csv")
+    with pytest.raises(ManifestError, match="no such file"):
+        read_pairs(tmp_path / "missing.csv")

@@ -155,9 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     tune = FinetuneConfig()  # the defaults, shown in --help
-    p = command("finetune", _finetune, "Train a new model version on labelled shopper photos (image,product_id pairs).")
+    p = command(
+        "finetune",
+        _finetune,
+        "Train a new model version on labelled shopper photos: image,product_id pairs (tell products apart) "
+        "or image,category pairs (class level: more of the same kind).",
+    )
     _index_arg(p, env.index_dir)
-    p.add_argument("--pairs", required=True, type=Path, help="CSV/JSONL with columns image,product_id (products in the index)")
+    p.add_argument(
+        "--pairs",
+        required=True,
+        type=Path,
+        help="CSV/JSONL with columns image,product_id (products in the index), "
+        "or image,category without product ids (class level)",
+    )
     p.add_argument("--name", help="version name (default: ft-001, ft-002, ...; an interrupted run with the same data resumes)")
     p.add_argument("--epochs", type=int, default=tune.epochs, help="most epochs (default %(default)s; may stop sooner)")
     p.add_argument(
@@ -499,9 +510,13 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
         return 0
-    r1 = "-" if report.val_recall_at_1 is None else f"{report.val_recall_at_1:.3f}"
+    if report.level == "category":
+        value, metric = report.val_precision_at_10, "val category precision@10"
+    else:
+        value, metric = report.val_recall_at_1, "val Recall@1"
+    shown = "-" if value is None else f"{value:.3f}"
     print(
-        f"model version {report.name}: best epoch {report.best_epoch}, val Recall@1 {r1}, "
+        f"model version {report.name}: best epoch {report.best_epoch}, {metric} {shown}, "
         f"{report.data['train_photos']} train photos, {report.seconds:.0f} s"
     )
     print(f"serve it with: vsearch reindex --index {args.index} --model {report.name}")

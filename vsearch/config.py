@@ -124,7 +124,7 @@ class FinetuneConfig:
     head_dim: int = 512
     zero_shot_weight: float = 0.5
     views: int = 2  # augmented views cached per photo
-    catalog_repeat: int = 10  # each catalog image joins the training samples this often
+    catalog_repeat: int = 10  # product level: each catalog image joins the training samples this often
     batch_size: int = 64
     lr_backbone: float = 1e-4
     lr_head: float = 1e-3

@@ -42,7 +42,7 @@ from .embed import pick_device
 from .errors import VersionError
 from .fsutil import atomic_write_bytes
 from .projection import Projection
-from .sources import Item, read_source_items
+from .sources import Item, read_pairs
 from .training import Trainer
 from .training_cache import load_or_build_cache
 from .training_data import TrainingData, prepare
@@ -62,8 +62,10 @@ class FinetuneReport:
     warnings: list[str] = field(default_factory=list)
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
-    val_recall_at_1: float | None = None
+    level: str = "product"  # what the labels name: "product" or "category"
+    val_recall_at_1: float | None = None  # product level
     val_recall_at_10: float | None = None
+    val_precision_at_10: float | None = None  # category level
     cache_seconds: float = 0.0
     seconds: float = 0.0
     device: str = "cpu"
@@ -82,14 +84,19 @@ def finetune(
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> FinetuneReport:
-    """Train a model version of ``engine``'s index on ``pairs`` (CSV/JSONL with
-    ``image,product_id``, or items) and save it as ``DIR/models/NAME``.
+    """Train a model version of ``engine``'s index on ``pairs`` and save it as
+    ``DIR/models/NAME``.
+
+    ``pairs``: a CSV/JSONL of ``image,product_id`` (products of the index), or of
+    ``image,category`` without product ids (class level: the model learns what
+    makes a category, for "more dresses like this"); or items (class level when
+    none has a product id).
 
     The version is not served until :meth:`Engine.use_model` (``vsearch reindex``).
     """
     config = config or FinetuneConfig()
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    items = read_source_items(pairs) if isinstance(pairs, (str, Path)) else list(pairs)
+    items = read_pairs(pairs) if isinstance(pairs, (str, Path)) else list(pairs)
     started = time.perf_counter()
     _seed(config.seed)
     root = engine.paths.root
@@ -108,7 +115,9 @@ def finetune(
     for warning in data.warnings:
         say(f"warning: {warning}")
     name, work = _work_dir(root, name, _plan_key(engine, data, config))
-    report = FinetuneReport(name=name, config=asdict(config), data=data.stats, warnings=data.warnings, device=device.type)
+    report = FinetuneReport(
+        name=name, config=asdict(config), data=data.stats, warnings=data.warnings, device=device.type, level=data.level
+    )
 
     cache_start = time.perf_counter()
     cache = load_or_build_cache(work, net, data, config, device, quiet)
@@ -136,26 +145,31 @@ def _train(trainer: Trainer, report: FinetuneReport, checkpoint: Path, quiet: bo
         report.epochs = list(trainer.history)
         say(f"resuming {report.name} after epoch {report.resumed_from_epoch}")
     if trainer.epoch == 0:
-        r1, r10 = trainer.validate()
-        if r1 is not None and r10 is not None:  # the curve starts from the untrained head
-            trainer.history.append({"epoch": 0, "val_recall_at_1": round(r1, 4), "val_recall_at_10": round(r10, 4)})
+        metrics = trainer.validate()
+        if metrics:  # the curve starts from the untrained head
+            trainer.history.append({"epoch": 0, **{k: round(v, 4) for k, v in metrics.items()}})
             report.epochs = list(trainer.history)
-        say(f"epoch 0 (untrained head): val R@1 {_fmt(r1)} R@10 {_fmt(r10)}")
+        say(f"epoch 0 (untrained head): {_metrics(metrics or {}, trainer.level)}")
     while trainer.epoch < epochs and not trainer.should_stop():
         row = trainer.run_epoch(quiet)
         report.epochs.append(row)
         trainer.save(checkpoint)
-        say(
-            f"epoch {int(row['epoch'])}/{epochs}: loss {row['loss']:.4f}  val R@1 {_fmt(row.get('val_recall_at_1'))}"
-            f"  R@10 {_fmt(row.get('val_recall_at_10'))}  ({row['seconds']:.0f} s)"
-        )
+        scores = _metrics(row, trainer.level)
+        say(f"epoch {int(row['epoch'])}/{epochs}: loss {row['loss']:.4f}  {scores}  ({row['seconds']:.0f} s)")
     trainer.restore_best()
     report.best_epoch = trainer.best_epoch
-    report.val_recall_at_1, report.val_recall_at_10 = trainer.best_recall
+    best = trainer.best_metrics
+    report.val_recall_at_1, report.val_recall_at_10 = best.get("val_recall_at_1"), best.get("val_recall_at_10")
+    report.val_precision_at_10 = best.get("val_precision_at_10")
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _metrics(row: dict[str, float], level: str) -> str:
+    def fmt(key: str) -> str:
+        return "-" if row.get(key) is None else f"{row[key]:.3f}"
+
+    if level == "category":
+        return f"val category P@10 {fmt('val_precision_at_10')}"
+    return f"val R@1 {fmt('val_recall_at_1')}  R@10 {fmt('val_recall_at_10')}"
 
 
 def _seed(seed: int) -> None:
@@ -168,7 +182,8 @@ def _seed(seed: int) -> None:
 def _plan_key(engine: Engine, data: TrainingData, config: FinetuneConfig) -> str:
     """What a resumed run must agree on: data, settings and base model."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([asdict(config), engine.manifest.model.to_dict(), data.train, data.val]).encode())
+    key = [asdict(config), engine.manifest.model.to_dict(), data.level, data.train, data.val]
+    digest.update(json.dumps(key).encode())
     digest.update(b"".join(hashlib.sha256(b).digest() for b, _ in data.gallery))
     return digest.hexdigest()[:16]
 

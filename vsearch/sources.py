@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ManifestError
 from .images import is_url
 
-__all__ = ["Item", "read_source_items", "read_folder", "read_manifest", "IMAGE_EXTENSIONS"]
+__all__ = ["Item", "read_source_items", "read_folder", "read_manifest", "read_pairs", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 REQUIRED = ("id", "image")
@@ -64,22 +64,45 @@ def read_folder(root: Path) -> list[Item]:
 
 
 def read_manifest(path: Path) -> list[Item]:
+    return [_item(path, line, row) for line, row in _rows(path, REQUIRED)]
+
+
+def read_pairs(source: str | os.PathLike[str]) -> list[Item]:
+    """Labelled photos for fine-tuning from a ``.csv``/``.jsonl`` file: ``image,product_id``
+    (product level) or ``image,category`` without product ids (class level: items with
+    an empty ``product_id``)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file (expected a CSV/JSONL of image,product_id or image,category)")
+    rows = list(_rows(path, ("image",)))
+    if all("id" in row for _, row in rows):
+        return [_item(path, line, row) for line, row in rows]
+    if any("id" in row for _, row in rows) or not all("category" in row for _, row in rows):
+        raise ManifestError(f"{path}: every pair needs a product_id, or (in a file without product ids) a category")
+    items = []
+    for line, row in rows:
+        category = str(row["category"] or "").strip().strip("/")
+        if not category:
+            raise ManifestError(f"{path}:{line}: empty category")
+        items.append(Item(product_id="", image=_image(path, line, row), category=category))
+    return items
+
+
+def _rows(path: Path, required: tuple[str, ...]) -> Iterable[tuple[int, dict[str, Any]]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            rows = _csv_rows(path)
-        elif suffix in (".jsonl", ".ndjson"):
-            rows = _jsonl_rows(path)
-        else:
-            raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use a folder, .csv or .jsonl)")
+            return _csv_rows(path, required)
+        if suffix in (".jsonl", ".ndjson"):
+            return _jsonl_rows(path, required)
     except UnicodeDecodeError as exc:
         raise ManifestError(
             f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
         ) from None
-    return [_item(path, line, row) for line, row in rows]
+    raise ManifestError(f"{path}: unsupported manifest type {suffix!r} (use a folder, .csv or .jsonl)")
 
 
-def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterable[tuple[int, dict[str, Any]]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         try:
@@ -88,7 +111,7 @@ def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             raise ManifestError(f"{path}: empty manifest (expected a header with columns {', '.join(KNOWN)})") from None
         except csv.Error as exc:
             raise ManifestError(f"{path}:1: malformed CSV header: {exc}") from exc
-        missing = [c for c in REQUIRED if c not in header]
+        missing = [c for c in required if c not in header]
         if missing:
             raise ManifestError(f"{path}:1: missing column(s) {', '.join(missing)} (found: {', '.join(header)})")
         rows = []
@@ -105,7 +128,7 @@ def _csv_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(path: Path, required: tuple[str, ...]) -> Iterable[tuple[int, dict[str, Any]]]:
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line, text in enumerate(fh, start=1):
@@ -118,7 +141,7 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise ManifestError(f"{path}:{line}: expected a JSON object")
             row = {ALIASES.get(k, k): v for k, v in row.items()}
-            missing = [c for c in REQUIRED if c not in row]
+            missing = [c for c in required if c not in row]
             if missing:
                 raise ManifestError(f"{path}:{line}: missing field(s) {', '.join(missing)}")
             rows.append((line, row))
@@ -126,19 +149,11 @@ def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
-    for field in REQUIRED:
-        if not isinstance(row[field], (str, int)) or isinstance(row[field], bool):  # JSONL null, lists, ...
-            raise ManifestError(f"{path}:{line}: {field} must be a string, not {json.dumps(row[field])}")
+    _check_text(path, line, row, "id")
     product_id = str(row["id"]).strip()
-    image = str(row["image"]).strip()
     if not product_id:
         raise ManifestError(f"{path}:{line}: empty id")
-    if not image:
-        raise ManifestError(f"{path}:{line}: empty image")
-    if not is_url(image):
-        if "://" in image:
-            raise ManifestError(f"{path}:{line}: only local paths and http(s) URLs are supported, not {image!r}")
-        image = str((path.parent / image).resolve())
+    image = _image(path, line, row)
     attributes = {k: v for k, v in row.items() if k not in KNOWN}
     return Item(
         product_id=product_id,
@@ -147,3 +162,21 @@ def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
         title=str(row["title"] or "").strip() if "title" in row else None,
         attributes=attributes or None,
     )
+
+
+def _check_text(path: Path, line: int, row: dict[str, Any], field: str) -> None:
+    if not isinstance(row[field], (str, int)) or isinstance(row[field], bool):  # JSONL null, lists, ...
+        raise ManifestError(f"{path}:{line}: {field} must be a string, not {json.dumps(row[field])}")
+
+
+def _image(path: Path, line: int, row: dict[str, Any]) -> str:
+    """The row's image: an http(s) URL, or a local path resolved against the manifest's folder."""
+    _check_text(path, line, row, "image")
+    image = str(row["image"]).strip()
+    if not image:
+        raise ManifestError(f"{path}:{line}: empty image")
+    if not is_url(image):
+        if "://" in image:
+            raise ManifestError(f"{path}:{line}: only local paths and http(s) URLs are supported, not {image!r}")
+        image = str((path.parent / image).resolve())
+    return image

@@ -1,10 +1,10 @@
 """The fine-tuning loop over cached trunk activations.
 
-Normalised-softmax loss against one learnable proxy per product, initialised from
-the product's catalog images; the loss scores the same blended similarity that
-search uses (zero-shot part fixed), so training learns what the zero-shot part
-gets wrong. Validation is product-level Recall@1/@10 of held-out photos against
-the catalog images; everything that affects the result (weights, proxies,
+Normalised-softmax loss against one learnable proxy per label (product or
+category), initialised from the label's catalog images; the loss scores the same
+blended similarity that search uses (zero-shot part fixed), so training learns
+what the zero-shot part gets wrong. Validation searches the catalog images with
+held-out photos: product Recall@1/@10, or category precision@10; everything that affects the result (weights, proxies,
 optimiser, random generator, best epoch) is checkpointed, so a resumed run ends
 where an uninterrupted one does.
 """
@@ -35,6 +35,8 @@ class Trainer:
         self, net: AdaptedNet, cache: dict[str, torch.Tensor], data: TrainingData, config: FinetuneConfig, device: torch.device
     ) -> None:
         self.net, self.cache, self.config, self.device = net, cache, config, device
+        self.level = data.level
+        self.key = "val_precision_at_10" if data.level == "category" else "val_recall_at_1"  # picks the best epoch
         self.n_products = len(data.products)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.zero_proxies = class_means(
@@ -56,7 +58,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0
-        self.best_recall: tuple[float | None, float | None] = (None, None)
+        self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def _adapted(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,36 +91,41 @@ class Trainer:
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         self.epoch += 1
-        r1, r10 = self.validate()
-        row: dict[str, float] = {"epoch": self.epoch, "loss": round(total / max(seen, 1), 5)}
-        if r1 is not None and r10 is not None:
-            row.update(val_recall_at_1=round(r1, 4), val_recall_at_10=round(r10, 4))
+        metrics = {k: round(v, 4) for k, v in (self.validate() or {}).items()}
+        row: dict[str, float] = {"epoch": self.epoch, "loss": round(total / max(seen, 1), 5), **metrics}
         row["seconds"] = round(time.perf_counter() - started, 1)
         self.history.append(row)
-        if r1 is None or self.best_state is None or r1 > (self.best_recall[0] or -1.0):  # no validation: keep the latest
-            self.best_epoch, self.best_recall = self.epoch, (r1, r10)
+        if not metrics or self.best_state is None or metrics[self.key] > self.best_metrics.get(self.key, -1.0):
+            self.best_epoch, self.best_metrics = self.epoch, metrics  # no validation: keep the latest
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
 
     @torch.no_grad()
-    def validate(self) -> tuple[float | None, float | None]:
-        """Recall@1/@10 of the validation photos (with the query-time centre-crop
-        average) against the trained products' catalog images, product-level."""
+    def validate(self) -> dict[str, float] | None:
+        """The validation photos (with the query-time centre-crop average) searched
+        against the catalog images: product Recall@1/@10 for product labels,
+        category precision@10 for category labels; None without validation."""
         c = self.cache
         if len(c["val_y"]) == 0 or len(c["gal_y"]) == 0:
-            return None, None
+            return None
         query = self.net.combine(c["val_z"].to(self.device), self._adapted(c["val_x"]))
         query = F.normalize(query + self.net.combine(c["crop_z"].to(self.device), self._adapted(c["crop_x"])), dim=1)
         gallery = self.net.combine(c["gal_z"].to(self.device), self._adapted(c["gal_x"]))
         sims = query @ gallery.T
+        truth = c["val_y"][:, None]
+        if self.level == "category":
+            top = sims.topk(min(10, len(gallery)), dim=1).indices.cpu()
+            return {"val_precision_at_10": float((c["gal_y"][top] == truth).float().mean())}
         per_product = torch.full((len(query), self.n_products), -2.0, device=self.device)
         per_product.scatter_reduce_(1, c["gal_y"].to(self.device).expand(len(query), -1), sims, reduce="amax")
         top = per_product.topk(min(10, self.n_products), dim=1).indices.cpu()
-        truth = c["val_y"][:, None]
-        return float((top[:, :1] == truth).any(1).float().mean()), float((top == truth).any(1).float().mean())
+        return {
+            "val_recall_at_1": float((top[:, :1] == truth).any(1).float().mean()),
+            "val_recall_at_10": float((top == truth).any(1).float().mean()),
+        }
 
     def should_stop(self) -> bool:
-        if self.best_recall[0] is None:
+        if not self.best_metrics:
             return False
         return self.epoch - self.best_epoch >= self.config.patience
 
@@ -135,7 +142,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "history": self.history,
             "best_epoch": self.best_epoch,
-            "best_recall": self.best_recall,
+            "best_metrics": self.best_metrics,
             "best_state": self.best_state,
         }
         atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -148,7 +155,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epoch, self.history = state["epoch"], state["history"]
-        self.best_epoch, self.best_recall, self.best_state = state["best_epoch"], state["best_recall"], state["best_state"]
+        self.best_epoch, self.best_metrics, self.best_state = state["best_epoch"], state["best_metrics"], state["best_state"]
         return self.epoch
 
 

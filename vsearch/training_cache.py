@@ -43,7 +43,10 @@ def load_or_build_cache(
         return preprocess(center_crop(image, 0.8))
 
     index = {pid: i for i, pid in enumerate(data.products)}
-    samples: list[tuple[str | bytes, str]] = list(data.train) + [g for g in data.gallery for _ in range(config.catalog_repeat)]
+    # Product level: the catalog images tie each proxy to what the gallery shows. Class
+    # level: the gallery is only a validation sample; the labelled photos define the classes.
+    repeat = config.catalog_repeat if data.level == "product" else 0
+    samples: list[tuple[str | bytes, str]] = list(data.train) + [g for g in data.gallery for _ in range(repeat)]
     jobs = [(src, augmented) for _ in range(config.views) for src, _ in samples]
     labels = [index[pid] for _ in range(config.views) for _, pid in samples]
     total = len(jobs) + 2 * len(data.val) + len(data.gallery)
