@@ -11,7 +11,9 @@ grocery:  gallery = the 81 iconic images, queries = the train + val in-store pho
           = train photos of products 0-40; queries-val-B-seen.csv / -unseen.csv = the
           val photos of products 0-40 / 41-80.
 clothing: gallery = the train photos (one product each, category = class),
-          queries = the validation photos, scored at class level.
+          queries = the validation photos, scored at class level; train-pairs.csv
+          = the train photos labelled with their class only (image,category), for
+          class-level fine-tuning (`vsearch finetune --pairs train-pairs.csv`).
 
     python scripts/make_protocols.py --data ../shared/datasets --out artifacts/protocols
     vsearch eval --gallery artifacts/protocols/grocery/gallery.csv \
@@ -83,11 +85,17 @@ def _grocery_split(dataset: Path, split: str) -> list[tuple[str, str]]:
 
 def clothing(root: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    train = sorted((root / "train").glob("*/*"))
     with open(out / "gallery.csv", "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["id", "image", "category"])
-        for path in sorted((root / "train").glob("*/*")):
+        for path in train:
             writer.writerow([f"{path.parent.name}/{path.stem}", str(path), path.parent.name])
+    with open(out / "train-pairs.csv", "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(["image", "category"])
+        for path in train:
+            writer.writerow([str(path), path.parent.name])
     with open(out / "queries.csv", "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["image", "category"])
