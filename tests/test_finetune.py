@@ -397,3 +397,26 @@ def test_the_demo_writes_training_pairs_with_its_own_product_ids(tmp_path: Path)
     expected = [("train/Fruit/Banana/b_1.jpg", "Banana"), ("train/Fruit/Apple/g_1.jpg", "Golden-Delicious")]
     assert pairs == [(str(dataset / path), pid) for path, pid in expected]
     assert {pid for _, pid in pairs} <= ids
+
+
+def test_feature_crop_trains_on_random_crops_of_the_cached_maps(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    config = FinetuneConfig(epochs=2, views=1, catalog_repeat=2, batch_size=16, val_fraction=0.2, feature_crop=0.5)
+    report = finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
+    assert report.epochs[-1]["loss"] < report.epochs[1]["loss"] and report.val_recall_at_1 is not None
+    trainer = Trainer.__new__(Trainer)  # only _crop's inputs: the config and the generator
+    trainer.config, trainer.generator = config, torch.Generator().manual_seed(0)
+    maps = torch.arange(2 * 3 * 10 * 8, dtype=torch.float32).view(2, 3, 10, 8)
+    shapes = set()
+    for _ in range(20):
+        crop = trainer._crop(maps)
+        h, w = crop.shape[-2:]
+        assert 5 <= h <= 10 and 4 <= w <= 8
+        top, left = int(crop[0, 0, 0, 0].item()) // 8, int(crop[0, 0, 0, 0].item()) % 8
+        assert torch.equal(crop, maps[..., top : top + h, left : left + w])  # a window of the maps, not a resample
+        shapes.add((h, w))
+    assert len(shapes) > 3
+    trainer.config = FinetuneConfig()
+    assert trainer._crop(maps) is maps
+    with pytest.raises(TrainingDataError, match="feature_crop"):
+        FinetuneConfig(feature_crop=0)

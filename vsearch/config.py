@@ -124,6 +124,7 @@ class FinetuneConfig:
     head_dim: int = 512
     zero_shot_weight: float = 0.5
     views: int = 2  # augmented views cached per photo
+    feature_crop: float = 1.0  # smallest side of the random crop of cached activations per batch (1: no crop)
     catalog_repeat: int = 10  # product level: each catalog image joins the training samples this often
     batch_size: int = 64
     lr_backbone: float = 1e-4
@@ -137,6 +138,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.views < 1 or self.batch_size < 2 or self.catalog_repeat < 0:
             raise TrainingDataError("epochs and views must be >= 1, batch_size >= 2, catalog_repeat >= 0")
+        if not 0 < self.feature_crop <= 1:
+            raise TrainingDataError("feature_crop must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise TrainingDataError("val_fraction must be in [0, 1)")
 

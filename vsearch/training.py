@@ -81,7 +81,8 @@ class Trainer:
         )
         for start in bar:
             idx = order[start : start + self.config.batch_size]
-            out = self.net.combine(z[idx].to(self.device), self.net.adapted(x[idx].to(self.device).float()))
+            maps = self._crop(x[idx].to(self.device).float())
+            out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
             logits = out @ self._proxy_matrix().T / self.config.temperature
             loss = F.cross_entropy(logits, y[idx].to(self.device))
             self.optimizer.zero_grad()
@@ -99,6 +100,20 @@ class Trainer:
             self.best_epoch, self.best_metrics = self.epoch, metrics  # no validation: keep the latest
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
+
+    def _crop(self, maps: torch.Tensor) -> torch.Tensor:
+        """A random crop of the cached activation maps, one size per batch: each
+        epoch sees the cached views anew instead of memorising them (pooling takes
+        any size). ``feature_crop`` is the smallest side kept; 1 turns it off."""
+        height, width = maps.shape[-2:]
+        low = self.config.feature_crop
+        if low >= 1.0:
+            return maps
+        draw = torch.rand(3, generator=self.generator).tolist()
+        side = low + (1 - low) * draw[0]
+        h, w = max(1, round(height * side)), max(1, round(width * side))
+        top, left = int(draw[1] * (height - h + 1)), int(draw[2] * (width - w + 1))
+        return maps[..., top : top + h, left : left + w]
 
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
