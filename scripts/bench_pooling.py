@@ -2,7 +2,7 @@
 """Benchmark (not a test): which layers and pooling should the default model use? (issue 11, part 3)
 
 Scores layer sets {head}, {stage4}, {stage4, head}, {stage3, stage4, head} x pooling
-{mean ("avg"), gem} (one pooling for every layer) of ``--model`` (default
+{mean, gem} (one pooling for every layer) of ``--model`` (default
 efficientnet-lite2) on BOTH shared protocols (``scripts/make_protocols.py``):
 
   grocery   gallery = the 81 iconic images, queries = the 296 val photos; hit = the
@@ -247,7 +247,7 @@ def main() -> None:
         mark = " (default)" if row["default"] else ""
         gc, gp, cc = row["grocery_catalog"], row["grocery_photos"], row["clothing_catalog"]
         print(
-            f"| {'+'.join(row['layers'])}{mark} | {'avg' if row['pooling'] == 'mean' else 'gem'} | {row['raw_dim']} "
+            f"| {'+'.join(row['layers'])}{mark} | {row['pooling']} | {row['raw_dim']} "
             f"| {gc['recall@1']:.3f} | {gc['recall@10']:.3f} | {gp['recall@1']:.3f} | {gp['recall@10']:.3f} "
             f"| {cc['category_precision@10']:.3f} |"
         )
