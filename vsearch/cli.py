@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of similarity kept from the pretrained model (default %(default)s)",
     )
     p.add_argument("--views", type=int, default=tune.views, help="augmented views cached per photo (default %(default)s)")
+    p.add_argument(
+        "--feature-crop",
+        type=float,
+        default=tune.feature_crop,
+        help="smallest side of a random crop of the cached activations, per batch (default %(default)s; 1 = none)",
+    )
     p.add_argument("--batch-size", type=int, default=tune.batch_size, help="default %(default)s")
     p.add_argument("--seed", type=int, default=tune.seed, help="default %(default)s")
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
@@ -502,6 +508,7 @@ def _finetune(args: argparse.Namespace) -> int:
         patience=args.patience,
         zero_shot_weight=args.zero_shot_weight,
         views=args.views,
+        feature_crop=args.feature_crop,
         batch_size=args.batch_size,
         seed=args.seed,
     )
