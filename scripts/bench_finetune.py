@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "t01": {"temperature": 0.1},
     "lr3e-4": {"lr_backbone": 3e-4},
     "wd1e-2": {"weight_decay": 1e-2},
+    "margin02": {"margin": 0.2},
+    "margin01": {"margin": 0.1},
 }
 
 

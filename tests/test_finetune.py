@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,13 @@ def test_feature_crop_trains_on_random_crops_of_the_cached_maps(tiny: tuple[Engi
     assert trainer._crop(maps) is maps
     with pytest.raises(TrainingDataError, match="feature_crop"):
         FinetuneConfig(feature_crop=0)
+
+
+def test_a_margin_asks_the_true_proxy_to_win_by_more(tiny: tuple[Engine, Path]) -> None:
+    engine, pairs = tiny
+    config = FinetuneConfig(epochs=1, views=1, catalog_repeat=1, batch_size=16, val_fraction=0.0)
+    plain = finetune(engine, pairs, name="plain", config=config, quiet=True, log=lambda _: None)
+    margin = finetune(engine, pairs, name="margin", config=replace(config, margin=0.3), quiet=True, log=lambda _: None)
+    assert margin.epochs[0]["loss"] > plain.epochs[0]["loss"] + 1.0  # 0.3 / temperature 0.05 = 6 nats at the start
+    with pytest.raises(TrainingDataError, match="margin"):
+        FinetuneConfig(margin=1.0)

@@ -131,6 +131,7 @@ class FinetuneConfig:
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05
+    margin: float = 0.0  # additive cosine margin of the true proxy (CosFace); 0 = plain normalised softmax
     val_fraction: float = 0.1
     patience: int = 2  # epochs without a better validation Recall@1 before stopping
     seed: int = 0
@@ -138,6 +139,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.views < 1 or self.batch_size < 2 or self.catalog_repeat < 0:
             raise TrainingDataError("epochs and views must be >= 1, batch_size >= 2, catalog_repeat >= 0")
+        if not 0 <= self.margin < 1:
+            raise TrainingDataError("margin must be in [0, 1)")
         if not 0 < self.feature_crop <= 1:
             raise TrainingDataError("feature_crop must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:

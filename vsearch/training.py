@@ -83,8 +83,11 @@ class Trainer:
             idx = order[start : start + self.config.batch_size]
             maps = self._crop(x[idx].to(self.device).float())
             out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
-            logits = out @ self._proxy_matrix().T / self.config.temperature
-            loss = F.cross_entropy(logits, y[idx].to(self.device))
+            labels = y[idx].to(self.device)
+            cosines = out @ self._proxy_matrix().T
+            if self.config.margin:  # CosFace: the true proxy must win by a margin, not just win
+                cosines = cosines - self.config.margin * F.one_hot(labels, cosines.shape[1])
+            loss = F.cross_entropy(cosines / self.config.temperature, labels)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
