@@ -155,6 +155,7 @@ def test_an_interrupted_run_resumes_from_its_shards_without_embedding_them_again
         write(pa, path, table)
 
     monkeypatch.setattr(rayshards, "SHARD_ROWS", 8)
+    monkeypatch.setattr(rayshards, "FLUSH_EVERY_S", 1e9)  # shards by rows only: a loaded machine would flush on time
     monkeypatch.setattr(rayshards, "write_shard", dies_after_the_first_shard)
     index = tmp_path / "B"
     with Engine.open(index, model=MODEL, create=True) as engine:
