@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=tune.feature_crop,
         help="smallest side of a random crop of the cached activations, per batch (default %(default)s; 1 = none)",
     )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=tune.margin,
+        help="cosine margin the true proxy must win by (CosFace; default %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=tune.batch_size, help="default %(default)s")
     p.add_argument("--seed", type=int, default=tune.seed, help="default %(default)s")
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
@@ -509,6 +515,7 @@ def _finetune(args: argparse.Namespace) -> int:
         zero_shot_weight=args.zero_shot_weight,
         views=args.views,
         feature_crop=args.feature_crop,
+        margin=args.margin,
         batch_size=args.batch_size,
         seed=args.seed,
     )
