@@ -425,7 +425,7 @@ def test_feature_crop_trains_on_random_crops_of_the_cached_maps(tiny: tuple[Engi
 
 def test_a_margin_asks_the_true_proxy_to_win_by_more(tiny: tuple[Engine, Path]) -> None:
     engine, pairs = tiny
-    config = FinetuneConfig(epochs=1, views=1, catalog_repeat=1, batch_size=16, val_fraction=0.0)
+    config = FinetuneConfig(epochs=1, views=1, catalog_repeat=1, batch_size=16, val_fraction=0.0, margin=0.0)
     plain = finetune(engine, pairs, name="plain", config=config, quiet=True, log=lambda _: None)
     margin = finetune(engine, pairs, name="margin", config=replace(config, margin=0.3), quiet=True, log=lambda _: None)
     assert margin.epochs[0]["loss"] > plain.epochs[0]["loss"] + 1.0  # 0.3 / temperature 0.05 = 6 nats at the start

@@ -131,7 +131,7 @@ class FinetuneConfig:
     lr_head: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05
-    margin: float = 0.0  # additive cosine margin of the true proxy (CosFace); 0 = plain normalised softmax
+    margin: float = 0.2  # additive cosine margin of the true proxy (CosFace); 0 = plain normalised softmax
     val_fraction: float = 0.1
     patience: int = 2  # epochs without a better validation Recall@1 before stopping
     seed: int = 0

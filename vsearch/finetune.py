@@ -7,8 +7,9 @@ Recipe (chosen by measurement on the grocery benchmark; see README):
   once per augmented view and cached (random resized crop 0.4-1, flip, colour
   jitter, +-10 degree rotation); training then runs only the tail, which is what
   makes a CPU run take minutes rather than hours;
-* normalised-softmax loss against one learnable proxy per product, initialised
-  from the product's catalog images; the catalog images are also training
+* normalised-softmax loss with a cosine margin (CosFace, ``margin`` 0.2: +4 points
+  of Recall@1 on grocery protocol A) against one learnable proxy per product,
+  initialised from the product's catalog images; the catalog images are also training
   samples (``catalog_repeat`` times), tying photos to what the gallery shows;
 * the loss scores the same blended similarity that search uses (zero-shot part
   fixed), so training learns what the zero-shot part gets wrong;
