@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CATEGORIES = ["Fruit/Apple", "Fruit/Banana", "Dairy/Milk", "Dairy/Yoghurt", "Bakery"]
@@ -31,6 +32,25 @@ def write_catalog(root: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         make_image(n).save(folder / f"p{n:02d}.jpg", quality=95)
     return root
+
+
+def write_labelled_photos(root: Path, column: str, label: Callable[[int], str], per_product: int) -> Path:
+    """Shopper-photo stand-ins for the 25 products of :func:`write_catalog`: crops of
+    each product's picture in other light, in ``root/pairs.csv`` as ``image,COLUMN``
+    with ``label(n)`` for product ``n``."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [f"image,{column}"]
+    for n in range(25):
+        picture = make_image(n)
+        w, h = picture.size
+        for j in range(per_product):
+            photo = ImageEnhance.Brightness(picture.crop((3 * j, 2 * j, w - 5, h - 4))).enhance(0.7 + 0.15 * j)
+            path = root / f"{n}_{j}.jpg"
+            photo.save(path)
+            lines.append(f"{path},{label(n)}")
+    pairs = root / "pairs.csv"
+    pairs.write_text("\n".join(lines) + "\n")
+    return pairs
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import ImageEnhance
 
-from tests.conftest import CATEGORIES, make_image, write_catalog
+from tests.conftest import CATEGORIES, make_image, write_catalog, write_labelled_photos
 from vsearch import Engine
 from vsearch.adapter import AdaptedNet, AdapterConfig
 from vsearch.catalog import BASE_MODEL
@@ -28,20 +27,7 @@ def product_id(n: int) -> str:
 
 
 def write_photos(root: Path, per_product: int = 4) -> Path:
-    """Shopper-photo stand-ins: crops of each product's picture in other light."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = ["image,product_id"]
-    for n in range(25):
-        picture = make_image(n)
-        w, h = picture.size
-        for j in range(per_product):
-            photo = ImageEnhance.Brightness(picture.crop((3 * j, 2 * j, w - 5, h - 4))).enhance(0.7 + 0.15 * j)
-            path = root / f"{n}_{j}.jpg"
-            photo.save(path)
-            lines.append(f"{path},{product_id(n)}")
-    pairs = root / "pairs.csv"
-    pairs.write_text("\n".join(lines) + "\n")
-    return pairs
+    return write_labelled_photos(root, "product_id", product_id, per_product)
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import ImageEnhance
 
-from tests.conftest import CATEGORIES, make_image, write_catalog
+from tests.conftest import CATEGORIES, make_image, write_catalog, write_labelled_photos
 from vsearch import Engine
 from vsearch.cli import main
 from vsearch.errors import TrainingDataError
@@ -22,19 +21,7 @@ SMALL = FinetuneConfig(epochs=3, views=2, batch_size=16, val_fraction=0.2, patie
 
 def write_category_photos(root: Path, per_product: int = 3) -> Path:
     """Photos labelled only with their product's top-level category (Fruit, Dairy, Bakery)."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = ["image,category"]
-    for n in range(25):
-        picture = make_image(n)
-        w, h = picture.size
-        for j in range(per_product):
-            photo = ImageEnhance.Brightness(picture.crop((4 * j, 3 * j, w - 4, h - 3))).enhance(0.75 + 0.2 * j)
-            path = root / f"{n}_{j}.jpg"
-            photo.save(path)
-            lines.append(f"{path},{CATEGORIES[n % len(CATEGORIES)].split('/')[0]}")
-    pairs = root / "pairs.csv"
-    pairs.write_text("\n".join(lines) + "\n")
-    return pairs
+    return write_labelled_photos(root, "category", lambda n: CATEGORIES[n % len(CATEGORIES)].split("/")[0], per_product)
 
 
 @pytest.fixture
