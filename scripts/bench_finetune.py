@@ -12,7 +12,21 @@ stopping here: the table shows each epoch, so the best epoch is visible (it is
 picked on the val photos: an optimistic number; ``bench_adapt.sh`` measures the
 shipped defaults end to end, with their own held-out split).
 
-    python scripts/bench_finetune.py --work DIR [--variants base crop60 ...] [--epochs 5]
+``--protocol B`` trains on ``train-pairs-B.csv`` (half of the products) instead and
+scores the seen and the unseen products' val photos separately against all 81
+iconic images. After the last epoch every variant is also scored (``final``) with
+
+  * ``blend_unseen=W``: a per-product blend weight, the gallery vector of a product
+    without training photos keeping a zero-shot share W instead of the trained 0.5
+    (the query keeps 0.5), the lever aimed at protocol B's unseen products;
+  * ``+train photos``: the training photos' cached (augmented) views added to the
+    gallery as images of their products.
+
+``subcentre3`` is sub-centre ArcFace's proxy side (3 proxies per product, a photo
+scored against its nearest) with the CosFace margin, trained here by a subclass of
+``Trainer`` (not a library option: it did not help).
+
+    python scripts/bench_finetune.py --work DIR [--variants base crop60 ...] [--epochs 5] [--protocol A|B]
 """
 
 from __future__ import annotations
@@ -42,7 +56,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "t01": {"temperature": 0.1, "margin": 0.0},
     "lr3e-4": {"lr_backbone": 3e-4, "margin": 0.0},
     "wd1e-2": {"weight_decay": 1e-2, "margin": 0.0},
+    "subcentre3": {},  # margin 0.2 (the default) with 3 proxies per product: see SUBCENTRES
 }
+SUBCENTRES = {"subcentre3": 3}
+BLENDS = (0.5, 0.7, 0.85, 1.0)
 
 
 def main() -> None:
@@ -51,6 +68,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/datasets"))
     ap.add_argument("--variants", nargs="+", default=["margin0", "defaults"], choices=sorted(VARIANTS))
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--protocol", choices=["A", "B"], default="A")
     args = ap.parse_args()
 
     import torch
@@ -75,38 +93,165 @@ def main() -> None:
         vs = str(Path(sys.executable).with_name("vsearch"))
         cmd = [vs, "ingest", str(grocery / "gallery.csv"), "--index", str(base), "--center-on", str(grocery / "center.csv")]
         subprocess.run([*cmd, "--quiet"], check=True)
-    train_items = read_pairs(grocery / "train-pairs.csv")
+    train_items = read_pairs(grocery / ("train-pairs.csv" if args.protocol == "A" else "train-pairs-B.csv"))
     with open(grocery / "queries-val.csv", newline="") as fh:
         val_items = [(row["image"], row["expected_id"]) for row in csv.DictReader(fh)]
+    with open(grocery / "gallery.csv", newline="") as fh:
+        iconic = [(row["image"], row["id"]) for row in csv.DictReader(fh)]
+    trained_products = {it.product_id for it in train_items}
 
     results = []
     with Engine.open(base) as engine:
         for name in args.variants:
-            config = replace(FinetuneConfig(epochs=args.epochs, val_fraction=0.0), **VARIANTS[name])
+            config = replace(FinetuneConfig(epochs=max(args.epochs, 1), val_fraction=0.0), **VARIANTS[name])
             torch.manual_seed(config.seed)
             adapter = AdapterConfig(engine.manifest.model, config.train_from, config.head_dim, config.zero_shot_weight)
             net = AdaptedNet(adapter, Projection.load(engine.paths.projection))
             data = prepare(engine, train_items, config)
-            data.val = sorted(val_items)
-            work = args.work / f"cache-{config.train_from}-v{config.views}-s{config.seed}"
+            data.val = sorted(v for v in val_items if v[1] in trained_products)  # per-epoch: seen products
+            tag = "" if args.protocol == "A" else "B-"
+            work = args.work / f"cache-{tag}{config.train_from}-v{config.views}-s{config.seed}"
             work.mkdir(exist_ok=True)
             started = time.perf_counter()
             cache = load_or_build_cache(work, net, data, config, torch.device("cpu"), quiet=True)
             cache_s = time.perf_counter() - started
-            trainer = Trainer(net, cache, data, config, torch.device("cpu"))
+            cpu = torch.device("cpu")
+            evalset = eval_cache(args.work / f"eval-{config.train_from}.pt", net, iconic, sorted(val_items))
+            k = SUBCENTRES.get(name, 1)
+            if k > 1:
+                trainer = subcentre_trainer(net, cache, data, config, cpu, k)
+            else:
+                trainer = Trainer(net, cache, data, config, cpu)
             curve = [trainer.validate() or {}]
-            for _ in range(config.epochs):
+            for _ in range(args.epochs):  # 0: score the untrained head only
                 row = trainer.run_epoch(quiet=True)
                 curve.append(row)
                 print(f"{name} epoch {int(row['epoch'])}: {json.dumps(row)}", flush=True)
-            results.append({"variant": name, "overrides": VARIANTS[name], "cache_s": round(cache_s, 1), "curve": curve})
+            final = final_scores(trainer, evalset, trained_products, cache, len(data.train), data.products)
+            print(f"{name} final: {json.dumps(final)}", flush=True)
+            results.append(
+                {"variant": name, "overrides": VARIANTS[name], "cache_s": round(cache_s, 1), "curve": curve, "final": final}
+            )
 
     print(f"\n{'variant':<16} {'cache s':>8} {'s/epoch':>8}  R@1 / R@10 by epoch (0 = untrained head)")
     for r in results:
         per_epoch = [row.get("seconds", 0.0) for row in r["curve"][1:]]
         cells = "  ".join(f"{row['val_recall_at_1']:.3f}/{row['val_recall_at_10']:.3f}" for row in r["curve"])
-        print(f"{r['variant']:<16} {r['cache_s']:>8.0f} {sum(per_epoch) / len(per_epoch):>8.0f}  {cells}")
-    (args.work / "finetune-levers.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{r['variant']:<16} {r['cache_s']:>8.0f} {sum(per_epoch) / max(len(per_epoch), 1):>8.0f}  {cells}")
+    print("\nafter the last epoch, all 81 iconic images as the gallery (R@1 / R@10 per product group):")
+    for r in results:
+        for setting, groups in r["final"].items():
+            cells = "  ".join(f"{g} {v[0]:.3f}/{v[1]:.3f}" for g, v in groups.items())
+            print(f"{r['variant']:<16} {setting:<22} {cells}")
+    suffix = "" if args.protocol == "A" else "-B"
+    (args.work / f"finetune-levers{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def eval_cache(path: Path, net: Any, iconic: list[tuple[str, str]], val: list[tuple[str, str]]) -> dict[str, Any]:
+    """Trunk activations of the 81 iconic images and of the val photos (+ their 0.8
+    centre crops): the trunk is frozen, so one file serves every variant."""
+    import torch
+    from tqdm import tqdm
+
+    from vsearch.embed import Preprocess, center_crop
+    from vsearch.training_cache import _encode
+
+    if path.exists():
+        cached: dict[str, Any] = torch.load(path, weights_only=False)
+        return cached
+    preprocess = Preprocess(net.config.base)
+
+    def cropped(image: Any) -> Any:
+        return preprocess(center_crop(image, 0.8))
+
+    with torch.random.fork_rng(devices=[]), tqdm(disable=True) as bar:
+        gal = _encode(net, [(src, preprocess) for src, _ in iconic], torch.device("cpu"), bar)
+        full = _encode(net, [(src, preprocess) for src, _ in val], torch.device("cpu"), bar)
+        crop = _encode(net, [(src, cropped) for src, _ in val], torch.device("cpu"), bar)
+    out = {"gal": gal, "gal_ids": [pid for _, pid in iconic], "val": full, "crop": crop, "val_ids": [pid for _, pid in val]}
+    torch.save(out, path)
+    return out
+
+
+def final_scores(
+    trainer: Any, ev: dict[str, Any], trained: set[str], cache: dict[str, Any], n_train: int, labels_of: list[str]
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """R@1/R@10 per product group (seen / unseen by the training) with all iconic
+    images as the gallery, for each per-product blend weight, and with the training
+    photos' views added to the gallery."""
+    import torch
+    import torch.nn.functional as F
+
+    net, w = trainer.net, trainer.net.weight
+    with torch.no_grad():
+        adapted = trainer._adapted
+        # the query as search builds it: the photo's and its centre crop's vectors averaged
+        q = F.normalize(net.combine(ev["val"][1], adapted(ev["val"][0])) + net.combine(ev["crop"][1], adapted(ev["crop"][0])))
+        dz = q.shape[1] - trainer.config.head_dim
+        gz, ga = ev["gal"][1], adapted(ev["gal"][0])
+        zsim, asim = q[:, :dz] @ gz.T, q[:, dz:] @ ga.T  # query parts already carry sqrt(w), sqrt(1-w)
+        products = sorted(set(ev["gal_ids"]) | set(ev["val_ids"]))
+        index = {pid: i for i, pid in enumerate(products)}
+        gal_y = torch.tensor([index[p] for p in ev["gal_ids"]])
+        val_y = torch.tensor([index[p] for p in ev["val_ids"]])
+        seen = torch.tensor([p in trained for p in ev["val_ids"]])
+        unseen_gal = torch.tensor([p not in trained for p in ev["gal_ids"]])
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for blend in BLENDS:
+            wg = torch.where(unseen_gal, torch.tensor(blend), torch.tensor(w))
+            sims = zsim * wg.sqrt() + asim * (1 - wg).sqrt()
+            out[f"blend_unseen={blend}"] = _recall(sims, gal_y, val_y, seen, len(products))
+        # the training photos as product images (their cached views; catalog repeats excluded)
+        views = trainer.config.views
+        per_view = len(cache["train_y"]) // views
+        keep = torch.cat([torch.arange(v * per_view, v * per_view + n_train) for v in range(views)])
+        tz, ta = cache["train_z"][keep], adapted(cache["train_x"][keep])
+        t_labels = [labels_of[int(i)] for i in cache["train_y"][keep]]
+        extra = q[:, :dz] @ (w**0.5 * tz).T + q[:, dz:] @ ((1 - w) ** 0.5 * ta).T
+        base = zsim * w**0.5 + asim * (1 - w) ** 0.5
+        sims = torch.cat([base, extra], dim=1)
+        labels = torch.cat([gal_y, torch.tensor([index[p] for p in t_labels])])
+        out["+train photos"] = _recall(sims, labels, val_y, seen, len(products))
+    return out
+
+
+def subcentre_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, k: int) -> Any:
+    """Sub-centre ArcFace's proxy side on vsearch's Trainer: ``k`` proxies per
+    product (the mean plus small noise), a photo scored against the nearest."""
+    import torch
+    import torch.nn.functional as F
+
+    from vsearch.training import Trainer
+
+    class _SubCentre(Trainer):
+        def __init__(self) -> None:
+            super().__init__(net, cache, data, config, device)
+            with torch.no_grad():
+                init = self.proxies.detach().repeat_interleave(k, 0)
+                init = F.normalize(init + 0.05 * torch.randn(init.shape, generator=self.generator), dim=1)
+            self.proxies = torch.nn.Parameter(init)
+            self.optimizer.param_groups[1]["params"][-1] = self.proxies  # no optimiser state yet
+
+        def _proxy_matrix(self) -> torch.Tensor:
+            return self.net.combine(self.zero_proxies.repeat_interleave(k, 0), F.normalize(self.proxies, dim=1))
+
+        def _cosines(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            cosines = (out @ self._proxy_matrix().T).view(len(out), -1, k).amax(dim=2)
+            return cosines - self.config.margin * F.one_hot(labels, cosines.shape[1])
+
+    return _SubCentre()
+
+
+def _recall(sims: Any, gal_y: Any, val_y: Any, seen: Any, n: int) -> dict[str, tuple[float, float]]:
+    import torch
+
+    per_product = torch.full((len(sims), n), -9.0)
+    per_product.scatter_reduce_(1, gal_y.expand(len(sims), -1), sims, reduce="amax")
+    top = per_product.topk(10, dim=1).indices
+    hit1 = (top[:, :1] == val_y[:, None]).any(1).float()
+    hit10 = (top == val_y[:, None]).any(1).float()
+    groups = {"all": torch.ones_like(seen), "seen": seen, "unseen": ~seen}
+    return {g: (round(float(hit1[m].mean()), 4), round(float(hit10[m].mean()), 4)) for g, m in groups.items() if m.any()}
 
 
 if __name__ == "__main__":

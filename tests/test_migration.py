@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from vsearch import changelog
+from vsearch.attributes import AttributeFilter
 from vsearch.catalog import BASE_MODEL, TABLES, Catalog
 from vsearch.engine import Engine
 from vsearch.manifest import FORMAT_VERSION, IndexManifest, IndexPaths
@@ -347,8 +348,8 @@ def schema_4_catalog(path: Path, n: int = 20, dim: int = 16) -> tuple[dict[int, 
     db.execute("BEGIN")
     for i in range(1, n + 1):
         db.execute(
-            "INSERT INTO products(id, title, category, attributes, created_at, updated_at) VALUES (?, '', 'c', '{}', 1, 1)",
-            [f"p{i}"],
+            "INSERT INTO products(id, title, category, attributes, created_at, updated_at) VALUES (?, '', 'c', ?, 1, 1)",
+            [f"p{i}", json.dumps({"price": i, "brand": "AB"[i % 2], "tags": ["x", "y"][: i % 3]})],
         )
         db.execute(
             "INSERT INTO images(id, product_id, source, sha256, width, height, created_at, updated_at) "
@@ -375,7 +376,10 @@ def test_a_schema_4_catalog_keeps_its_float32_rows_and_its_log_and_writes_float1
     base, ft = schema_4_catalog(path)
     catalog = Catalog.open(path)
     db = catalog.db
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
+    # schema 6: the attributes products already had are filterable (image 3 is gone)
+    assert catalog.attribute_image_ids(AttributeFilter.from_json({"price": {"lte": 5}})).tolist() == [1, 2, 4, 5]
+    assert catalog.attribute_image_ids(AttributeFilter.from_json({"brand": "A", "tags": "y"})).tolist() == [2, 8, 14, 20]
     assert db.execute("SELECT DISTINCT dtype FROM model_vectors").fetchall() == [(0,)]  # read as written
     assert_same_vectors(stored(catalog, BASE_MODEL), base)
     assert_same_vectors(stored(catalog, FT), ft)

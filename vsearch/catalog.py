@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 import numpy as np
 import sqlite_utils
 
-from . import changelog
+from . import attributes, changelog
+from .attributes import AttributeFilter
 from .errors import IndexFormatError, ProductNotFoundError
 from .migrate import upgrade
 from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
@@ -61,7 +62,7 @@ CREATE INDEX IF NOT EXISTS images_product ON images(product_id);
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS
+SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS + attributes.STATEMENTS
 
 BASE_MODEL = "base"  # the index's original model; stored like any other version
 
@@ -418,6 +419,16 @@ class Catalog:
         for category, image_id in rows:
             groups.setdefault(category, []).append(image_id)
         return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
+
+    @_locked
+    def attribute_image_ids(self, where: AttributeFilter) -> np.ndarray:
+        """Sorted ids of the images of the products ``where`` holds for: one indexed
+        query, costing the matching rows, not the catalog."""
+        sql, params = where.product_sql()
+        rows = self.db.execute(f"SELECT id FROM images WHERE product_id IN ({sql})", params)
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64)
+        ids.sort()
+        return ids
 
     @_locked
     def counts(self) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Category filtering, in one place: prefix matching, per-category id blocks, the
-neighbours' category vote, the category tree, and the caches behind them.
+neighbours' category vote, the category tree, and the caches behind them; and
+where an attribute filter (:mod:`vsearch.attributes`) joins in, the blocks it cuts.
 
 A filter (``category=Fruit``, ``exclude_category=Fruit/Banana``) becomes a set of
 *blocks*: the sorted image ids of each leaf category it allows. A small filter is
@@ -10,6 +11,13 @@ a broad filter on a big ``Flat`` index can no longer keep a second copy of it.
 :class:`CategoryFilter` is owned by one served snapshot; the write path calls
 :meth:`CategoryFilter.update` with the images each change touched (from the
 catalog's change log), so a write costs the blocks of its own categories only.
+
+An attribute filter's allowed images come from one indexed SQL query; the blocks
+it leaves (each category's ids that it allows) are kept for the next search with
+the same filter (WHERE_CACHE_ENTRIES filters) until the catalog's next write: their
+cache key carries the catalog generation, so a price change is seen by the very
+next search, and the arrays stay the same objects between writes (an IVF index
+keeps what it builds of a filter by the arrays' identity).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .attributes import AttributeFilter
 from .catalog import Catalog
 from .errors import FilterError
 
@@ -41,6 +50,7 @@ DEFAULT_BLOCK_CACHE_BYTES = 256 * 1024 * 1024
 # A filtered search on an exact index votes from about this many images, an even
 # sample of every category, instead of a second exhaustive search of the catalog.
 VOTE_SAMPLE = 4096
+WHERE_CACHE_ENTRIES = 32  # attribute filters whose blocks are kept until the next write
 Blocks = dict[str, np.ndarray]
 
 
@@ -154,10 +164,13 @@ class CategoryFilter:
         self.catalog = catalog
         self.cache = BlockCache(max_cache_bytes)
         self._leaves: Blocks | None = None
+        self._where: OrderedDict[tuple[Any, ...], Blocks] = OrderedDict()
         self._lock = threading.Lock()
 
-    def blocks(self, categories: Sequence[str], exclude: Sequence[str]) -> Blocks | None:
+    def blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter | None = None) -> Blocks | None:
         """The blocks a filter allows (None: unfiltered); FilterError for unknown categories."""
+        if where is not None:
+            return self._where_blocks(categories, exclude, where)
         if not categories and not exclude:
             return None
         with self._lock:
@@ -166,10 +179,35 @@ class CategoryFilter:
             leaves = self._leaves
         return category_blocks(leaves, categories, exclude)
 
+    def _where_blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter) -> Blocks:
+        """The category blocks (all images, unfiltered) cut to the images ``where``
+        allows, kept per (catalog generation, filter)."""
+        generation = self.catalog.generation
+        key = (generation, tuple(categories), tuple(exclude), where.key)
+        with self._lock:
+            found = self._where.get(key)
+            if found is not None:
+                self._where.move_to_end(key)
+                return found
+        base = self.blocks(categories, exclude)
+        allowed = self.catalog.attribute_image_ids(where)
+        tag = "\0where:" + repr(key)  # the vector cache's key: a new one after every write
+        if base is None:
+            found = {tag: allowed}
+        else:
+            cut = {f"{name}{tag}": np.intersect1d(ids, allowed, assume_unique=True) for name, ids in base.items()}
+            found = {name: ids for name, ids in cut.items() if len(ids)}
+        with self._lock:
+            found = self._where.setdefault(key, found)
+            while len(self._where) > WHERE_CACHE_ENTRIES:
+                self._where.popitem(last=False)
+        return found
+
     def invalidate(self) -> None:
         """Forget the blocks and their vectors (after a change not known image by image)."""
         with self._lock:
             self._leaves = None
+            self._where.clear()
         self.cache.clear()
 
     def update(self, categories: dict[int, str | None]) -> None:

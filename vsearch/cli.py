@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--category", action="append", help="only this category or its sub-categories (repeatable)")
     p.add_argument("--exclude-category", action="append", help="never this category (repeatable)")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="CONDITION",
+        help="only products whose attributes match: 'price<50', 'brand in (A, B)', 'in_stock=true', "
+        "'color exists', 'color missing' (repeatable: all must hold)",
+    )
     p.add_argument("--no-group", action="store_true", help="list images, not products (a product may repeat)")
     p.add_argument("--device", default=env.device)
     p.add_argument("--json", action="store_true")
@@ -442,6 +450,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from .attributes import parse_where
     from .engine import Engine
 
     with Engine.open(args.index, device=args.device) as engine:
@@ -451,6 +460,7 @@ def _search(args: argparse.Namespace) -> int:
             categories=args.category,
             exclude_categories=args.exclude_category,
             group_by_product=not args.no_group,
+            where=parse_where(args.where),
         )
     if args.json:
         _print_json({"results": [h.to_dict() for h in hits]})

@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import checkpoint, families, footprint, products, refit, versions
 from . import ingest as _ingest
+from .attributes import AttributeFilter
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
 from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
@@ -334,11 +335,17 @@ class Engine:
         categories: Sequence[str] | None = None,
         exclude_categories: Sequence[str] | None = None,
         group_by_product: bool = True,
+        where: AttributeFilter | None = None,
     ) -> list[Hit]:
-        """The catalog items most similar to ``image`` (bytes, path or PIL image)."""
+        """The catalog items most similar to ``image`` (bytes, path or PIL image);
+        ``where``: attribute conditions (:mod:`vsearch.attributes`)."""
         query = self.load_query(image)
         options = SearchOptions(
-            k=k, categories=categories or (), exclude_categories=exclude_categories or (), group_by_product=group_by_product
+            k=k,
+            categories=categories or (),
+            exclude_categories=exclude_categories or (),
+            group_by_product=group_by_product,
+            where=where,
         )
         snap = self._snapshot
         return self.search_vectors(self.embed_queries([query], snap), options, snapshot=snap)[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from . import changelog
+from . import attributes, changelog
 from .errors import IndexFormatError
 from .vectorstore import FLOAT32
 
@@ -17,7 +17,8 @@ __all__ = ["SCHEMA_VERSION", "upgrade"]
 #    model_vectors with their image's sha256. 2: every model's in model_vectors.
 # 3: the change log (image_changes and its triggers, vsearch.changelog).
 # 4: the log has category moves too. 5: model_vectors.dtype (rows may be float16).
-SCHEMA_VERSION = 5
+# 6: product_attributes (attribute filters, vsearch.attributes), filled from products.
+SCHEMA_VERSION = 6
 MIGRATE_CHUNK = 512  # rows per copy-then-delete step: the most the file grows by
 
 
@@ -53,6 +54,9 @@ def upgrade(conn: sqlite3.Connection, schema: Sequence[str], base_model: str) ->
                 migrated = True
             if version < 4:  # schemas 1 and 2 kept no log, 3 no category moves: it begins now, after the move
                 changelog.start(conn)
+            if version < 6:  # the table is new: mirror the attributes products already have
+                conn.execute("DELETE FROM product_attributes")
+                conn.execute(attributes.BACKFILL)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [str(SCHEMA_VERSION)],

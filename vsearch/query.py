@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .attributes import AttributeFilter
 from .errors import ConfigError
 
 __all__ = [
@@ -95,6 +96,7 @@ class SearchOptions:
     exclude_products: Sequence[str] = ()
     min_score: float | None = None
     group_by_product: bool = True
+    where: AttributeFilter | None = None  # attribute conditions (vsearch.attributes)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:

@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, PlainValidator, Tag, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import ConfigError
+from .attributes import AttributeFilter
+from .errors import ConfigError, FilterError
 from .images import is_url
 from .query import Crop, ImageQuery, ProductQuery, SearchOptions, TextQuery, UrlQuery, VectorQuery, parse_crop
 
@@ -75,6 +76,39 @@ def _json_text(value: Any) -> Any:
         raise PydanticCustomError("json", "a JSON list of numbers is needed") from None
 
 
+def _filter(value: Any) -> AttributeFilter | None:
+    """A JSON object, or (query string, form field) its JSON text."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise PydanticCustomError("filter", "filter must be a JSON object: {error}", {"error": exc.msg}) from None
+    try:
+        return AttributeFilter.from_json(value)
+    except FilterError as exc:
+        raise PydanticCustomError("filter", "{error}", {"error": str(exc)}) from None
+
+
+FILTER_EXAMPLE = {"brand": {"in": ["A", "B"]}, "price": {"lt": 50}, "in_stock": True}
+FilterField = Annotated[
+    AttributeFilter | None,
+    PlainValidator(_filter),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "object", "additionalProperties": True}, {"type": "string"}, {"type": "null"}],
+            "description": (
+                "attribute conditions, all of which must hold: NAME: VALUE (equal), NAME: {in: [..]} (any of), "
+                "NAME: {lt|lte|gt|gte: N} (numbers), NAME: {exists: true|false}. Attributes keep their JSON "
+                'types ("5" is not 5); a list attribute matches if any element does. In a query string or '
+                "form field: the object's JSON text."
+            ),
+            "examples": [FILTER_EXAMPLE, {"price": {"gte": 10, "lt": 50}}, {"colors": "red", "sku": {"exists": True}}],
+        }
+    ),
+]
+
 CropField = Annotated[
     Crop | None,
     PlainValidator(_crop),
@@ -99,6 +133,7 @@ class SearchParams(BaseModel):
     exclude_category: list[str] = Field(default_factory=list, description="not these categories (repeatable)")
     min_score: float | None = Field(None, ge=-1, le=1, description="drop results scoring less")
     group_by_product: bool = Field(True, description="one result per product, its best image")
+    filter: FilterField = None
     crop: CropField = None
 
     def options(self) -> SearchOptions:
@@ -109,6 +144,7 @@ class SearchParams(BaseModel):
             exclude_categories=tuple(self.exclude_category),
             min_score=self.min_score,
             group_by_product=self.group_by_product,
+            where=self.filter,
         )
 
 

@@ -41,7 +41,7 @@ def search_snapshot(
         return [[] for _ in raw], [[] for _ in raw]
     want = options.k + options.offset
     xq = snap.projection.apply(raw)
-    blocks = snap.filters.blocks(options.categories, options.exclude_categories)
+    blocks = snap.filters.blocks(options.categories, options.exclude_categories, options.where)
     ntotal = index.ntotal if blocks is None else sum(len(b) for b in blocks.values())
     k_img = min(ntotal, want * 4 if options.group_by_product or options.exclude_products else want)
     if blocks is None:

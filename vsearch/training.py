@@ -84,10 +84,7 @@ class Trainer:
             maps = self._crop(x[idx].to(self.device).float())
             out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
             labels = y[idx].to(self.device)
-            cosines = out @ self._proxy_matrix().T
-            if self.config.margin:  # CosFace: the true proxy must win by a margin, not just win
-                cosines = cosines - self.config.margin * F.one_hot(labels, cosines.shape[1])
-            loss = F.cross_entropy(cosines / self.config.temperature, labels)
+            loss = F.cross_entropy(self._cosines(out, labels) / self.config.temperature, labels)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -103,6 +100,13 @@ class Trainer:
             self.best_epoch, self.best_metrics = self.epoch, metrics  # no validation: keep the latest
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
+
+    def _cosines(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each sample's cosine to every label's proxy, the true label's lowered by the margin."""
+        cosines = out @ self._proxy_matrix().T
+        if self.config.margin:  # CosFace: the true proxy must win by a margin, not just win
+            cosines = cosines - self.config.margin * F.one_hot(labels, cosines.shape[1])
+        return cosines
 
     def _crop(self, maps: torch.Tensor) -> torch.Tensor:
         """A random crop of the cached activation maps, one size per batch: each

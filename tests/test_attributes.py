@@ -1,0 +1,249 @@
+"""Attribute filters (issue 12, part 1): parsing, the SQL mirror of attributes,
+filtered search against brute force over the matching images, and writes that
+filters see at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vsearch import Engine
+from vsearch.attributes import AttributeFilter, Condition, parse_where
+from vsearch.bulkimport import import_shards
+from vsearch.catalog import Catalog
+from vsearch.embed import raw_dim
+from vsearch.errors import FilterError
+from vsearch.query import SearchOptions
+
+MODEL = "tiny-test"
+BRANDS = ["A", "B", "C", "D", "E"]
+CATEGORIES = ["Fruit/Apple", "Fruit/Pear", "Dairy", "Bakery"]
+
+
+def random_attributes(rng: np.random.Generator) -> dict[str, Any]:
+    """Seeded attributes of every JSON type, some missing, some lists."""
+    attrs: dict[str, Any] = {"brand": BRANDS[int(rng.integers(len(BRANDS)))]}
+    if rng.random() < 0.9:
+        attrs["price"] = round(float(rng.uniform(1, 100)), 2) if rng.random() < 0.7 else int(rng.integers(1, 100))
+    if rng.random() < 0.8:
+        attrs["in_stock"] = bool(rng.random() < 0.6)
+    if rng.random() < 0.5:
+        attrs["colors"] = sorted({str(c) for c in rng.choice(["red", "blue", "green"], size=int(rng.integers(1, 3)))})
+    if rng.random() < 0.2:
+        attrs["sku"] = str(int(rng.integers(10)))  # text that looks like a number
+    return attrs
+
+
+def random_filter(rng: np.random.Generator) -> AttributeFilter:
+    pool = [
+        Condition("brand", "eq", BRANDS[int(rng.integers(5))]),
+        Condition("brand", "in", tuple(rng.choice(BRANDS, size=2, replace=False).tolist())),
+        Condition("price", "lt", float(rng.uniform(5, 100))),
+        Condition("price", "gte", int(rng.integers(1, 90))),
+        Condition("in_stock", "eq", bool(rng.random() < 0.5)),
+        Condition("colors", "eq", str(rng.choice(["red", "blue", "green"]))),
+        Condition("sku", "exists", bool(rng.random() < 0.5)),
+        Condition("sku", "eq", int(rng.integers(10))),  # a number never equals the text "3"
+    ]
+    picked = rng.choice(len(pool), size=int(rng.integers(1, 4)), replace=False)
+    return AttributeFilter(tuple(pool[i] for i in sorted(picked)))
+
+
+# ---------------------------------------------------------------------------- parsing
+def test_json_and_where_clauses_parse_to_the_same_conditions() -> None:
+    from_json = AttributeFilter.from_json({"brand": {"in": ["A", "B"]}, "price": {"lt": 50, "gte": 10}, "in_stock": True})
+    from_where = parse_where(["brand in (A, B)", "price<50", "price >= 10", "in_stock=true"])
+    assert from_where is not None and from_json.key == from_where.key
+    assert from_json.to_json() == {"brand": {"in": ["A", "B"]}, "price": {"lt": 50, "gte": 10}, "in_stock": {"eq": True}}
+    quoted = parse_where(["sku='0042'", "size = 9.5", "name in ('a, b', c)", "color exists", "color missing"])
+    assert quoted is not None
+    assert [(c.key, c.op, c.value) for c in quoted.conditions] == [
+        ("sku", "eq", "0042"),
+        ("size", "eq", 9.5),
+        ("name", "in", ("a, b", "c")),
+        ("color", "exists", True),
+        ("color", "exists", False),
+    ]
+    assert parse_where([]) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"price": {"lt": "cheap"}}, "compares numbers"),
+        ({"price": {"between": [1, 2]}}, "unknown condition"),
+        ({"brand": {"in": []}}, "list of 1 to"),
+        ({"brand": {"exists": "yes"}}, "true or false"),
+        ({"brand": {}}, "empty condition"),
+        ({"brand": None}, "strings, numbers or booleans"),
+        ({"brand": ["A"]}, "strings, numbers or booleans"),
+        ({}, "at least one condition"),
+    ],
+)
+def test_malformed_filters_are_refused_with_a_reason(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(FilterError, match=message):
+        AttributeFilter.from_json(spec)
+
+
+def test_an_unreadable_where_clause_names_the_forms() -> None:
+    with pytest.raises(FilterError, match="cannot read --where 'price about 5'.*NAME<N"):
+        parse_where(["price about 5"])
+
+
+# ---------------------------------------------------------------------------- the SQL mirror
+def test_sql_filters_agree_with_the_python_reference_through_updates(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    catalog = Catalog.open(tmp_path / "catalog.db")
+    attributes: dict[str, dict[str, Any]] = {}
+    with catalog.transaction():
+        for i in range(300):
+            attributes[f"p{i}"] = random_attributes(rng)
+            catalog.upsert_product(f"p{i}", attributes=attributes[f"p{i}"])
+            catalog.put_image(f"p{i}", "a.jpg", f"{i:064x}", 1, 1, rng.standard_normal(8).astype(np.float32))
+    with catalog.transaction():  # updates and removals go through the triggers too
+        for i in range(0, 300, 7):
+            attributes[f"p{i}"] = random_attributes(rng)
+            catalog.upsert_product(f"p{i}", attributes=attributes[f"p{i}"])
+        catalog.remove_products([f"p{i}" for i in range(3, 300, 11)])
+    for i in range(3, 300, 11):
+        del attributes[f"p{i}"]
+    owners = catalog.image_products(list(range(1, 301)))
+    sizes = []
+    for _ in range(60):
+        where = random_filter(rng)
+        got = catalog.attribute_image_ids(where)
+        want = sorted(i for i, pid in owners.items() if where.matches(attributes[pid]))
+        assert got.tolist() == want, where
+        sizes.append(len(want))
+    assert min(sizes) == 0 < max(sizes) < 300 and len(set(sizes)) > 20  # the filters vary
+    mirrored = catalog.db.execute("SELECT count(*) FROM product_attributes").fetchone()[0]
+    scalars = sum(len(v) if isinstance(v, list) else 1 for attrs in attributes.values() for v in attrs.values())
+    assert mirrored == scalars  # removed products left no rows behind
+    catalog.close()
+
+
+# ---------------------------------------------------------------------------- search
+def import_catalog(root: Path, n: int, seed: int, factory: str | None = None) -> dict[str, dict[str, Any]]:
+    """An index of ``n`` products (one image each, random vectors, random attributes
+    and categories) imported from a Parquet shard: no model work."""
+    rng = np.random.default_rng(seed)
+    with Engine.open(root / "index", model=MODEL, create=True, index=_factory(factory)) as fresh:
+        dim = raw_dim(fresh.manifest.model)
+    attributes = {f"p{i}": random_attributes(rng) for i in range(n)}
+    centres = rng.standard_normal((30, dim))  # clustered, as catalogs are: IVF tunes a small nprobe
+    vectors = (centres[rng.integers(0, 30, n)] + 0.3 * rng.standard_normal((n, dim))).astype(np.float32)
+    table = pa.table(
+        {
+            "id": list(attributes),
+            "image": [f"https://example.com/{i}.jpg" for i in range(n)],
+            "sha256": [f"{i:064x}" for i in range(n)],
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(vectors.ravel())
+            ),
+        }
+    )
+    pq.write_table(table, root / "shard.parquet")
+    with Engine.open(root / "index") as engine:
+        import_shards(engine, [root / "shard.parquet"], quiet=True)
+        # A Parquet column has one type: the mixed-type attributes go through the write path
+        for pid, attrs in attributes.items():
+            attrs["category"] = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+            engine.put_product(pid, category=attrs["category"], attributes=attrs)
+    return attributes
+
+
+def _factory(factory: str | None) -> Any:
+    from vsearch.config import IndexConfig
+
+    return IndexConfig(factory=factory) if factory else None
+
+
+def brute_force(engine: Engine, xq: np.ndarray, allowed: list[int], k: int) -> list[int]:
+    assert engine.index is not None
+    if not allowed:
+        return []
+    xb = engine.index.reconstruct(np.array(allowed, dtype=np.int64))
+    scores = engine.snapshot.projection.apply(xq) @ xb.T
+    return [allowed[i] for i in np.argsort(-scores[0], kind="stable")[:k]]
+
+
+def allowed_ids(engine: Engine, attributes: dict[str, dict[str, Any]], where: AttributeFilter | None, category: str) -> list[int]:
+    owners = engine.catalog.image_products(list(range(1, len(attributes) + 1)))
+    return sorted(
+        i
+        for i, pid in owners.items()
+        if (where is None or where.matches(attributes[pid]))
+        and (not category or attributes[pid]["category"].startswith(category))
+    )
+
+
+def test_filtered_search_on_an_exact_index_equals_brute_force_over_the_matching_images(tmp_path: Path) -> None:
+    attributes = import_catalog(tmp_path, 600, seed=1)
+    rng = np.random.default_rng(2)
+    with Engine.open(tmp_path / "index") as engine:
+        assert engine.index is not None and engine.index.nlist == 0  # Flat: exact
+        dim = int(engine.info()["raw_dim"])
+        sizes = []
+        for trial in range(40):
+            where = random_filter(rng)
+            category = ["", "Fruit", "Dairy"][trial % 3]
+            xq = rng.standard_normal((1, dim)).astype(np.float32)
+            k = int(rng.integers(1, 30))
+            options = SearchOptions(k=k, group_by_product=False, where=where, categories=(category,) if category else ())
+            hits = engine.search_vectors(xq, options)[0]
+            allowed = allowed_ids(engine, attributes, where, category)
+            assert [h.image_id for h in hits] == brute_force(engine, xq, allowed, k), (where, category)
+            assert len(hits) == min(k, len(allowed))  # k results whenever k images match
+            assert all(where.matches(h.attributes) for h in hits)
+            sizes.append(len(allowed))
+        assert 0 in sizes and max(sizes) > 100  # empty, selective and broad filters were all tried
+
+
+def test_filtered_search_on_an_ivf_index_fills_k_and_finds_the_nearest(tmp_path: Path) -> None:
+    attributes = import_catalog(tmp_path, 3000, seed=3, factory="IVF16,Flat")
+    rng = np.random.default_rng(4)
+    recalls = []
+    with Engine.open(tmp_path / "index") as engine:
+        assert engine.index is not None and engine.index.nlist == 16
+        dim = int(engine.info()["raw_dim"])
+        for _ in range(30):
+            where = random_filter(rng)
+            xq = rng.standard_normal((1, dim)).astype(np.float32)
+            hits = engine.search_vectors(xq, SearchOptions(k=10, group_by_product=False, where=where))[0]
+            allowed = allowed_ids(engine, attributes, where, "")
+            want = brute_force(engine, xq, allowed, 10)
+            assert len(hits) == len(want) and all(where.matches(h.attributes) for h in hits)
+            if want:
+                recalls.append(len({h.image_id for h in hits} & set(want)) / len(want))
+        paths = engine.index.paths.copy()
+    assert np.mean(recalls) >= 0.9, recalls
+    assert paths["exact"] > 0 and paths["selector"] + paths["selector_more"] > 0, paths  # both kinds of filter
+
+
+def test_a_write_is_seen_by_the_next_filtered_search(tmp_path: Path) -> None:
+    attributes = import_catalog(tmp_path, 200, seed=5)
+    cheap = AttributeFilter.from_json({"price": {"lt": 10}})
+    with Engine.open(tmp_path / "index") as engine:
+        dim = int(engine.info()["raw_dim"])
+        xq = np.random.default_rng(6).standard_normal((1, dim)).astype(np.float32)
+        options = SearchOptions(k=100, where=cheap)
+
+        def found() -> set[str]:
+            return {h.product_id for h in engine.search_vectors(xq, options)[0]}
+
+        before = found()
+        assert before == {pid for pid, a in attributes.items() if cheap.matches(a)}
+        assert found() is not None and engine.snapshot.filters._where  # the allowed set is kept
+        dear = sorted(before)[0]
+        engine.put_product(dear, category=attributes[dear]["category"], attributes={**attributes[dear], "price": 99})
+        assert found() == before - {dear}  # the price change, on the very next search
+        bargain = next(pid for pid, a in attributes.items() if pid not in before)
+        engine.put_product(bargain, category="Dairy", attributes={"price": 1})
+        assert found() == before - {dear} | {bargain}
+        engine.delete_product(bargain)
+        assert found() == before - {dear}
