@@ -4,6 +4,7 @@ filters see at once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,14 @@ from vsearch import Engine
 from vsearch.attributes import AttributeFilter, Condition, parse_where
 from vsearch.bulkimport import import_shards
 from vsearch.catalog import Catalog
+from vsearch.cli import main
 from vsearch.embed import raw_dim
-from vsearch.errors import FilterError
+from vsearch.errors import FilterError, ManifestError
 from vsearch.query import SearchOptions
+from vsearch.sources import read_manifest
+
+from .api_helpers import build_small_index, jpeg
+from .test_api import client_for
 
 MODEL = "tiny-test"
 BRANDS = ["A", "B", "C", "D", "E"]
@@ -247,3 +253,64 @@ def test_a_write_is_seen_by_the_next_filtered_search(tmp_path: Path) -> None:
         assert found() == before - {dear} | {bargain}
         engine.delete_product(bargain)
         assert found() == before - {dear}
+
+
+# ---------------------------------------------------------------------------- manifests, CLI, API
+def test_csv_columns_declared_number_or_bool_are_typed(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,image,brand,price:number,in_stock:bool,sku\na,a.jpg,Acme,12,yes,0042\nb,b.jpg,Zeta,9.5,false,7\nc,c.jpg,Zeta,,,\n"
+    )
+    items = {it.product_id: it.attributes for it in read_manifest(manifest)}
+    assert items == {
+        "a": {"brand": "Acme", "price": 12, "in_stock": True, "sku": "0042"},
+        "b": {"brand": "Zeta", "price": 9.5, "in_stock": False, "sku": "7"},
+        "c": {"brand": "Zeta", "sku": ""},
+    }
+    manifest.write_text("id,image,price:number\na,a.jpg,cheap\n")
+    with pytest.raises(ManifestError, match=r"m.csv:2: price:number must be a number, not 'cheap'"):
+        read_manifest(manifest)
+    manifest.write_text("id,image,in_stock:bool\na,a.jpg,maybe\n")
+    with pytest.raises(ManifestError, match=r"m.csv:2: in_stock:bool must be true/false"):
+        read_manifest(manifest)
+
+
+@pytest.fixture(scope="module")
+def priced_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 25-product test catalog, product n priced n and in stock when n is even."""
+    root = tmp_path_factory.mktemp("priced")
+    index = build_small_index(root)
+    with Engine.open(index) as engine:
+        for pid in sorted(engine.catalog.product_ids()):
+            n = int(pid[-2:])
+            product = engine.product(pid).product
+            engine.put_product(pid, category=product.category, attributes={"price": n, "in_stock": n % 2 == 0})
+    return index
+
+
+def test_cli_search_where(priced_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    query = priced_index.parent / "catalog" / "Bakery" / "p04.jpg"
+    args = ["search", str(query), "--index", str(priced_index), "--k", "25", "--json"]
+    assert main([*args, "--where", "price<10", "--where", "in_stock=true"]) == 0
+    found = {h["product_id"] for h in json.loads(capsys.readouterr().out)["results"]}
+    assert {int(p[-2:]) for p in found} == {0, 2, 4, 6, 8}
+    assert main([*args, "--where", "price about 3"]) == 1
+    assert "cannot read --where 'price about 3'" in capsys.readouterr().err
+
+
+def test_api_filter_in_json_query_string_and_form(priced_index: Path) -> None:
+    image = jpeg(4)
+    with client_for(priced_index) as client:
+        body = {"product_id": "Bakery/p04", "k": 25, "filter": {"price": {"gte": 20}}}
+        found = {h["product_id"] for h in client.post("/v1/search", json=body).json()["results"]}
+        assert {int(p[-2:]) for p in found} == {20, 21, 22, 23, 24}
+        query = json.dumps({"in_stock": False, "price": {"lt": 6}})
+        hits = client.post("/v1/search", params={"filter": query, "k": 25}, files={"image": ("q.jpg", image)}).json()
+        assert {int(h["product_id"][-2:]) for h in hits["results"]} == {1, 3, 5}
+        form = client.post(
+            "/v1/search", data={"filter": '{"price": {"in": [3, 7]}}', "k": "25"}, files={"image": ("q.jpg", image)}
+        )
+        assert {int(h["product_id"][-2:]) for h in form.json()["results"]} == {3, 7}
+        bad = client.post("/v1/search", json={"product_id": "Bakery/p04", "filter": {"price": {"lt": "x"}}})
+        assert bad.status_code == 422 and "lt compares numbers" in bad.json()["error"]["message"]
+        assert client.post("/v1/search", json={"product_id": "Bakery/p04", "filter": "{oops"}).status_code == 422

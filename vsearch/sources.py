@@ -2,6 +2,11 @@
 
 Everything is parsed and validated before any model work starts, so a malformed
 manifest fails fast with the line it is on.
+
+A manifest's other columns become product attributes. JSONL values keep their JSON
+types; CSV cells are text unless the column is declared with a type suffix:
+``price:number`` (an integer or a decimal) or ``in_stock:bool`` (true/false, yes/no,
+1/0), stored under the name without the suffix; an empty cell leaves the attribute out.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 REQUIRED = ("id", "image")
 KNOWN = ("id", "image", "category", "title")
 ALIASES = {"product_id": "id"}  # a pairs file (image,product_id) adds photos to existing products
+TYPED = ("number", "bool")  # attribute column suffixes: price:number, in_stock:bool
+BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,7 @@ def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
     if not product_id:
         raise ManifestError(f"{path}:{line}: empty id")
     image = _image(path, line, row)
-    attributes = {k: v for k, v in row.items() if k not in KNOWN}
+    attributes = _attributes(path, line, {k: v for k, v in row.items() if k not in KNOWN})
     return Item(
         product_id=product_id,
         image=image,
@@ -162,6 +169,36 @@ def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
         title=str(row["title"] or "").strip() if "title" in row else None,
         attributes=attributes or None,
     )
+
+
+def _attributes(path: Path, line: int, columns: dict[str, Any]) -> dict[str, Any]:
+    """A row's attribute columns, ``name:number`` / ``name:bool`` converted."""
+    out: dict[str, Any] = {}
+    for column, value in columns.items():
+        name, _, kind = column.rpartition(":")
+        if not name or kind not in TYPED:
+            out[column] = value
+        elif value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        elif isinstance(value, str):
+            out[name] = _typed(path, line, column, kind, value.strip())
+        else:  # JSONL: already typed; the suffix still names the attribute
+            out[name] = value
+    return out
+
+
+def _typed(path: Path, line: int, column: str, kind: str, text: str) -> int | float | bool:
+    if kind == "bool":
+        if text.lower() not in BOOLS:
+            raise ManifestError(f"{path}:{line}: {column} must be true/false, yes/no or 1/0, not {text!r}")
+        return BOOLS[text.lower()]
+    try:
+        number = float(text)
+    except ValueError:
+        raise ManifestError(f"{path}:{line}: {column} must be a number, not {text!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ManifestError(f"{path}:{line}: {column} must be a finite number, not {text!r}")
+    return int(text) if text.lstrip("+-").isdigit() else number
 
 
 def _check_text(path: Path, line: int, row: dict[str, Any], field: str) -> None:
