@@ -5,6 +5,7 @@ filters see at once."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -231,10 +232,20 @@ def test_filtered_search_on_an_ivf_index_fills_k_and_finds_the_nearest(tmp_path:
     assert paths["exact"] > 0 and paths["selector"] + paths["selector_more"] > 0, paths  # both kinds of filter
 
 
-def test_a_write_is_seen_by_the_next_filtered_search(tmp_path: Path) -> None:
+def test_a_write_is_seen_by_the_next_filtered_search_at_the_cost_of_the_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     attributes = import_catalog(tmp_path, 200, seed=5)
     cheap = AttributeFilter.from_json({"price": {"lt": 10}})
     with Engine.open(tmp_path / "index") as engine:
+        reads: list[int | None] = []  # how many images each allowed-set query re-checked (None: all)
+        query = engine.catalog.attribute_image_ids
+
+        def counted(where: AttributeFilter, among: list[int] | None = None) -> np.ndarray:
+            reads.append(None if among is None else len(among))
+            return query(where, among)
+
+        monkeypatch.setattr(engine.catalog, "attribute_image_ids", counted)
         dim = int(engine.info()["raw_dim"])
         xq = np.random.default_rng(6).standard_normal((1, dim)).astype(np.float32)
         options = SearchOptions(k=100, where=cheap)
@@ -253,6 +264,14 @@ def test_a_write_is_seen_by_the_next_filtered_search(tmp_path: Path) -> None:
         assert found() == before - {dear} | {bargain}
         engine.delete_product(bargain)
         assert found() == before - {dear}
+        assert reads == [None, 1, 1, 1]  # one full read, then each write re-checked its own image
+
+        dairy = replace(options, categories=("Dairy",))
+        in_dairy = {h.product_id for h in engine.search_vectors(xq, dairy)[0]}
+        assert in_dairy == {p for p in before - {dear} if attributes[p]["category"] == "Dairy"}
+        mover = next(p for p in sorted(before - {dear}) if attributes[p]["category"] != "Dairy")
+        engine.put_product(mover, category="Dairy", attributes=attributes[mover])  # a category move, same price
+        assert {h.product_id for h in engine.search_vectors(xq, dairy)[0]} == in_dairy | {mover}
 
 
 # ---------------------------------------------------------------------------- manifests, CLI, API

@@ -79,13 +79,25 @@ class Condition:
 
     def sql(self) -> tuple[str, list[Any]]:
         """The product ids it holds for, as one indexed SELECT."""
-        rows = "SELECT product_id FROM product_attributes WHERE key = ?"
+        test, params = self.row_test()
+        rows = f"SELECT product_id FROM product_attributes WHERE {test}"
+        if self.op == "exists" and not self.value:
+            return f"SELECT id FROM products EXCEPT {rows}", params
+        return rows, params
+
+    def correlated(self, product_id: str) -> tuple[str, list[Any]]:
+        """Whether it holds for the product ``product_id`` names (a column of an
+        outer query): an EXISTS on that product's rows, for checking a few images."""
+        test, params = self.row_test()
+        exists = f"EXISTS (SELECT 1 FROM product_attributes WHERE product_id = {product_id} AND {test})"
+        return (exists if self.op != "exists" or self.value else f"NOT {exists}"), params
+
+    def row_test(self) -> tuple[str, list[Any]]:
+        """The test on one product_attributes row (``exists``: that the key is there)."""
         if self.op == "exists":
-            if self.value:
-                return rows, [self.key]
-            return f"SELECT id FROM products EXCEPT {rows}", [self.key]
+            return "key = ?", [self.key]
         if self.op in RANGE_OPS:
-            return f"{rows} AND kind = 'number' AND value {RANGE_OPS[self.op]} ?", [self.key, self.value]
+            return f"key = ? AND kind = 'number' AND value {RANGE_OPS[self.op]} ?", [self.key, self.value]
         values = self.value if self.op == "in" else (self.value,)
         parts: list[str] = []
         params: list[Any] = [self.key]
@@ -94,7 +106,7 @@ class Condition:
             if same:
                 parts.append(f"(kind = '{kind}' AND value IN ({','.join('?' * len(same))}))")
                 params += same
-        return f"{rows} AND ({' OR '.join(parts)})", params
+        return f"key = ? AND ({' OR '.join(parts)})", params
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,16 @@ class AttributeFilter:
             parts.append(sql)
             params += args
         return " INTERSECT ".join(parts), params
+
+    def correlated(self, product_id: str) -> tuple[str, list[Any]]:
+        """Whether every condition holds for the product ``product_id`` names (a
+        column of an outer query): costs the rows of that product, not the filter's."""
+        parts, params = [], []
+        for condition in self.conditions:
+            sql, args = condition.correlated(product_id)
+            parts.append(sql)
+            params += args
+        return " AND ".join(parts), params
 
     def matches(self, attributes: Mapping[str, Any]) -> bool:
         """The same test in Python, for one product (tests and small lists)."""

@@ -12,12 +12,9 @@ a broad filter on a big ``Flat`` index can no longer keep a second copy of it.
 :meth:`CategoryFilter.update` with the images each change touched (from the
 catalog's change log), so a write costs the blocks of its own categories only.
 
-An attribute filter's allowed images come from one indexed SQL query; the blocks
-it leaves (each category's ids that it allows) are kept for the next search with
-the same filter (WHERE_CACHE_ENTRIES filters) until the catalog's next write: their
-cache key carries the catalog generation, so a price change is seen by the very
-next search, and the arrays stay the same objects between writes (an IVF index
-keeps what it builds of a filter by the arrays' identity).
+An attribute filter's allowed images come from :class:`vsearch.allowed.AllowedSets`
+(kept current by writes at the cost of the change); with a category filter too,
+each allowed category block is cut to them, and the cut is kept until a write.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .allowed import ALLOWED_SETS_KEPT, AllowedSets
 from .attributes import AttributeFilter
 from .catalog import Catalog
 from .errors import FilterError
@@ -50,7 +48,6 @@ DEFAULT_BLOCK_CACHE_BYTES = 256 * 1024 * 1024
 # A filtered search on an exact index votes from about this many images, an even
 # sample of every category, instead of a second exhaustive search of the catalog.
 VOTE_SAMPLE = 4096
-WHERE_CACHE_ENTRIES = 32  # attribute filters whose blocks are kept until the next write
 Blocks = dict[str, np.ndarray]
 
 
@@ -164,7 +161,9 @@ class CategoryFilter:
         self.catalog = catalog
         self.cache = BlockCache(max_cache_bytes)
         self._leaves: Blocks | None = None
-        self._where: OrderedDict[tuple[Any, ...], Blocks] = OrderedDict()
+        self.allowed = AllowedSets(catalog)
+        self._where: OrderedDict[tuple[Any, ...], Blocks] = OrderedDict()  # (categories, exclude, tag) -> blocks
+        self._leaves_version = 0
         self._lock = threading.Lock()
 
     def blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter | None = None) -> Blocks | None:
@@ -180,18 +179,16 @@ class CategoryFilter:
         return category_blocks(leaves, categories, exclude)
 
     def _where_blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter) -> Blocks:
-        """The category blocks (all images, unfiltered) cut to the images ``where``
-        allows, kept per (catalog generation, filter)."""
-        generation = self.catalog.generation
-        key = (generation, tuple(categories), tuple(exclude), where.key)
+        """The category blocks (or all images) cut to the images ``where`` allows."""
+        allowed, version = self.allowed.get(where)
         with self._lock:
+            tag = f"\0where:{version}:{self._leaves_version}"  # the vector cache's key: new for a new set
+            key = (tuple(categories), tuple(exclude), tag)
             found = self._where.get(key)
             if found is not None:
                 self._where.move_to_end(key)
                 return found
         base = self.blocks(categories, exclude)
-        allowed = self.catalog.attribute_image_ids(where)
-        tag = "\0where:" + repr(key)  # the vector cache's key: a new one after every write
         if base is None:
             found = {tag: allowed}
         else:
@@ -199,7 +196,7 @@ class CategoryFilter:
             found = {name: ids for name, ids in cut.items() if len(ids)}
         with self._lock:
             found = self._where.setdefault(key, found)
-            while len(self._where) > WHERE_CACHE_ENTRIES:
+            while len(self._where) > ALLOWED_SETS_KEPT:
                 self._where.popitem(last=False)
         return found
 
@@ -207,7 +204,9 @@ class CategoryFilter:
         """Forget the blocks and their vectors (after a change not known image by image)."""
         with self._lock:
             self._leaves = None
+            self._leaves_version += 1
             self._where.clear()
+        self.allowed.clear()
         self.cache.clear()
 
     def update(self, categories: dict[int, str | None]) -> None:
@@ -216,7 +215,10 @@ class CategoryFilter:
         at the cost of the change (a block is found by binary search, not a scan)."""
         if not categories:
             return
+        self.allowed.update(np.array(sorted(categories), dtype=np.int64))
         with self._lock:
+            self._where.clear()  # cut from blocks that may have changed: cut again when next asked
+            self._leaves_version += 1
             if self._leaves is None:
                 return  # nothing read yet: the first filtered search reads it all
             ids = np.array(sorted(categories), dtype=np.int64)

@@ -1,7 +1,8 @@
 """The catalog's change log: which images' vectors changed in which generation.
 
 SQLite triggers append one row per vector stored, replaced or deleted (and per
-image deleted, and per image of a product moved to another category) to
+image deleted, and per image of a product moved to another category or whose
+attributes changed) to
 ``image_changes``, inside the very transaction that made the change, so the log
 can never disagree with the catalog, whoever wrote it: this process, another
 ``vsearch`` process, or a migration. A row's generation is the
@@ -45,6 +46,11 @@ STATEMENTS = [
     # a product moved to another category: its images' category filters change
     "CREATE TRIGGER IF NOT EXISTS log_product_category AFTER UPDATE OF category ON products "
     "WHEN OLD.category IS NOT NEW.category BEGIN "
+    f"INSERT INTO image_changes(generation, image_id, model) SELECT {_NEXT_GENERATION}, id, NULL "
+    "FROM images WHERE product_id = NEW.id; END",
+    # its attributes changed: what attribute filters allow of its images may change
+    "CREATE TRIGGER IF NOT EXISTS log_product_attributes AFTER UPDATE OF attributes ON products "
+    "WHEN OLD.attributes IS NOT NEW.attributes BEGIN "
     f"INSERT INTO image_changes(generation, image_id, model) SELECT {_NEXT_GENERATION}, id, NULL "
     "FROM images WHERE product_id = NEW.id; END",
 ]
