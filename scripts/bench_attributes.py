@@ -21,7 +21,8 @@ engine's read path) costs:
 - ``recall@10`` against numpy's exact search over the allowed vectors;
 - ``write ms`` and ``after ms``: one product's attributes change so that it leaves
   the set: what the write path spends patching the kept set (``CategoryFilter.update``
-  with the changed image, as the engine calls it), and the next search.
+  with the changed image, as the engine calls it), and the next search;
+- ``facet ms``: the ``in_stock`` facet's counts over the whole filtered set.
 
     python scripts/bench_attributes.py --work /tmp/attrbench            # 1M
     python scripts/bench_attributes.py --work /tmp/attrbench --n 100000
@@ -45,7 +46,9 @@ import bench_filtered as bf  # noqa: E402 - the index and data set of the filter
 from vsearch.attributes import AttributeFilter, parse_where  # noqa: E402
 from vsearch.catalog import Catalog  # noqa: E402
 from vsearch.categories import CategoryFilter  # noqa: E402
+from vsearch.facets import facet_counts  # noqa: E402
 from vsearch.index import recall_at_k  # noqa: E402
+from vsearch.query import SearchOptions  # noqa: E402
 
 FILTERS = {
     "random 1%": ["bucket<1"],
@@ -142,7 +145,7 @@ def main() -> None:
     base_ms, _ = median_ms(lambda q: index.search(q, bf.K), xq)
     print(f"unfiltered: {base_ms:.2f} ms/query (median of {len(xq)} single queries)\n")
     head = f"{'filter':<13} {'allowed':>8} {'set ms':>8} {'first ms':>9} {'query ms':>9} {'x unfiltered':>13}"
-    print(f"{head} {'recall@10':>10} {'write ms':>9} {'after ms':>9}  paths")
+    print(f"{head} {'recall@10':>10} {'write ms':>9} {'after ms':>9} {'facet ms':>9}  paths")
     rows = []
     for name, clauses in FILTERS.items():
         where = parse_where(clauses)
@@ -162,11 +165,14 @@ def main() -> None:
         rows_of = np.array([position[int(i)] for i in allowed])
         truth = bf.exact(xq, xb[rows_of], allowed)
         recall = recall_at_k(found, truth, bf.K)
+        start = time.perf_counter()
+        facet_counts(catalog, SearchOptions(where=where, facets=("in_stock",)), [])
+        facet_ms = 1000 * (time.perf_counter() - start)
         write_ms, after_ms = one_write(catalog, filters, index, xq[0], where, int(allowed[len(allowed) // 2]))
         share = len(allowed) / args.n
         print(
             f"{name:<13} {share:>8.1%} {set_ms:>8.1f} {first_ms:>9.1f} {query_ms:>9.2f} {query_ms / base_ms:>13.2f} "
-            f"{recall:>10.3f} {write_ms:>9.1f} {after_ms:>9.1f}  {paths}"
+            f"{recall:>10.3f} {write_ms:>9.1f} {after_ms:>9.1f} {facet_ms:>9.1f}  {paths}"
         )
         rows.append(
             {
@@ -180,6 +186,7 @@ def main() -> None:
                 "recall_at_10": recall,
                 "write_ms": write_ms,
                 "after_write_ms": after_ms,
+                "facet_ms": facet_ms,
                 "paths": paths,
             }
         )

@@ -72,7 +72,17 @@ def test_openapi_shows_the_query_kinds_and_options(client: TestClient) -> None:
         assert {v["$ref"].rsplit("/", 1)[-1] for v in variants} == kinds
     assert schema["components"]["schemas"]["VectorSearch"]["properties"]["vector"]["type"] == "array"
     params = {p["name"]: p for p in search_op["parameters"]}
-    assert set(params) == {"k", "offset", "category", "exclude_category", "min_score", "group_by_product", "filter", "crop"}
+    assert set(params) == {
+        "k",
+        "offset",
+        "category",
+        "exclude_category",
+        "min_score",
+        "group_by_product",
+        "filter",
+        "facets",
+        "crop",
+    }
     assert params["filter"]["schema"]["examples"][0] == {"brand": {"in": ["A", "B"]}, "price": {"lt": 50}, "in_stock": True}
     assert (params["k"]["schema"]["minimum"], params["k"]["schema"]["maximum"]) == (1, 100)
     assert all(p["in"] == "query" and not p["required"] for p in params.values())

@@ -333,3 +333,56 @@ def test_api_filter_in_json_query_string_and_form(priced_index: Path) -> None:
         bad = client.post("/v1/search", json={"product_id": "Bakery/p04", "filter": {"price": {"lt": "x"}}})
         assert bad.status_code == 422 and "lt compares numbers" in bad.json()["error"]["message"]
         assert client.post("/v1/search", json={"product_id": "Bakery/p04", "filter": "{oops"}).status_code == 422
+
+
+# ---------------------------------------------------------------------------- facets
+def reference_counts(attributes: dict[str, dict[str, Any]], products: set[str], name: str) -> dict[tuple[str, Any], int]:
+    counts: dict[tuple[str, Any], int] = {}
+    for pid in products:
+        raw = attributes[pid].get(name)
+        for value in raw if isinstance(raw, list) else [raw]:
+            if value is not None:
+                key = (type(value).__name__, value)
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_facet_counts_over_the_filtered_set_and_the_results_match_a_python_count(tmp_path: Path) -> None:
+    attributes = import_catalog(tmp_path, 400, seed=7)
+    rng = np.random.default_rng(8)
+    with Engine.open(tmp_path / "index") as engine:
+        dim = int(engine.info()["raw_dim"])
+        for trial in range(12):
+            where = random_filter(rng) if trial % 4 else None
+            category = ("Fruit",) if trial % 3 == 0 else ()
+            options = SearchOptions(k=15, where=where, categories=category, facets=("brand", "in_stock", "colors", "category"))
+            hits = engine.search_vectors(rng.standard_normal((1, dim)).astype(np.float32), options)[0]
+            facets = engine.facets(options, hits)
+            allowed = {
+                pid
+                for pid, a in attributes.items()
+                if (where is None or where.matches(a)) and (not category or a["category"].startswith("Fruit"))
+            }
+            for name in options.facets:
+                got = {(type(c.value).__name__, c.value): c.count for c in facets[name]["all"]}
+                assert got == reference_counts(attributes, allowed, name), (name, where)
+                top = {(type(c.value).__name__, c.value): c.count for c in facets[name]["top"]}
+                assert top == reference_counts(attributes, {h.product_id for h in hits}, name)
+            counts = [c.count for c in facets["brand"]["all"]]
+            assert counts == sorted(counts, reverse=True)  # most frequent first
+
+
+def test_facets_through_the_api_and_the_cli(priced_index: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with client_for(priced_index) as client:
+        body = {"product_id": "Bakery/p04", "k": 3, "filter": {"price": {"lt": 10}}, "facets": ["in_stock", "category"]}
+        facets = client.post("/v1/search", json=body).json()["facets"]
+        # products 0-9 but the query's own (p04, left out of its results)
+        assert facets["in_stock"]["all"] == [{"value": False, "count": 5}, {"value": True, "count": 4}]
+        assert sum(c["count"] for c in facets["in_stock"]["top"]) == 3
+        assert sum(c["count"] for c in facets["category"]["all"]) == 9
+        plain = client.post("/v1/search", json={"product_id": "Bakery/p04", "k": 3}).json()
+        assert plain["facets"] == {}
+    query = priced_index.parent / "catalog" / "Bakery" / "p04.jpg"
+    args = ["search", str(query), "--index", str(priced_index), "--where", "price>=20", "--facet", "in_stock"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "in_stock: true (3), false (2)"

@@ -89,7 +89,9 @@ class Condition:
         """Whether it holds for the product ``product_id`` names (a column of an
         outer query): an EXISTS on that product's rows, for checking a few images."""
         test, params = self.row_test()
-        exists = f"EXISTS (SELECT 1 FROM product_attributes WHERE product_id = {product_id} AND {test})"
+        # by the product's own rows: the (key, value) index would walk the filter's whole set
+        rows = "product_attributes INDEXED BY product_attributes_product"
+        exists = f"EXISTS (SELECT 1 FROM {rows} WHERE product_id = {product_id} AND {test})"
         return (exists if self.op != "exists" or self.value else f"NOT {exists}"), params
 
     def row_test(self) -> tuple[str, list[Any]]:

@@ -441,6 +441,11 @@ class Catalog:
         return ids
 
     @_locked
+    def read(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        """Rows of one read-only query (aggregates such as facet counts)."""
+        return self.db.execute(sql, params).fetchall()
+
+    @_locked
     def counts(self) -> dict[str, int]:
         one = self.db.execute
         return {

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CONDITION",
         help="only products whose attributes match: 'price<50', 'brand in (A, B)', 'in_stock=true', "
         "'color exists', 'color missing' (repeatable: all must hold)",
+    )
+    p.add_argument(
+        "--facet", action="append", default=[], metavar="FIELD", help="count this attribute's (or category's) values (repeatable)"
     )
     p.add_argument("--no-group", action="store_true", help="list images, not products (a product may repeat)")
     p.add_argument("--device", default=env.device)
@@ -452,7 +456,9 @@ def _export(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from .attributes import parse_where
     from .engine import Engine
+    from .query import SearchOptions
 
+    where = parse_where(args.where)
     with Engine.open(args.index, device=args.device) as engine:
         hits = engine.search(
             args.image,
@@ -460,13 +466,19 @@ def _search(args: argparse.Namespace) -> int:
             categories=args.category,
             exclude_categories=args.exclude_category,
             group_by_product=not args.no_group,
-            where=parse_where(args.where),
+            where=where,
         )
+        scope = SearchOptions(categories=args.category or (), exclude_categories=args.exclude_category or (), where=where)
+        facets = engine.facets(replace(scope, facets=tuple(args.facet)), hits) if args.facet else {}
     if args.json:
-        _print_json({"results": [h.to_dict() for h in hits]})
+        counts = {name: {part: [c.to_dict() for c in values] for part, values in parts.items()} for name, parts in facets.items()}
+        _print_json({"results": [h.to_dict() for h in hits], **({"facets": counts} if facets else {})})
         return 0
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}")
+    for name, parts in facets.items():
+        shown = ", ".join(f"{json.dumps(c.value, ensure_ascii=False)} ({c.count})" for c in parts["all"])
+        print(f"{name}: {shown or '(none)'}")
     return 0
 
 

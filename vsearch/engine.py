@@ -32,6 +32,7 @@ from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
 from .errors import ModelError, ProductNotFoundError
+from .facets import FacetCount, facet_counts
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
@@ -380,6 +381,12 @@ class Engine:
             if self._closed:
                 return [[] for _ in raw], [[] for _ in raw]
             return search_snapshot(snap, self.catalog, raw, options or SearchOptions(), timings, neighbours)
+
+    def facets(self, options: SearchOptions, hits: Sequence[Hit] = ()) -> dict[str, dict[str, list[FacetCount]]]:
+        """Value counts of ``options.facets`` among the products the options' filters
+        allow (``all``) and among ``hits`` (``top``); see :mod:`vsearch.facets`."""
+        with self._rw.read(), self.catalog.reading():
+            return facet_counts(self.catalog, options, hits)
 
     def search_regions(self, image: Image.Image, options: SearchOptions | None = None) -> list[Hit]:
         """Products ranked by their best-matching region of the photo.

@@ -97,6 +97,7 @@ class SearchOptions:
     min_score: float | None = None
     group_by_product: bool = True
     where: AttributeFilter | None = None  # attribute conditions (vsearch.attributes)
+    facets: Sequence[str] = ()  # fields to count values of (vsearch.facets)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:

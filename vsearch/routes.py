@@ -84,6 +84,10 @@ def search_out(result: SearchResult, options: SearchOptions) -> SearchOut:
                 for h in result.hits
             ],
             "suggested_categories": [{"category": c, "share": s} for c, s in result.suggested_categories],
+            "facets": {
+                name: {part: [c.to_dict() for c in counts] for part, counts in parts.items()}
+                for name, parts in result.facets.items()
+            },
             "timing_ms": result.timing_ms,
             "k": options.k,
             "offset": options.offset,

@@ -39,6 +39,8 @@ __all__ = [
     "HitOut",
     "CategoryShare",
     "SearchOut",
+    "FacetOut",
+    "FacetValue",
     "BatchItemOut",
     "BatchOut",
     "ImageOut",
@@ -134,6 +136,13 @@ class SearchParams(BaseModel):
     min_score: float | None = Field(None, ge=-1, le=1, description="drop results scoring less")
     group_by_product: bool = Field(True, description="one result per product, its best image")
     filter: FilterField = None
+    facets: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="count the values of these fields (attributes, or category) among all the products the filters "
+        "allow and among the results (repeatable)",
+        examples=[["brand", "category"]],
+    )
     crop: CropField = None
 
     def options(self) -> SearchOptions:
@@ -145,6 +154,7 @@ class SearchParams(BaseModel):
             min_score=self.min_score,
             group_by_product=self.group_by_product,
             where=self.filter,
+            facets=tuple(self.facets),
         )
 
 
@@ -288,9 +298,20 @@ class CategoryShare(BaseModel):
     share: float
 
 
+class FacetValue(BaseModel):
+    value: str | int | float | bool
+    count: int
+
+
+class FacetOut(BaseModel):
+    all: list[FacetValue] = Field(description="among every product the search's filters allow, most frequent first")
+    top: list[FacetValue] = Field(description="among the results returned")
+
+
 class SearchOut(BaseModel):
     results: list[HitOut]
     suggested_categories: list[CategoryShare]
+    facets: dict[str, FacetOut] = Field(default_factory=dict, description="one entry per requested facet")
     timing_ms: dict[str, float]
     k: int
     offset: int

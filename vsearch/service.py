@@ -34,6 +34,7 @@ from .config import ServeConfig
 from .embed import decode_side, pick_device
 from .engine import Engine
 from .errors import ConfigError, ImageTooLargeError, VsearchError
+from .facets import FacetCount
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import decode_image
@@ -50,6 +51,7 @@ class SearchResult:
     hits: list[Hit]
     suggested_categories: list[tuple[str, float]]
     timing_ms: dict[str, float] = field(default_factory=dict)
+    facets: dict[str, dict[str, list[FacetCount]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,11 +274,15 @@ class SearchService:
         assert p.raw is not None
         try:
             hits, suggested = self.engine.search_and_suggest(p.raw, p.options, p.timing, snapshot=snap)
+            counted = time.perf_counter()
+            facets = self.engine.facets(p.options, hits[0]) if p.options.facets else {}
+            if facets:
+                p.timing["facets"] = _ms(counted)
         except VsearchError as exc:
             return exc
         timing = {"decode": 0.0, "embed": 0.0, "search": 0.0, "lookup": 0.0, **p.timing}
         timing["total"] += timing["embed"] + _ms(start)
-        return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()})
+        return SearchResult(hits[0], suggested[0], {k: round(v, 2) for k, v in timing.items()}, facets)
 
     def load(self, data: bytes, label: str, crop: Crop | None) -> Image.Image:
         """Size-check, decode (reduced to what the model can use of it, or of the crop)
