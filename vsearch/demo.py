@@ -2,13 +2,17 @@
 
 The Grocery Store Dataset (MIT; github.com/marcusklasson/GroceryStoreDataset) is
 recognised and turned into a catalog of its 81 products (iconic images, with their
-category paths), centred on a sample of its unlabelled in-store photos. Any other
-folder is ingested as a folder catalog.
+category paths, and attributes: the dataset's coarse and fine class, plus a price
+and an in-stock flag that are made up by a seeded generator and named
+``synthetic_price`` / ``synthetic_in_stock`` so that no one mistakes them for
+data), centred on a sample of its unlabelled in-store photos. Any other folder is
+ingested as a folder catalog.
 """
 
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 
 from .engine import Engine
@@ -18,6 +22,7 @@ __all__ = ["build_demo", "find_demo_data"]
 
 CANDIDATES = ("../shared/datasets/grocery-store", "shared/datasets/grocery-store")
 CENTER_SAMPLE = 600  # > 2 x 256, so PCA to 256 can be fitted
+SYNTHETIC_SEED = 0  # the demo's made-up synthetic_price / synthetic_in_stock attributes
 
 
 def find_demo_data(data: str | None) -> Path:
@@ -68,14 +73,28 @@ def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
     names: dict[str, str] = {}  # the dataset's numeric class id -> the demo's product id
     with open(dataset / "classes.csv", newline="") as fh, open(catalog, "w", newline="") as dst:
         writer = csv.writer(dst)
-        writer.writerow(["id", "image", "category", "title", "coarse_class"])
+        writer.writerow(
+            [
+                "id",
+                "image",
+                "category",
+                "title",
+                "coarse_class",
+                "fine_class",
+                "synthetic_price:number",
+                "synthetic_in_stock:bool",
+            ]
+        )
+        shop = random.Random(SYNTHETIC_SEED)  # noqa: S311 - made-up prices for the filter examples, not a secret
         for row in csv.reader(fh):
             if row[0].startswith("Class Name"):
                 continue
             name, class_id, coarse, _, iconic = row[:5]
             names[class_id] = name
             category = f"{Path(iconic).parts[2]}/{coarse}"  # e.g. Fruit/Apple, Packages/Milk
-            writer.writerow([name, str(dataset) + iconic, category, name.replace("-", " "), coarse])
+            price, in_stock = round(shop.uniform(0.5, 6.0), 2), shop.random() < 0.8
+            title = name.replace("-", " ")
+            writer.writerow([name, str(dataset) + iconic, category, title, coarse, name, price, str(in_stock).lower()])
     lines = [line for line in (dataset / "train.txt").read_text().splitlines() if line.strip()]
     with open(out / "demo-train-pairs.csv", "w", newline="") as dst:
         writer = csv.writer(dst)

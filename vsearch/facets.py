@@ -6,11 +6,12 @@ every product the search's filters allow (``all``: what a shop shows as
 products' categories; any other name is an attribute (a list attribute counts a
 product once under each of its values). Values keep their JSON types.
 
-``all`` is one SQL aggregate over ``product_attributes``' (key, kind, value)
-index, restricted by the same conditions the search used: its cost follows the
-number of products the filters allow that have the field, so an unfiltered facet
-on a 1M catalog reads that field's 1M index entries (``scripts/bench_attributes.py``
-measures it); ``top`` costs nothing beyond the results.
+``all`` is one SQL aggregate restricted by the same conditions the search used:
+with an attribute filter it walks the filter's products (their own attribute
+rows), otherwise the field's entries in the (key, kind, value) index. Either way
+it costs the set it counts, so a facet over half of a 1M catalog takes seconds
+(``scripts/bench_attributes.py`` measures it); ``top`` costs nothing beyond the
+results.
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def _all(catalog: Catalog, name: str, options: SearchOptions) -> list[FacetCount
     if name == CATEGORY:
         where = f"category != '' AND {scope or '1'}"
         sql = f"SELECT 'text', category AS value, count(*) AS n FROM products WHERE {where} GROUP BY category"
-    else:
+    elif options.where is not None:  # driven from the filter's products: costs the set, not the catalog
+        rows = "product_attributes AS a INDEXED BY product_attributes_product"
+        sql = (
+            f"SELECT a.kind, a.value, count(*) AS n FROM products JOIN {rows} ON a.product_id = products.id AND a.key = ? "
+            f"WHERE {scope} GROUP BY a.kind, a.value"
+        )
+        params = [name, *params]
+    else:  # the field's own index entries, restricted to the categories if any
         inner = f" AND product_id IN (SELECT id FROM products WHERE {scope})" if scope else ""
         sql = f"SELECT kind, value, count(*) AS n FROM product_attributes WHERE key = ?{inner} GROUP BY kind, value"
         params = [name, *params]
