@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from vsearch import Engine
+
 from .api_helpers import build_small_index, jpeg
 
 CHROMIUM = os.environ.get("VSEARCH_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -32,6 +34,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     index = build_small_index(tmp_path_factory.mktemp("browser"))
+    with Engine.open(index) as engine:  # attributes for the facet chips: even products dark, odd light
+        for pid in sorted(engine.catalog.product_ids()):
+            product = engine.product(pid).product
+            shade = "dark" if int(pid[-2:]) % 2 == 0 else "light"
+            engine.put_product(pid, title=product.title, category=product.category, attributes={"shade": shade})
     port = free_port()
     cmd = [sys.executable, "-m", "vsearch", "serve", "--index", str(index), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -79,6 +86,16 @@ def test_shopper_flow_in_chromium(server: str, tmp_path: Path) -> None:
             expect(cards.first.locator(".category")).to_contain_text("Fruit/")
             categories = cards.locator(".category").all_inner_texts()
             assert categories and all(c.startswith("Fruit/") for c in categories)
+
+            page.locator("#categories .chip", has_text="All").click()
+            shade = page.locator("#facets [data-field=shade]")
+            expect(shade.locator(".chip", has_text="dark (13)")).to_be_visible()  # 13 of the 25 products
+            shade.locator(".chip", has_text="dark").click()
+            expect(shade.locator(".chip[aria-pressed=true]")).to_have_text("dark (13)")
+            expect(page.locator("#status")).to_contain_text("12 products")
+            titles = cards.locator(".title").all_inner_texts()
+            assert titles and all(int(t[-2:]) % 2 == 0 for t in titles), titles
+            shade.locator(".chip", has_text="dark").click()  # off again
 
             first_title = cards.first.locator(".title").inner_text()
             cards.first.get_by_role("button", name="More like").click()

@@ -32,7 +32,7 @@ from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
 from .errors import ModelError, ProductNotFoundError
-from .facets import FacetCount, facet_counts
+from .facets import FacetCount, attribute_names, facet_counts
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
@@ -387,6 +387,11 @@ class Engine:
         allow (``all``) and among ``hits`` (``top``); see :mod:`vsearch.facets`."""
         with self._rw.read(), self.catalog.reading():
             return facet_counts(self.catalog, options, hits)
+
+    def attributes(self) -> list[dict[str, Any]]:
+        """The filterable attributes: ``name`` and ``values`` (how many distinct)."""
+        with self._rw.read():
+            return attribute_names(self.catalog)
 
     def search_regions(self, image: Image.Image, options: SearchOptions | None = None) -> list[Hit]:
         """Products ranked by their best-matching region of the photo.

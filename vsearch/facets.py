@@ -25,7 +25,7 @@ from .catalog import Catalog
 from .errors import FilterError
 from .query import Hit, SearchOptions
 
-__all__ = ["FACET_VALUES", "MAX_FACETS", "FacetCount", "facet_counts"]
+__all__ = ["FACET_VALUES", "MAX_FACETS", "FacetCount", "attribute_names", "facet_counts"]
 
 FACET_VALUES = 20  # values reported per facet, most frequent first
 MAX_FACETS = 10  # fields one search may ask for
@@ -63,9 +63,9 @@ def _all(catalog: Catalog, name: str, options: SearchOptions) -> list[FacetCount
         where = f"category != '' AND {scope or '1'}"
         sql = f"SELECT 'text', category AS value, count(*) AS n FROM products WHERE {where} GROUP BY category"
     elif options.where is not None:  # driven from the filter's products: costs the set, not the catalog
-        rows = "product_attributes AS a INDEXED BY product_attributes_product"
+        table = "product_attributes AS a INDEXED BY product_attributes_product"
         sql = (
-            f"SELECT a.kind, a.value, count(*) AS n FROM products JOIN {rows} ON a.product_id = products.id AND a.key = ? "
+            f"SELECT a.kind, a.value, count(*) AS n FROM products JOIN {table} ON a.product_id = products.id AND a.key = ? "
             f"WHERE {scope} GROUP BY a.kind, a.value"
         )
         params = [name, *params]
@@ -73,8 +73,8 @@ def _all(catalog: Catalog, name: str, options: SearchOptions) -> list[FacetCount
         inner = f" AND product_id IN (SELECT id FROM products WHERE {scope})" if scope else ""
         sql = f"SELECT kind, value, count(*) AS n FROM product_attributes WHERE key = ?{inner} GROUP BY kind, value"
         params = [name, *params]
-    rows = catalog.read(f"{sql} ORDER BY n DESC, value LIMIT {FACET_VALUES}", params)
-    return [FacetCount(_value(kind, value), n) for kind, value, n in rows]
+    found = catalog.read(f"{sql} ORDER BY n DESC, value LIMIT {FACET_VALUES}", params)
+    return [FacetCount(_value(kind, value), n) for kind, value, n in found]
 
 
 def _scope(options: SearchOptions) -> tuple[str, list[Any]]:
@@ -105,3 +105,12 @@ def _kind(value: Any) -> str:
 
 def _value(kind: str, value: Any) -> Any:
     return bool(value) if kind == "bool" else value
+
+
+def attribute_names(catalog: Catalog) -> list[dict[str, Any]]:
+    """Every filterable attribute: ``name`` and its number of distinct ``values``
+    (what a page needs to pick facets). Reads the (key, kind, value) index once."""
+    rows = catalog.read(
+        "SELECT key, count(*) FROM (SELECT DISTINCT key, kind, value FROM product_attributes) GROUP BY key ORDER BY key", []
+    )
+    return [{"name": key, "values": n} for key, n in rows]

@@ -19,7 +19,7 @@ from .errors import ConfigError, ProductNotFoundError, VsearchError
 from .images import is_url
 from .metrics import CONTENT_TYPE, Metrics
 from .query import SearchOptions
-from .schemas import BatchIn, BatchItemOut, BatchOut, CategoryNode, ProductIn, ProductOut, SearchOut, SearchParams
+from .schemas import AttributeOut, BatchIn, BatchItemOut, BatchOut, CategoryNode, ProductIn, ProductOut, SearchOut, SearchParams
 from .service import SearchResult, SearchService
 from .statuses import batch_error, error_response
 
@@ -207,6 +207,16 @@ def add_routes(app: FastAPI) -> None:
     async def categories(service: Service) -> list[CategoryNode]:
         tree = await run_in_threadpool(service.engine.categories)
         return [CategoryNode.model_validate(node) for node in tree]
+
+    @app.get(
+        "/v1/attributes",
+        response_model=list[AttributeOut],
+        tags=["catalog"],
+        dependencies=[Read],
+        summary="The attributes searches can filter on and count (facets)",
+    )
+    async def attributes(service: Service) -> list[AttributeOut]:
+        return [AttributeOut.model_validate(a) for a in await run_in_threadpool(service.engine.attributes)]
 
     @app.get("/v1/info", tags=["catalog"], dependencies=[Read], summary="The index: counts, model, dimensions, text search")
     async def info(service: Service) -> dict[str, Any]:

@@ -46,6 +46,7 @@ __all__ = [
     "ImageOut",
     "ProductOut",
     "CategoryNode",
+    "AttributeOut",
     "BatchError",
     "ErrorBody",
     "ErrorOut",
@@ -361,6 +362,11 @@ class ProductOut(BaseModel):
     images: list[ImageOut]
     created_at: float
     updated_at: float
+
+
+class AttributeOut(BaseModel):
+    name: str
+    values: int = Field(description="how many distinct values it has")
 
 
 class CategoryNode(BaseModel):

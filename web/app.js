@@ -10,6 +10,8 @@ const state = {
   crop: null,        // {x, y, w, h} in fractions, applied when searching a region
   selected: new Set(),
   tree: [],
+  facetFields: [],   // attributes with few values, shown as chips with their counts
+  picked: {},        // attribute -> Set of chosen values (OR within one attribute, AND across)
   requestId: 0,
 };
 
@@ -206,6 +208,66 @@ function drawSuggested(suggested) {
   }
 }
 
+// ---------------------------------------------------------------- attribute facets
+const FACET_FIELDS = 4;  // at most this many attributes get chips
+const FACET_MAX_VALUES = 12;  // an attribute with more values (a SKU, a title) is no chip row
+
+async function loadAttributes() {
+  try {
+    const response = await fetch("/v1/attributes");
+    if (!response.ok) throw await apiError(response);
+    const names = await response.json();
+    state.facetFields = names.filter((a) => a.values >= 2 && a.values <= FACET_MAX_VALUES).slice(0, FACET_FIELDS).map((a) => a.name);
+  } catch (err) { showError(`Attributes unavailable: ${err.message}`); }
+}
+
+function filterJson() {
+  const filter = {};
+  for (const [field, values] of Object.entries(state.picked)) if (values.size) filter[field] = { in: [...values].map((k) => JSON.parse(k)) };
+  return Object.keys(filter).length ? JSON.stringify(filter) : "";
+}
+
+function valueKey(value) { return JSON.stringify(value); }
+
+function drawFacets(facets) {
+  const box = $("facets");
+  box.replaceChildren();
+  for (const field of state.facetFields) {
+    const counts = facets[field]?.all || [];
+    const picked = state.picked[field] || new Set();
+    if (!counts.length && !picked.size) continue;
+    const row = document.createElement("div");
+    row.className = "chips";
+    row.setAttribute("role", "group");
+    row.setAttribute("aria-label", `Filter by ${field}`);
+    row.dataset.field = field;
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = `${field.replaceAll("_", " ")}:`;
+    row.append(label);
+    const shown = new Set(counts.map((c) => valueKey(c.value)));
+    const entries = [...counts, ...[...picked].filter((k) => !shown.has(k)).map((k) => ({ value: JSON.parse(k), count: 0 }))];
+    for (const { value, count } of entries) {
+      const key = valueKey(value);
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "chip facet";
+      button.textContent = `${value} (${count})`;
+      button.dataset.value = key;
+      button.setAttribute("aria-pressed", String(picked.has(key)));
+      button.addEventListener("click", () => toggleFacet(field, key));
+      row.append(button);
+    }
+    box.append(row);
+  }
+}
+
+function toggleFacet(field, key) {
+  const picked = (state.picked[field] ||= new Set());
+  if (picked.has(key)) picked.delete(key); else picked.add(key);
+  if (hasQuery()) search();
+}
+
 // ---------------------------------------------------------------- search
 const hasQuery = () => Boolean(state.file || state.imageUrl || state.productId);
 
@@ -224,6 +286,9 @@ async function search({ reveal = false } = {}) {
   const id = ++state.requestId;
   const params = new URLSearchParams({ k: "12" });
   for (const c of state.selected) params.append("category", c);
+  for (const f of state.facetFields) params.append("facets", f);
+  const filter = filterJson();
+  if (filter) params.append("filter", filter);
   const form = new FormData();
   if (state.file) form.append("image", state.file, state.file.name || "photo");
   if (state.imageUrl) form.append("image_url", state.imageUrl);
@@ -242,6 +307,7 @@ async function search({ reveal = false } = {}) {
     if (id !== state.requestId) return;  // a newer search has started
     drawResults(data.results);
     drawSuggested(data.suggested_categories);
+    drawFacets(data.facets || {});
     const ms = Math.round(data.timing_ms.total || 0);
     $("status").textContent = `${data.results.length} products · ${ms} ms`;
     if (reveal && narrow.matches) $("status").scrollIntoView({ behavior: "smooth", block: "start" });
@@ -292,3 +358,4 @@ function showError(message) { $("error").textContent = message; $("error").hidde
 function hideError() { $("error").hidden = true; $("error").textContent = ""; }
 
 loadCategories();
+loadAttributes();
