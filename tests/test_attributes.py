@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vsearch import Engine
+from vsearch import Engine, allowed
+from vsearch.allowed import image_ids
 from vsearch.attributes import AttributeFilter, Condition, parse_where
 from vsearch.bulkimport import import_shards
 from vsearch.catalog import Catalog
@@ -123,7 +124,7 @@ def test_sql_filters_agree_with_the_python_reference_through_updates(tmp_path: P
     sizes = []
     for _ in range(60):
         where = random_filter(rng)
-        got = catalog.attribute_image_ids(where)
+        got = image_ids(catalog, where)
         want = sorted(i for i, pid in owners.items() if where.matches(attributes[pid]))
         assert got.tolist() == want, where
         sizes.append(len(want))
@@ -239,13 +240,13 @@ def test_a_write_is_seen_by_the_next_filtered_search_at_the_cost_of_the_change(
     cheap = AttributeFilter.from_json({"price": {"lt": 10}})
     with Engine.open(tmp_path / "index") as engine:
         reads: list[int | None] = []  # how many images each allowed-set query re-checked (None: all)
-        query = engine.catalog.attribute_image_ids
+        query = allowed.image_ids
 
-        def counted(where: AttributeFilter, among: list[int] | None = None) -> np.ndarray:
+        def counted(catalog: Catalog, where: AttributeFilter, among: list[int] | None = None) -> np.ndarray:
             reads.append(None if among is None else len(among))
-            return query(where, among)
+            return query(catalog, where, among)
 
-        monkeypatch.setattr(engine.catalog, "attribute_image_ids", counted)
+        monkeypatch.setattr(allowed, "image_ids", counted)
         dim = int(engine.info()["raw_dim"])
         xq = np.random.default_rng(6).standard_normal((1, dim)).astype(np.float32)
         options = SearchOptions(k=100, where=cheap)

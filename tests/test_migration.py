@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from vsearch import changelog
+from vsearch.allowed import image_ids
 from vsearch.attributes import AttributeFilter
 from vsearch.catalog import BASE_MODEL, TABLES, Catalog
 from vsearch.engine import Engine
@@ -378,8 +379,8 @@ def test_a_schema_4_catalog_keeps_its_float32_rows_and_its_log_and_writes_float1
     db = catalog.db
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
     # schema 6: the attributes products already had are filterable (image 3 is gone)
-    assert catalog.attribute_image_ids(AttributeFilter.from_json({"price": {"lte": 5}})).tolist() == [1, 2, 4, 5]
-    assert catalog.attribute_image_ids(AttributeFilter.from_json({"brand": "A", "tags": "y"})).tolist() == [2, 8, 14, 20]
+    assert image_ids(catalog, AttributeFilter.from_json({"price": {"lte": 5}})).tolist() == [1, 2, 4, 5]
+    assert image_ids(catalog, AttributeFilter.from_json({"brand": "A", "tags": "y"})).tolist() == [2, 8, 14, 20]
     assert db.execute("SELECT DISTINCT dtype FROM model_vectors").fetchall() == [(0,)]  # read as written
     assert_same_vectors(stored(catalog, BASE_MODEL), base)
     assert_same_vectors(stored(catalog, FT), ft)

@@ -1,7 +1,7 @@
 """The images each attribute filter allows, read once and kept current by writes.
 
 A filter's allowed set (sorted image ids) costs one indexed SQL query the first
-time (:meth:`vsearch.catalog.Catalog.attribute_image_ids`), which grows with the
+time (:func:`image_ids`), which grows with the
 set: ~0.1 s for half of a 100k catalog. Paying that again after every catalog
 write would make a busy catalog's broad filters slow, so a write instead re-checks
 only the images it changed (the change log names them: new or removed images, and
@@ -25,7 +25,7 @@ import numpy as np
 from .attributes import AttributeFilter
 from .catalog import Catalog
 
-__all__ = ["AllowedSets", "ALLOWED_SETS_KEPT"]
+__all__ = ["AllowedSets", "ALLOWED_SETS_KEPT", "image_ids"]
 
 ALLOWED_SETS_KEPT = 32  # filters whose allowed sets are kept (least recently used out first)
 
@@ -48,35 +48,53 @@ class AllowedSets:
             if found is not None:
                 self._sets.move_to_end(key)
                 return found[1], found[2]
-        ids = self.catalog.attribute_image_ids(where)
+        ids = image_ids(self.catalog, where)
         with self._lock:
             found = self._sets.setdefault(key, (where, ids, next(self._versions)))
             while len(self._sets) > self.kept:
                 self._sets.popitem(last=False)
         return found[1], found[2]
 
-    def update(self, image_ids: np.ndarray) -> bool:
+    def update(self, changed: np.ndarray) -> bool:
         """Re-check the images a write changed (sorted ids) against every kept
         filter; True if any set changed. The caller holds the write lock."""
-        if len(image_ids) == 0:
+        if len(changed) == 0:
             return False
         with self._lock:
             entries = list(self._sets.items())
-        changed = False
+        any_set = False
         for key, (where, ids, _) in entries:
-            now = self.catalog.attribute_image_ids(where, among=image_ids.tolist())
-            pos = np.minimum(np.searchsorted(ids, image_ids), max(len(ids) - 1, 0))
-            held = ids[pos] == image_ids if len(ids) else np.zeros(len(image_ids), dtype=bool)
-            if np.array_equal(image_ids[held], now):
+            now = image_ids(self.catalog, where, among=changed.tolist())
+            pos = np.minimum(np.searchsorted(ids, changed), max(len(ids) - 1, 0))
+            held = ids[pos] == changed if len(ids) else np.zeros(len(changed), dtype=bool)
+            if np.array_equal(changed[held], now):
                 continue
             patched = np.delete(ids, pos[held])  # one copy, no sort: the changed ids out, then back in
             patched = np.insert(patched, np.searchsorted(patched, now), now)
             with self._lock:
                 if key in self._sets:
                     self._sets[key] = (where, patched, next(self._versions))
-            changed = True
-        return changed
+            any_set = True
+        return any_set
 
     def clear(self) -> None:
         with self._lock:
             self._sets.clear()
+
+
+def image_ids(catalog: Catalog, where: AttributeFilter, among: list[int] | None = None) -> np.ndarray:
+    """Sorted ids of the images of the products ``where`` holds for (only those in
+    ``among``, if given): one indexed query, costing the matching rows, not the catalog."""
+    found: list[int] = []
+    if among is None:
+        sql, params = where.product_sql()
+        found = [r[0] for r in catalog.read(f"SELECT id FROM images WHERE product_id IN ({sql})", params)]
+    else:  # a few images: test each one's product, never the filter's whole set
+        test, params = where.correlated("images.product_id")
+        for start in range(0, len(among), 500):
+            chunk = among[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found += [r[0] for r in catalog.read(f"SELECT id FROM images WHERE id IN ({marks}) AND {test}", chunk + params)]
+    ids = np.array(found, dtype=np.int64)
+    ids.sort()
+    return ids

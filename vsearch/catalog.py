@@ -29,7 +29,6 @@ import numpy as np
 import sqlite_utils
 
 from . import attributes, changelog
-from .attributes import AttributeFilter
 from .errors import IndexFormatError, ProductNotFoundError
 from .migrate import upgrade
 from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
@@ -419,26 +418,6 @@ class Catalog:
         for category, image_id in rows:
             groups.setdefault(category, []).append(image_id)
         return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
-
-    @_locked
-    def attribute_image_ids(self, where: AttributeFilter, among: list[int] | None = None) -> np.ndarray:
-        """Sorted ids of the images of the products ``where`` holds for (only those
-        in ``among``, if given): one indexed query, costing the matching rows, not
-        the catalog."""
-        found: list[int] = []
-        if among is None:
-            sql, params = where.product_sql()
-            found = [r[0] for r in self.db.execute(f"SELECT id FROM images WHERE product_id IN ({sql})", params)]
-        else:  # a few images: test each one's product, never the filter's whole set
-            test, params = where.correlated("images.product_id")
-            for chunk in _chunks(among, 500):
-                marks = ",".join("?" * len(chunk))
-                found += [
-                    r[0] for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks}) AND {test}", chunk + params)
-                ]
-        ids = np.array(found, dtype=np.int64)
-        ids.sort()
-        return ids
 
     @_locked
     def read(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
