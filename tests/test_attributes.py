@@ -21,7 +21,7 @@ from vsearch.bulkimport import import_shards
 from vsearch.catalog import Catalog
 from vsearch.cli import main
 from vsearch.embed import raw_dim
-from vsearch.errors import FilterError, ManifestError
+from vsearch.errors import ConfigError, FilterError, ManifestError
 from vsearch.query import SearchOptions
 from vsearch.sources import read_manifest
 
@@ -41,7 +41,7 @@ def random_attributes(rng: np.random.Generator) -> dict[str, Any]:
     if rng.random() < 0.8:
         attrs["in_stock"] = bool(rng.random() < 0.6)
     if rng.random() < 0.5:
-        attrs["colors"] = sorted({str(c) for c in rng.choice(["red", "blue", "green"], size=int(rng.integers(1, 3)))})
+        attrs["colors"] = [str(c) for c in rng.choice(["red", "blue", "green"], size=int(rng.integers(1, 4)))]  # repeats too
     if rng.random() < 0.2:
         attrs["sku"] = str(int(rng.integers(10)))  # text that looks like a number
     return attrs
@@ -341,10 +341,8 @@ def reference_counts(attributes: dict[str, dict[str, Any]], products: set[str], 
     counts: dict[tuple[str, Any], int] = {}
     for pid in products:
         raw = attributes[pid].get(name)
-        for value in raw if isinstance(raw, list) else [raw]:
-            if value is not None:
-                key = (type(value).__name__, value)
-                counts[key] = counts.get(key, 0) + 1
+        for key in {(type(v).__name__, v) for v in (raw if isinstance(raw, list) else [raw]) if v is not None}:
+            counts[key] = counts.get(key, 0) + 1  # a product once per value, however often its list repeats it
     return counts
 
 
@@ -359,12 +357,16 @@ def test_facet_counts_over_the_filtered_set_and_the_results_match_a_python_count
             options = SearchOptions(k=15, where=where, categories=category, facets=("brand", "in_stock", "colors", "category"))
             hits = engine.search_vectors(rng.standard_normal((1, dim)).astype(np.float32), options)[0]
             facets = engine.facets(options, hits)
-            allowed = {
-                pid
-                for pid, a in attributes.items()
-                if (where is None or where.matches(a)) and (not category or a["category"].startswith("Fruit"))
-            }
             for name in options.facets:
+                # a facet's counts leave out its own conditions (disjunctive facets)
+                rest = tuple(c for c in where.conditions if c.key != name) if where is not None else ()
+                own = AttributeFilter(rest) if rest else None
+                in_category = bool(category) and name != "category"
+                allowed = {
+                    pid
+                    for pid, a in attributes.items()
+                    if (own is None or own.matches(a)) and (not in_category or a["category"].startswith("Fruit"))
+                }
                 got = {(type(c.value).__name__, c.value): c.count for c in facets[name]["all"]}
                 assert got == reference_counts(attributes, allowed, name), (name, where)
                 top = {(type(c.value).__name__, c.value): c.count for c in facets[name]["top"]}
@@ -387,3 +389,52 @@ def test_facets_through_the_api_and_the_cli(priced_index: Path, capsys: pytest.C
     args = ["search", str(query), "--index", str(priced_index), "--where", "price>=20", "--facet", "in_stock"]
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "in_stock: true (3), false (2)"
+
+
+def test_a_picked_value_leaves_the_other_values_of_its_attribute_countable(priced_index: Path) -> None:
+    with Engine.open(priced_index) as engine:
+        picked = SearchOptions(where=AttributeFilter.from_json({"in_stock": True, "price": {"lt": 10}}), facets=("in_stock",))
+        counts = {c.value: c.count for c in engine.facets(picked)["in_stock"]["all"]}
+        assert counts == {True: 5, False: 5}  # in_stock's own condition left out; price's kept
+
+
+def test_values_sqlite_cannot_compare_are_refused_at_the_edges(tmp_path: Path) -> None:
+    assert AttributeFilter.from_json({"a": {"in": [1, True, "1"]}}).conditions[0].value == (1, True, "1")  # three kinds
+    with pytest.raises(FilterError, match="compares numbers"):
+        AttributeFilter.from_json({"price": {"lt": 10**20}})
+    with pytest.raises(FilterError, match="strings, numbers or booleans"):
+        AttributeFilter.from_json({"price": float("nan")})
+    where = parse_where(["status = missing", "origin=made in (USA)"])
+    assert where is not None and [(c.key, c.op, c.value) for c in where.conditions] == [
+        ("status", "eq", "missing"),
+        ("origin", "eq", "made in (USA)"),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "image": "a.jpg", "price": NaN}\n')
+    with pytest.raises(ManifestError, match="m.jsonl:1: attributes must be finite"):
+        read_manifest(manifest)
+    catalog = Catalog.open(tmp_path / "catalog.db")
+    with pytest.raises(ConfigError, match="finite numbers"), catalog.transaction():
+        catalog.upsert_product("a", attributes={"price": float("inf")})
+    # a NaN an older release stored mirrors nothing instead of failing the write
+    with catalog.transaction():
+        catalog.db.execute("INSERT INTO products(id, attributes, created_at, updated_at) VALUES ('old', '{\"x\": NaN}', 0, 0)")
+    assert catalog.read("SELECT count(*) FROM product_attributes", []) == [(0,)]
+    catalog.close()
+
+
+def test_an_attribute_change_by_another_process_is_caught_up(tmp_path: Path) -> None:
+    attributes = import_catalog(tmp_path, 120, seed=9)
+    cheap = AttributeFilter.from_json({"price": {"lt": 20}})
+    with Engine.open(tmp_path / "index") as server:
+        dim = int(server.info()["raw_dim"])
+        xq = np.random.default_rng(1).standard_normal((1, dim)).astype(np.float32)
+        options = SearchOptions(k=120, where=cheap)
+        before = {h.product_id for h in server.search_vectors(xq, options)[0]}
+        gone = sorted(before)[0]
+        other = Catalog.open(tmp_path / "index" / "catalog.db")  # another process's write
+        with other.transaction():
+            other.upsert_product(gone, attributes={**attributes[gone], "price": 99})
+        other.close()
+        server.refresh()  # what the server does every reload_interval_s
+        assert {h.product_id for h in server.search_vectors(xq, options)[0]} == before - {gone}

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FilterError
+from .errors import AttributeFilterError
 
 __all__ = ["STATEMENTS", "BACKFILL", "AttributeFilter", "Condition", "parse_where"]
 
@@ -45,13 +45,16 @@ MAX_VALUES = 1000  # of one ``in``
 
 _KIND = "CASE {t} WHEN 'text' THEN 'text' WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number' ELSE 'bool' END"
 _SCALAR_TYPES = "('text', 'integer', 'real', 'true', 'false')"
+# Attributes that are not a valid JSON object (e.g. NaN written by an older release)
+# mirror nothing rather than failing the write or the migration.
+_OBJECT = "CASE WHEN json_valid({p}.attributes) AND json_type({p}.attributes) = 'object' THEN {p}.attributes ELSE '{{}}' END"
 # A product's scalar attributes, and the elements of its list attributes, as rows
 # (``{src}``: the products table for the backfill; triggers read NEW).
 _ROWS = (
-    "SELECT {p}.id, a.key, " + _KIND.format(t="a.type") + ", a.atom FROM {src}json_each({p}.attributes) AS a "
+    "SELECT {p}.id, a.key, " + _KIND.format(t="a.type") + ", a.atom FROM {src}json_each(" + _OBJECT + ") AS a "
     f"WHERE a.type IN {_SCALAR_TYPES} "
     "UNION ALL SELECT {p}.id, a.key, " + _KIND.format(t="e.type") + ", e.atom "
-    "FROM {src}json_each({p}.attributes) AS a, json_each(CASE a.type WHEN 'array' THEN a.value ELSE '[]' END) AS e "
+    "FROM {src}json_each(" + _OBJECT + ") AS a, json_each(CASE a.type WHEN 'array' THEN a.value ELSE '[]' END) AS e "
     f"WHERE e.type IN {_SCALAR_TYPES}"
 )
 _FILL = "INSERT INTO product_attributes(product_id, key, kind, value) " + _ROWS
@@ -61,7 +64,8 @@ STATEMENTS = [
     "CREATE INDEX IF NOT EXISTS product_attributes_value ON product_attributes(key, kind, value, product_id)",
     "CREATE INDEX IF NOT EXISTS product_attributes_product ON product_attributes(product_id)",
     f"CREATE TRIGGER IF NOT EXISTS attributes_insert AFTER INSERT ON products BEGIN {_FILL.format(p='NEW', src='')}; END",
-    "CREATE TRIGGER IF NOT EXISTS attributes_update AFTER UPDATE OF id, attributes ON products BEGIN "
+    "CREATE TRIGGER IF NOT EXISTS attributes_update AFTER UPDATE OF id, attributes ON products "
+    "WHEN OLD.attributes IS NOT NEW.attributes OR OLD.id IS NOT NEW.id BEGIN "
     f"DELETE FROM product_attributes WHERE product_id = OLD.id; {_FILL.format(p='NEW', src='')}; END",
     "CREATE TRIGGER IF NOT EXISTS attributes_delete AFTER DELETE ON products BEGIN "
     "DELETE FROM product_attributes WHERE product_id = OLD.id; END",
@@ -119,22 +123,22 @@ class AttributeFilter:
 
     def __post_init__(self) -> None:
         if not self.conditions:
-            raise FilterError("an attribute filter needs at least one condition")
+            raise AttributeFilterError("an attribute filter needs at least one condition")
         if len(self.conditions) > MAX_CONDITIONS:
-            raise FilterError(f"at most {MAX_CONDITIONS} attribute conditions")
+            raise AttributeFilterError(f"at most {MAX_CONDITIONS} attribute conditions")
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttributeFilter:
         """``{"brand": {"in": [...]}, "price": {"lt": 50}, "in_stock": true}``."""
         if not isinstance(data, Mapping):
-            raise FilterError("filter must be a JSON object of attribute -> condition")
+            raise AttributeFilterError("filter must be a JSON object of attribute -> condition")
         conditions: list[Condition] = []
         for key, spec in data.items():
             if not isinstance(key, str) or not key:
-                raise FilterError("filter attribute names must be non-empty strings")
+                raise AttributeFilterError("filter attribute names must be non-empty strings")
             if isinstance(spec, Mapping):
                 if not spec:
-                    raise FilterError(f"filter {key!r}: empty condition (use one of {', '.join(OPS)})")
+                    raise AttributeFilterError(f"filter {key!r}: empty condition (use one of {', '.join(OPS)})")
                 conditions += [_condition(key, op, value) for op, value in spec.items()]
             else:
                 conditions.append(_condition(key, "eq", spec))
@@ -188,9 +192,9 @@ def parse_where(clauses: Sequence[str]) -> AttributeFilter | None:
     conditions: list[Condition] = []
     for clause in clauses:
         text = clause.strip()
-        if m := re.fullmatch(r"(.+?)\s+(exists|missing)", text, re.IGNORECASE):
+        if m := re.fullmatch(r"([^<>=!]+?)\s+(exists|missing)", text, re.IGNORECASE):
             conditions.append(Condition(m[1].strip(), "exists", m[2].lower() == "exists"))
-        elif m := re.fullmatch(r"(.+?)\s+in\s*\((.*)\)", text, re.IGNORECASE):
+        elif m := re.fullmatch(r"([^<>=!]+?)\s+in\s*\((.*)\)", text, re.IGNORECASE):
             values = [_cli_value(v) for v in _split_list(m[2])]
             conditions.append(_condition(m[1].strip(), "in", values))
         elif m := re.fullmatch(r"([^<>=!]+?)\s*(<=|>=|<|>|==|=)\s*(.+)", text):
@@ -198,40 +202,44 @@ def parse_where(clauses: Sequence[str]) -> AttributeFilter | None:
             conditions.append(_condition(m[1].strip(), op, _cli_value(m[3])))
         else:
             forms = "NAME<N, NAME>=N, NAME=VALUE, 'NAME in (A, B)', 'NAME exists' or 'NAME missing'"
-            raise FilterError(f"cannot read --where {clause!r}: use {forms}")
+            raise AttributeFilterError(f"cannot read --where {clause!r}: use {forms}")
     return AttributeFilter(tuple(conditions)) if conditions else None
 
 
 def _condition(key: str, op: str, value: Any) -> Condition:
     if not key:
-        raise FilterError("filter attribute names must be non-empty")
+        raise AttributeFilterError("filter attribute names must be non-empty")
     if op == "exists":
         if not isinstance(value, bool):
-            raise FilterError(f"filter {key!r}: exists takes true or false")
+            raise AttributeFilterError(f"filter {key!r}: exists takes true or false")
         return Condition(key, op, value)
     if op in RANGE_OPS:
         if not _is_number(value):
-            raise FilterError(f"filter {key!r}: {op} compares numbers, not {json.dumps(value)}")
+            raise AttributeFilterError(f"filter {key!r}: {op} compares numbers, not {json.dumps(value)}")
         return Condition(key, op, value)
     if op == "in":
         if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_VALUES:
-            raise FilterError(f"filter {key!r}: in takes a list of 1 to {MAX_VALUES} values")
+            raise AttributeFilterError(f"filter {key!r}: in takes a list of 1 to {MAX_VALUES} values")
         for v in value:
             _check_scalar(key, v)
-        return Condition(key, op, tuple(dict.fromkeys(value)))
+        unique = {(_kind(v), v): v for v in value}  # True and 1 are equal in Python, not here
+        return Condition(key, op, tuple(unique.values()))
     if op == "eq":
         _check_scalar(key, value)
         return Condition(key, op, value)
-    raise FilterError(f"filter {key!r}: unknown condition {op!r} (use one of {', '.join(OPS)})")
+    raise AttributeFilterError(f"filter {key!r}: unknown condition {op!r} (use one of {', '.join(OPS)})")
 
 
 def _check_scalar(key: str, value: Any) -> None:
-    if not isinstance(value, (str, bool)) and not _is_number(value):
-        raise FilterError(f"filter {key!r}: values must be strings, numbers or booleans, not {json.dumps(value)}")
+    if not isinstance(value, (str, bool)) and not _is_number(value):  # also: NaN, inf, beyond 64-bit integers
+        raise AttributeFilterError(f"filter {key!r}: values must be strings, numbers or booleans, not {json.dumps(value)}")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number SQLite can hold (an integer within 64 bits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -(2**63) <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
 def _kind(value: Scalar) -> str:

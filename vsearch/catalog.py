@@ -29,7 +29,7 @@ import numpy as np
 import sqlite_utils
 
 from . import attributes, changelog
-from .errors import IndexFormatError, ProductNotFoundError
+from .errors import ConfigError, IndexFormatError, ProductNotFoundError
 from .migrate import upgrade
 from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
 
@@ -105,6 +105,8 @@ class Catalog:
         # holds this lock, so statements of concurrent callers never interleave.
         self._mutex = threading.RLock()
         self._vectors = VectorStore(db.conn, encoding(raw_vectors))
+        self._reader: sqlite3.Connection | None = None  # for read(), opened on first use
+        self._reader_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path, *, must_exist: bool = False, raw_vectors: str = "float16") -> Catalog:
@@ -133,6 +135,9 @@ class Catalog:
         return cls(db, path, raw_vectors)
 
     def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
         self.db.conn.close()
 
     @contextmanager
@@ -195,7 +200,12 @@ class Catalog:
         old_title, old_category, old_attrs = current or ("", "", "{}")
         title = old_title if title is None else title
         category = old_category if category is None else category
-        attrs = old_attrs if attributes is None else json.dumps(attributes, sort_keys=True, ensure_ascii=False)
+        try:
+            attrs = (
+                old_attrs if attributes is None else json.dumps(attributes, sort_keys=True, ensure_ascii=False, allow_nan=False)
+            )
+        except ValueError:  # NaN / Infinity: not JSON, and nothing a filter could compare
+            raise ConfigError(f"product {product_id!r}: attributes must be JSON (finite numbers only)") from None
         if current == (title, category, attrs):
             return False
         if current is None:
@@ -419,10 +429,14 @@ class Catalog:
             groups.setdefault(category, []).append(image_id)
         return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
 
-    @_locked
     def read(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
-        """Rows of one read-only query (aggregates such as facet counts)."""
-        return self.db.execute(sql, params).fetchall()
+        """Rows of one read-only query, on a connection of its own: a long aggregate
+        (facet counts, an attribute filter's image ids) never holds up the searches
+        and writes that share the main one. It sees the last committed state."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+            return self._reader.execute(sql, params).fetchall()
 
     @_locked
     def counts(self) -> dict[str, int]:
@@ -447,6 +461,10 @@ class Catalog:
             "SELECT p.category, count(i.id) FROM products p LEFT JOIN images i ON i.product_id = p.id GROUP BY p.category"
         )
         return dict(rows.fetchall())
+
+
+def _attributes_json(attributes: dict[str, Any]) -> str:
+    return json.dumps(attributes, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 def _product(row: tuple[Any, ...]) -> Product:

@@ -163,7 +163,8 @@ class CategoryFilter:
         self._leaves: Blocks | None = None
         self.allowed = AllowedSets(catalog)
         self._where: OrderedDict[tuple[Any, ...], Blocks] = OrderedDict()  # (categories, exclude, tag) -> blocks
-        self._leaves_version = 0
+        self._leaves_version = 0  # bumped by a write that changes any block
+        self._leaf_versions: dict[str, int] = {}  # per category: bumped when its block changes
         self._lock = threading.Lock()
 
     def blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter | None = None) -> Blocks | None:
@@ -179,20 +180,27 @@ class CategoryFilter:
         return category_blocks(leaves, categories, exclude)
 
     def _where_blocks(self, categories: Sequence[str], exclude: Sequence[str], where: AttributeFilter) -> Blocks:
-        """The category blocks (or all images) cut to the images ``where`` allows."""
+        """The category blocks (or all images) cut to the images ``where`` allows.
+
+        The block cache keys carry the allowed set's version (and a cut's, its
+        category's), so a write that changes neither keeps their cached vectors."""
         allowed, version = self.allowed.get(where)
         with self._lock:
-            tag = f"\0where:{version}:{self._leaves_version}"  # the vector cache's key: new for a new set
-            key = (tuple(categories), tuple(exclude), tag)
+            key = (tuple(categories), tuple(exclude), version, self._leaves_version)
             found = self._where.get(key)
             if found is not None:
                 self._where.move_to_end(key)
                 return found
+            leaf_versions = dict(self._leaf_versions)
         base = self.blocks(categories, exclude)
+        tag = f"\0where:{version}"
         if base is None:
             found = {tag: allowed}
         else:
-            cut = {f"{name}{tag}": np.intersect1d(ids, allowed, assume_unique=True) for name, ids in base.items()}
+            cut = {
+                f"{name}{tag}:{leaf_versions.get(name, 0)}": np.intersect1d(ids, allowed, assume_unique=True)
+                for name, ids in base.items()
+            }
             found = {name: ids for name, ids in cut.items() if len(ids)}
         with self._lock:
             found = self._where.setdefault(key, found)
@@ -215,10 +223,8 @@ class CategoryFilter:
         at the cost of the change (a block is found by binary search, not a scan)."""
         if not categories:
             return
-        self.allowed.update(np.array(sorted(categories), dtype=np.int64))
+        self.allowed.update(np.array(sorted(categories), dtype=np.int64))  # a changed set gets a new version
         with self._lock:
-            self._where.clear()  # cut from blocks that may have changed: cut again when next asked
-            self._leaves_version += 1
             if self._leaves is None:
                 return  # nothing read yet: the first filtered search reads it all
             ids = np.array(sorted(categories), dtype=np.int64)
@@ -235,6 +241,9 @@ class CategoryFilter:
                 changed.add(category)
             for name in [n for n in changed if len(self._leaves[n]) == 0]:
                 del self._leaves[name]
+            for name in changed:  # the attribute cuts of these categories are cut again
+                self._leaf_versions[name] = self._leaf_versions.get(name, 0) + 1
+            self._leaves_version += bool(changed)
         for name in changed:
             self.cache.drop(name)
             self.cache.drop(_vote_key(name))

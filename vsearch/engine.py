@@ -32,7 +32,7 @@ from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
 from .errors import ModelError, ProductNotFoundError
-from .facets import FacetCount, attribute_names, facet_counts
+from .facets import FacetCache, FacetCount, attribute_names, facet_counts
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
@@ -86,6 +86,7 @@ class Engine:
         self.index_generation = -1  # the catalog generation the served index reflects; -1: stale
         self._closed = False
         self._rw = RWLock()  # searches read; the write path applies changes exclusively
+        self._facet_cache = FacetCache()  # facet counts until the next catalog write
         self._write_mutex = threading.RLock()  # one writer at a time, slow parts included
         self.dir_lock = DirLock(paths.write_lock)  # ... and one process at a time writes the files
         # API-style writes save the index every this many catalog generations; a server
@@ -385,8 +386,8 @@ class Engine:
     def facets(self, options: SearchOptions, hits: Sequence[Hit] = ()) -> dict[str, dict[str, list[FacetCount]]]:
         """Value counts of ``options.facets`` among the products the options' filters
         allow (``all``) and among ``hits`` (``top``); see :mod:`vsearch.facets`."""
-        with self._rw.read(), self.catalog.reading():
-            return facet_counts(self.catalog, options, hits)
+        with self._rw.read():
+            return facet_counts(self.catalog, options, hits, self._facet_cache)
 
     def attributes(self) -> list[dict[str, Any]]:
         """The filterable attributes: ``name`` and ``values`` (how many distinct)."""

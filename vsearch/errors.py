@@ -15,6 +15,7 @@ __all__ = [
     "IndexFormatError",
     "ProductNotFoundError",
     "FilterError",
+    "AttributeFilterError",
     "ConflictError",
     "TrainingDataError",
     "QueryDataError",
@@ -72,6 +73,10 @@ class ProductNotFoundError(VsearchError):
 
 class FilterError(VsearchError):
     """A category filter matches nothing or is malformed."""
+
+
+class AttributeFilterError(FilterError):
+    """An attribute filter or facet request is malformed (a bad operator, value or clause)."""
 
 
 class ConflictError(VsearchError):

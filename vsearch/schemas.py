@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, Discriminator, Field, PlainVali
 from pydantic_core import PydanticCustomError
 
 from .attributes import AttributeFilter
-from .errors import ConfigError, FilterError
+from .errors import AttributeFilterError, ConfigError
 from .images import is_url
 from .query import Crop, ImageQuery, ProductQuery, SearchOptions, TextQuery, UrlQuery, VectorQuery, parse_crop
 
@@ -90,7 +90,7 @@ def _filter(value: Any) -> AttributeFilter | None:
             raise PydanticCustomError("filter", "filter must be a JSON object: {error}", {"error": exc.msg}) from None
     try:
         return AttributeFilter.from_json(value)
-    except FilterError as exc:
+    except AttributeFilterError as exc:
         raise PydanticCustomError("filter", "{error}", {"error": str(exc)}) from None
 
 
@@ -272,6 +272,15 @@ class ProductIn(BaseModel):
     category: str = ""
     attributes: dict[str, Any] = Field(default_factory=dict)
     image_urls: list[str] = Field(default_factory=list, max_length=20, description="http(s) URLs only")
+
+    @field_validator("attributes")
+    @classmethod
+    def _finite(cls, attributes: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(attributes, allow_nan=False)
+        except ValueError:
+            raise ValueError("attributes must be JSON: finite numbers only (not NaN or Infinity)") from None
+        return attributes
 
     @field_validator("image_urls")
     @classmethod

@@ -162,6 +162,10 @@ def _item(path: Path, line: int, row: dict[str, Any]) -> Item:
         raise ManifestError(f"{path}:{line}: empty id")
     image = _image(path, line, row)
     attributes = _attributes(path, line, {k: v for k, v in row.items() if k not in KNOWN})
+    try:
+        json.dumps(attributes, allow_nan=False)
+    except ValueError:
+        raise ManifestError(f"{path}:{line}: attributes must be finite numbers (not NaN or Infinity)") from None
     return Item(
         product_id=product_id,
         image=image,

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Overloaded
 from .errors import (
+    AttributeFilterError,
     ConfigError,
     ConflictError,
     FilterError,
@@ -44,6 +45,7 @@ ERRORS: list[tuple[type[Exception], int, str]] = [
     (FetchError, 400, "fetch_failed"),
     (ProductNotFoundError, 404, "not_found"),
     (ConflictError, 409, "conflict"),
+    (AttributeFilterError, 422, "invalid_filter"),
     (FilterError, 422, "unknown_category"),
     (ConfigError, 422, "invalid_parameter"),
     (ModelError, 400, "unsupported_query"),
