@@ -165,6 +165,22 @@ def top10(gallery: np.ndarray, queries: np.ndarray, fit_on: np.ndarray) -> np.nd
     return np.argsort(-scores, axis=1, kind="stable")[:, :10]
 
 
+def image_sets(root: Path, center_sample: int) -> dict[str, tuple[list[dict[str, str]], bool]]:
+    """The protocols' image lists (name -> (rows, query-side TTA)), in the order
+    grocery gallery, val, centring sample; clothing gallery, queries."""
+    g_center = read_csv(root / "grocery" / "center.csv")
+    if len(g_center) > 2000:
+        keep = np.sort(np.random.default_rng(0).choice(len(g_center), center_sample, replace=False))
+        g_center = [g_center[i] for i in keep]
+    return {
+        "grocery-gallery": (read_csv(root / "grocery" / "gallery.csv"), False),
+        "grocery-val": (read_csv(root / "grocery" / "queries-val.csv"), True),
+        "grocery-center": (g_center, True),
+        "clothing-gallery": (read_csv(root / "clothing" / "gallery.csv"), False),
+        "clothing-queries": (read_csv(root / "clothing" / "queries.csv"), True),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/datasets"))
@@ -182,23 +198,9 @@ def main() -> None:
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     root = protocols(args.data.resolve(), args.work)
-    g_gallery = read_csv(root / "grocery" / "gallery.csv")
-    g_val = read_csv(root / "grocery" / "queries-val.csv")
-    g_center = read_csv(root / "grocery" / "center.csv")
-    if len(g_center) > 2000:
-        keep = np.sort(np.random.default_rng(0).choice(len(g_center), args.center_sample, replace=False))
-        g_center = [g_center[i] for i in keep]
-    c_gallery = read_csv(root / "clothing" / "gallery.csv")
-    c_queries = read_csv(root / "clothing" / "queries.csv")
-
+    sets = image_sets(root, args.center_sample)
+    g_gallery, g_val, g_center, c_gallery, c_queries = (rows for rows, _ in sets.values())
     state: dict[str, Any] = {}
-    sets = {
-        "grocery-gallery": (g_gallery, False),
-        "grocery-val": (g_val, True),
-        "grocery-center": (g_center, True),
-        "clothing-gallery": (c_gallery, False),
-        "clothing-queries": (c_queries, True),
-    }
     parts = {
         name: embed_set(args.work, name, [r["image"] for r in rows], tta, args.model, state) for name, (rows, tta) in sets.items()
     }
