@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import AttributeFilterError
 
-__all__ = ["STATEMENTS", "BACKFILL", "AttributeFilter", "Condition", "parse_where"]
+__all__ = ["STATEMENTS", "BACKFILL", "AttributeFilter", "Condition", "parse_number", "parse_where", "value_kind"]
 
 Scalar = str | int | float | bool
 RANGE_OPS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
@@ -108,7 +108,7 @@ class Condition:
         parts: list[str] = []
         params: list[Any] = [self.key]
         for kind in ("text", "number", "bool"):
-            same = [_stored(v) for v in values if _kind(v) == kind]
+            same = [_stored(v) for v in values if value_kind(v) == kind]
             if same:
                 parts.append(f"(kind = '{kind}' AND value IN ({','.join('?' * len(same))}))")
                 params += same
@@ -143,11 +143,6 @@ class AttributeFilter:
             else:
                 conditions.append(_condition(key, "eq", spec))
         return cls(tuple(conditions))
-
-    @classmethod
-    def combine(cls, *filters: AttributeFilter | None) -> AttributeFilter | None:
-        conditions = tuple(c for f in filters if f is not None for c in f.conditions)
-        return cls(conditions) if conditions else None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form (conditions on one attribute merged into one object)."""
@@ -222,7 +217,7 @@ def _condition(key: str, op: str, value: Any) -> Condition:
             raise AttributeFilterError(f"filter {key!r}: in takes a list of 1 to {MAX_VALUES} values")
         for v in value:
             _check_scalar(key, v)
-        unique = {(_kind(v), v): v for v in value}  # True and 1 are equal in Python, not here
+        unique = {(value_kind(v), v): v for v in value}  # True and 1 are equal in Python, not here
         return Condition(key, op, tuple(unique.values()))
     if op == "eq":
         _check_scalar(key, value)
@@ -242,7 +237,8 @@ def _is_number(value: Any) -> bool:
     return -(2**63) <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
-def _kind(value: Scalar) -> str:
+def value_kind(value: Scalar) -> str:
+    """How ``product_attributes.kind`` files a JSON scalar: text, number or bool."""
     return "bool" if isinstance(value, bool) else "text" if isinstance(value, str) else "number"
 
 
@@ -252,8 +248,8 @@ def _stored(value: Scalar) -> Scalar:
 
 def _canonical(value: Any) -> Any:
     if isinstance(value, tuple):
-        return sorted((_kind(v), v) for v in value)
-    return [_kind(value), value]
+        return sorted((value_kind(v), v) for v in value)
+    return [value_kind(value), value]
 
 
 def _holds(c: Condition, attributes: Mapping[str, Any]) -> bool:
@@ -264,7 +260,7 @@ def _holds(c: Condition, attributes: Mapping[str, Any]) -> bool:
     if c.op in RANGE_OPS:
         return any(_is_number(v) and _compare(float(v), c.op, c.value) for v in present)
     wanted = c.value if c.op == "in" else (c.value,)
-    return any(_kind(v) == _kind(w) and v == w for v in present for w in wanted)
+    return any(value_kind(v) == value_kind(w) and v == w for v in present for w in wanted)
 
 
 def _compare(a: float, op: str, b: float) -> bool:
@@ -277,13 +273,21 @@ def _cli_value(text: str) -> Scalar:
         return text[1:-1]
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    number = parse_number(text)
+    return text if number is None else number
+
+
+def parse_number(text: str) -> int | float | None:
+    """An int for integer text (exact, however long), else a float; None if the
+    text is not a finite number. Shared by ``--where`` values and typed CSV columns."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
     try:
         number = float(text)
     except ValueError:
-        return text
-    if not math.isfinite(number):
-        return text
-    return int(number) if number.is_integer() and re.fullmatch(r"[+-]?\d+", text) else number
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _split_list(text: str) -> list[str]:

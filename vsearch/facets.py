@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from .attributes import AttributeFilter
+from .attributes import AttributeFilter, value_kind
 from .catalog import Catalog
 from .errors import AttributeFilterError
 from .query import Hit, SearchOptions
@@ -92,7 +92,9 @@ def _top(name: str, hits: Sequence[Hit]) -> list[FacetCount]:
     for product in {h.product_id: h for h in hits}.values():  # a product once, however many images
         raw = product.category if name == CATEGORY else product.attributes.get(name)
         values = raw if isinstance(raw, list) else [raw]
-        counts.update({(_kind(v), v) for v in values if isinstance(v, (str, int, float)) and not (name == CATEGORY and v == "")})
+        counts.update(
+            {(value_kind(v), v) for v in values if isinstance(v, (str, int, float)) and not (name == CATEGORY and v == "")}
+        )
     return [FacetCount(v, n) for (_, v), n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0][1])))[:FACET_VALUES]]
 
 
@@ -149,10 +151,6 @@ def _scope(options: SearchOptions) -> tuple[str, list[Any]]:
         parts.append(f"id NOT IN ({','.join('?' * len(options.exclude_products))})")
         params += list(options.exclude_products)
     return " AND ".join(parts), params
-
-
-def _kind(value: Any) -> str:
-    return "bool" if isinstance(value, bool) else "text" if isinstance(value, str) else "number"
 
 
 def _value(kind: str, value: Any) -> Any:

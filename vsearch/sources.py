@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .attributes import parse_number
 from .errors import ManifestError
 from .images import is_url
 
@@ -196,13 +197,10 @@ def _typed(path: Path, line: int, column: str, kind: str, text: str) -> int | fl
         if text.lower() not in BOOLS:
             raise ManifestError(f"{path}:{line}: {column} must be true/false, yes/no or 1/0, not {text!r}")
         return BOOLS[text.lower()]
-    try:
-        number = float(text)
-    except ValueError:
-        raise ManifestError(f"{path}:{line}: {column} must be a number, not {text!r}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise ManifestError(f"{path}:{line}: {column} must be a finite number, not {text!r}")
-    return int(text) if text.lstrip("+-").isdigit() else number
+    number = parse_number(text)
+    if number is None:
+        raise ManifestError(f"{path}:{line}: {column} must be a number, not {text!r}")
+    return number
 
 
 def _check_text(path: Path, line: int, row: dict[str, Any], field: str) -> None:
