@@ -201,9 +201,7 @@ class Catalog:
         title = old_title if title is None else title
         category = old_category if category is None else category
         try:
-            attrs = (
-                old_attrs if attributes is None else json.dumps(attributes, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            )
+            attrs = old_attrs if attributes is None else _attributes_json(attributes)
         except ValueError:  # NaN / Infinity: not JSON, and nothing a filter could compare
             raise ConfigError(f"product {product_id!r}: attributes must be JSON (finite numbers only)") from None
         if current == (title, category, attrs):

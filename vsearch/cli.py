@@ -456,6 +456,7 @@ def _export(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from .attributes import parse_where
     from .engine import Engine
+    from .facets import facets_json
     from .query import SearchOptions
 
     where = parse_where(args.where)
@@ -471,8 +472,7 @@ def _search(args: argparse.Namespace) -> int:
         scope = SearchOptions(categories=args.category or (), exclude_categories=args.exclude_category or (), where=where)
         facets = engine.facets(replace(scope, facets=tuple(args.facet)), hits) if args.facet else {}
     if args.json:
-        counts = {name: {part: [c.to_dict() for c in values] for part, values in parts.items()} for name, parts in facets.items()}
-        _print_json({"results": [h.to_dict() for h in hits], **({"facets": counts} if facets else {})})
+        _print_json({"results": [h.to_dict() for h in hits], **({"facets": facets_json(facets)} if facets else {})})
         return 0
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}")

@@ -31,7 +31,7 @@ from .catalog import Catalog
 from .errors import AttributeFilterError
 from .query import Hit, SearchOptions
 
-__all__ = ["FACET_VALUES", "MAX_FACETS", "FacetCache", "FacetCount", "attribute_names", "facet_counts"]
+__all__ = ["FACET_VALUES", "MAX_FACETS", "FacetCache", "FacetCount", "attribute_names", "facet_counts", "facets_json"]
 
 FACET_VALUES = 20  # values reported per facet, most frequent first
 FACET_CACHE_ENTRIES = 256  # (facet, filters) counts kept until the next write
@@ -96,6 +96,11 @@ def _top(name: str, hits: Sequence[Hit]) -> list[FacetCount]:
             {(value_kind(v), v) for v in values if isinstance(v, (str, int, float)) and not (name == CATEGORY and v == "")}
         )
     return [FacetCount(v, n) for (_, v), n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0][1])))[:FACET_VALUES]]
+
+
+def facets_json(facets: dict[str, dict[str, list[FacetCount]]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``facet_counts``'s result as plain JSON (the API's ``facets``, ``--json``)."""
+    return {name: {part: [c.to_dict() for c in counts] for part, counts in parts.items()} for name, parts in facets.items()}
 
 
 def _own_conditions_left_out(name: str, options: SearchOptions) -> SearchOptions:

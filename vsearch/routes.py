@@ -16,6 +16,7 @@ from .bodies import SEARCH, read_product, read_search
 from .config import ServeConfig
 from .engine import ProductView
 from .errors import ConfigError, ProductNotFoundError, VsearchError
+from .facets import facets_json
 from .images import is_url
 from .metrics import CONTENT_TYPE, Metrics
 from .query import SearchOptions
@@ -84,10 +85,7 @@ def search_out(result: SearchResult, options: SearchOptions) -> SearchOut:
                 for h in result.hits
             ],
             "suggested_categories": [{"category": c, "share": s} for c, s in result.suggested_categories],
-            "facets": {
-                name: {part: [c.to_dict() for c in counts] for part, counts in parts.items()}
-                for name, parts in result.facets.items()
-            },
+            "facets": facets_json(result.facets),
             "timing_ms": result.timing_ms,
             "k": options.k,
             "offset": options.offset,
