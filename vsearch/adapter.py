@@ -54,12 +54,18 @@ class AdapterConfig:
     train_from: str = "stage4"  # first retrained stage ("head": only the final conv)
     head_dim: int = 512
     zero_shot_weight: float = 0.5  # share of the similarity left to the zero-shot part; 0 = adapted only
+    # The zero-shot share for catalog images of products without training photos
+    # (vsearch.gallery); None: every image uses zero_shot_weight (class-level
+    # versions, and versions made before trained products were recorded).
+    untrained_weight: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.zero_shot_weight < 1.0:
             raise ConfigError("zero_shot_weight must be in [0, 1)")
         if self.head_dim <= 0:
             raise ConfigError("head_dim must be positive")
+        if self.untrained_weight is not None and (self.zero_shot_weight == 0 or not 0.0 <= self.untrained_weight <= 1.0):
+            raise ConfigError("untrained_weight must be in [0, 1], and needs a zero-shot part (zero_shot_weight > 0)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

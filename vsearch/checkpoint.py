@@ -117,7 +117,7 @@ def upgrade_index(engine: Engine) -> bool:
     if manifest.index.factory or snap.index is None or choose_factory(snap.index.ntotal, manifest.dim) == manifest.factory:
         return False
     generation = engine.catalog.generation  # read before the build: later writes are caught up at the swap
-    index = build_index(engine.catalog, manifest, snap.projection, snap.model)
+    index = build_index(engine.catalog, manifest, snap.projection, snap.model, snap.gallery)
     with engine.writer() as writer:
         if engine.snapshot.model != snap.model or engine.snapshot.projection is not snap.projection:
             return False  # switched or refitted meanwhile: that swap built its own index

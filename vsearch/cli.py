@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=tune.zero_shot_weight,
         help="share of similarity kept from the pretrained model (default %(default)s)",
     )
+    p.add_argument(
+        "--untrained-weight",
+        type=float,
+        default=tune.untrained_weight,
+        help="that share for catalog images of products without training photos (default %(default)s)",
+    )
     p.add_argument("--views", type=int, default=tune.views, help="augmented views cached per photo (default %(default)s)")
     p.add_argument(
         "--feature-crop",
@@ -535,6 +541,7 @@ def _finetune(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         patience=args.patience,
         zero_shot_weight=args.zero_shot_weight,
+        untrained_weight=args.untrained_weight,
         views=args.views,
         feature_crop=args.feature_crop,
         margin=args.margin,

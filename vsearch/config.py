@@ -123,6 +123,9 @@ class FinetuneConfig:
     train_from: str = "stage4"
     head_dim: int = 512
     zero_shot_weight: float = 0.5
+    # Product level: the zero-shot share for catalog images of products without
+    # training photos (vsearch.gallery; 0.7 measured best on grocery protocol B).
+    untrained_weight: float = 0.7
     views: int = 2  # augmented views cached per photo
     feature_crop: float = 1.0  # smallest side of the random crop of cached activations per batch (1: no crop)
     catalog_repeat: int = 10  # product level: each catalog image joins the training samples this often
@@ -145,6 +148,8 @@ class FinetuneConfig:
             raise TrainingDataError("feature_crop must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise TrainingDataError("val_fraction must be in [0, 1)")
+        if not 0 <= self.untrained_weight <= 1:
+            raise TrainingDataError("untrained_weight must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ class Engine:
         has_text = model == BASE_MODEL and families.has_text(config)  # fine-tuned versions embed images only
         filters = CategoryFilter(self.catalog, self.block_cache_bytes)
         raw_dim = self.catalog.vector_dim(model)
-        return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta, raw_dim)
+        gallery = like.gallery if like is not None and like.model == model else versions.gallery_for(self.paths, model)
+        return Snapshot(model, slot, projection, index, filters, has_text, config.query_tta, raw_dim, gallery)
 
     def saved_index(self, manifest: IndexManifest, mmap: bool = False) -> VectorIndex | None:
         """The saved index file, if ``manifest`` says it matches the catalog; else None."""

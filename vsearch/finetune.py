@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from .config import FinetuneConfig
 from .embed import pick_device
 from .errors import VersionError
 from .fsutil import atomic_write_bytes
+from .gallery import save_trained
 from .projection import Projection
 from .sources import Item, read_pairs
 from .training import Trainer
@@ -113,6 +114,8 @@ def finetune(
     )
     net = AdaptedNet(adapter, base_projection).to(device)  # checks the model and train_from before the slow part
     data = prepare(engine, items, config)
+    if data.level == "product" and config.zero_shot_weight > 0:
+        adapter = replace(adapter, untrained_weight=config.untrained_weight)
     for warning in data.warnings:
         say(f"warning: {warning}")
     name, work = _work_dir(root, name, _plan_key(engine, data, config))
@@ -128,6 +131,8 @@ def finetune(
 
     def write(folder: Path) -> None:
         adapter.save(folder)
+        if adapter.untrained_weight is not None:  # the products the adapted part has seen photos of
+            save_trained(folder, [label for _, label in data.train])
         torch.save(net.trainable_state(), folder / WEIGHTS_FILE)
         base_projection.save(folder / PROJECTION_FILE)
         (folder / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

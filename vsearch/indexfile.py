@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from .catalog import Catalog
 from .errors import IndexFormatError
+from .gallery import GalleryWeights
 from .index import ExactTopK, VectorIndex, choose_factory
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
 
-__all__ = ["FIT_SAMPLE", "TUNE_QUERIES", "build_index", "load_saved_index"]
+__all__ = ["FIT_SAMPLE", "TUNE_QUERIES", "build_index", "indexed_vectors", "load_saved_index"]
 
 _log = logging.getLogger("vsearch")
 FIT_SAMPLE = 100_000  # vectors used to fit the projection (IVF training: VectorIndex.train_size)
@@ -20,8 +23,15 @@ TUNE_QUERIES = 200  # indexed vectors drawn (seeded) to tune an IVF index's npro
 TUNE_SEED = 1
 
 
-def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projection, model: str) -> VectorIndex:
-    """A faiss index of ``model``'s stored vectors, projected (no model work).
+def build_index(
+    catalog: Catalog,
+    manifest: IndexManifest,
+    projection: Projection,
+    model: str,
+    gallery: GalleryWeights | None = None,
+) -> VectorIndex:
+    """A faiss index of ``model``'s stored vectors, reweighted per product by
+    ``gallery`` (:mod:`vsearch.gallery`) and projected (no model work).
 
     An IVF index is trained on as many vectors as its lists need
     (:meth:`VectorIndex.train_size`), then, unless ``manifest.index.tune_recall`` is
@@ -42,7 +52,7 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
     if index.nlist and config.tune_recall is not None:
         truth = ExactTopK(projection.apply(catalog.sample_vectors(TUNE_QUERIES, seed=TUNE_SEED, model=model)))
     for ids, raw in catalog.iter_vectors(model=model):
-        xb = projection.apply(raw)
+        xb = projection.apply(indexed_vectors(catalog, gallery, ids, raw))
         index.add(ids, xb)
         if truth is not None:
             truth.add(ids, xb)
@@ -50,6 +60,14 @@ def build_index(catalog: Catalog, manifest: IndexManifest, projection: Projectio
         _tune(index, truth, config.tune_recall)
     index.to_gpu()
     return index
+
+
+def indexed_vectors(catalog: Catalog, gallery: GalleryWeights | None, ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Stored vectors of images ``ids`` as an index holds them, before the projection."""
+    if gallery is None or not len(ids):
+        return raw
+    owners = catalog.image_products([int(i) for i in ids])
+    return gallery.apply([owners.get(int(i)) for i in ids], raw)
 
 
 def _tune(index: VectorIndex, truth: ExactTopK, target: float) -> None:

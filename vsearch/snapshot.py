@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .categories import CategoryFilter
 from .embed import Embedder
+from .gallery import GalleryWeights
 from .index import VectorIndex
 from .projection import Projection
 
@@ -57,6 +58,7 @@ class Snapshot:
     has_text: bool  # whether this version can embed text queries
     query_tta: bool  # queries average the photo with its centre crop
     raw_dim: int  # length of this version's raw vectors (0 before any is stored)
+    gallery: GalleryWeights | None = None  # per-product reweighting of catalog vectors (fine-tuned versions)
 
     @property
     def vectors(self) -> int:

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .adapter import ADAPTER_FILE, AdaptedEmbedder
+from .adapter import ADAPTER_FILE, AdaptedEmbedder, AdapterConfig
 from .catalog import BASE_MODEL, ImageRow
 from .embed import Embedder, LoadedImage, pick_device
-from .errors import IndexFormatError, IndexNotFoundError, VersionError
+from .errors import IndexFormatError, IndexNotFoundError, ModelError, VersionError
 from .fsutil import _fsync_dir
+from .gallery import GalleryWeights
 from .ingest import embed_batches
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
@@ -42,6 +43,7 @@ __all__ = [
     "VersionInfo",
     "check_name",
     "embedder_loader",
+    "gallery_for",
     "list_versions",
     "next_version_name",
     "projection_for",
@@ -164,6 +166,22 @@ def embedder_loader(paths: IndexPaths, manifest: IndexManifest, name: str, devic
     return lambda: AdaptedEmbedder(version_dir(paths.root, name), device=device)
 
 
+def gallery_for(paths: IndexPaths, name: str) -> GalleryWeights | None:
+    """How version ``name`` reweights its catalog vectors per product
+    (:mod:`vsearch.gallery`); None where it does not (base, class-level and older
+    versions)."""
+    if name == BASE_MODEL:
+        return None
+    folder = models_dir(paths.root) / check_name(name)
+    try:
+        adapter = AdapterConfig.load(folder)
+    except ModelError:
+        return None  # a missing version: the index still opens, to switch back (embedder_loader)
+    if adapter.untrained_weight is None:
+        return None
+    return GalleryWeights.load(folder, adapter.head_dim, adapter.zero_shot_weight, adapter.untrained_weight)
+
+
 def projection_for(paths: IndexPaths, name: str, manifest: IndexManifest | None = None) -> Projection:
     """The projection version ``name`` serves with; with ``manifest``, checked against
     it (a fitted projection that is missing or of the wrong size is a damaged index)."""
@@ -219,7 +237,7 @@ def use_model(
             desc=f"reindex {name}",
             quiet=quiet,
         )
-        index, generation = writer.build_index(snap.projection, name)
+        index, generation = writer.build_index(snap.projection, name, snap.gallery)
         raw_dim = engine.catalog.vector_dim(name)
         new = engine.new_snapshot(name, snap.projection, index, like=snap)
         writer.swap(new, generation, active_model=name, raw_dim=raw_dim, dim=snap.projection.out_dim(raw_dim))
@@ -265,9 +283,10 @@ def _adopt(engine: Engine, writer: IndexWriter, disk: IndexManifest) -> None:
     catalog, or one built from the catalog if that cannot be."""
     name = disk.active_model
     projection = projection_for(engine.paths, name)
+    gallery = gallery_for(engine.paths, name)
     index, generation = engine.saved_index(disk), disk.catalog_generation
     if index is None:
-        index, generation = writer.build_index(projection, name)
+        index, generation = writer.build_index(projection, name, gallery)
     writer.swap(engine.new_snapshot(name, projection, index, like=writer.snapshot), generation, manifest=disk)
     if not writer.catch_up():
         writer.rebuild()

@@ -29,8 +29,9 @@ from .catalog import Catalog
 from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
 from .errors import IndexBusyError, StorageError, VsearchError
 from .faissthreads import one_thread
+from .gallery import GalleryWeights
 from .index import VectorIndex, choose_factory
-from .indexfile import build_index
+from .indexfile import build_index, indexed_vectors
 from .manifest import IndexManifest
 from .projection import Projection
 from .snapshot import Snapshot
@@ -174,11 +175,11 @@ class IndexWriter:
             self.catalog.drop_model_vectors(model)
 
     # the served snapshot -----------------------------------------------------------
-    def build_index(self, projection: Projection, model: str) -> tuple[VectorIndex, int]:
+    def build_index(self, projection: Projection, model: str, gallery: GalleryWeights | None) -> tuple[VectorIndex, int]:
         """A new index of ``model``'s stored vectors, and the catalog generation it
         reflects (read first: a commit from elsewhere during the build makes it stale)."""
         generation = self.catalog.generation
-        return build_index(self.catalog, self.engine.manifest, projection, model), generation
+        return build_index(self.catalog, self.engine.manifest, projection, model, gallery), generation
 
     def swap(
         self,
@@ -227,7 +228,7 @@ class IndexWriter:
             if self.catch_up():
                 return
         snap = engine.snapshot
-        index, built = self.build_index(snap.projection, snap.model)
+        index, built = self.build_index(snap.projection, snap.model, snap.gallery)
         try:
             self.swap(engine.new_snapshot(snap.model, snap.projection, index, like=snap), built)
         except (OSError, StorageError, IndexBusyError) as exc:  # e.g. a read-only directory
@@ -238,7 +239,7 @@ class IndexWriter:
     def rebuild(self) -> None:
         """Rebuild the served index from the catalog's stored vectors (no model work)."""
         snap = self.snapshot
-        index, generation = self.build_index(snap.projection, snap.model)
+        index, generation = self.build_index(snap.projection, snap.model, snap.gallery)
         self.swap(self.engine.new_snapshot(snap.model, snap.projection, index, like=snap), generation)
 
     def refit(self, raw: np.ndarray, source: str = "catalog") -> None:
@@ -246,7 +247,7 @@ class IndexWriter:
         are, for ``vsearch info``), rebuild the index from the catalog, serve both."""
         engine, snap = self.engine, self.snapshot
         projection = replace(Projection.fit(raw, engine.manifest.projection), fitted_from=source)
-        index, generation = self.build_index(projection, snap.model)
+        index, generation = self.build_index(projection, snap.model, snap.gallery)
         raw_dim = int(raw.shape[1])
         self.swap(
             engine.new_snapshot(snap.model, projection, index, like=snap),
@@ -372,7 +373,7 @@ class IndexWriter:
         snap.index.remove(np.array(image_ids, dtype=np.int64))
         ids, raw = self.catalog.vectors_by_id(image_ids, snap.model)
         if len(ids):
-            snap.index.add(ids, snap.projection.apply(raw))
+            snap.index.add(ids, snap.projection.apply(indexed_vectors(self.catalog, snap.gallery, ids, raw)))
 
     def _put_images(self, snap: Snapshot, images: Sequence[NewImage], vectors: np.ndarray | None) -> list[int]:
         """Store images and their vectors in the catalog and the index; returns their ids."""
@@ -396,7 +397,8 @@ class IndexWriter:
             with one_thread(len(ids) < SMALL_CHANGE):
                 # As the catalog stores them (float16 by default): the index then
                 # equals one rebuilt or caught up from the catalog.
-                snap.index.add(ids, snap.projection.apply(self.catalog.as_stored(raw)), new=new)
+                stored = indexed_vectors(self.catalog, snap.gallery, ids, self.catalog.as_stored(raw))
+                snap.index.add(ids, snap.projection.apply(stored), new=new)
 
     def _remove(self, snap: Snapshot, ids: list[int]) -> None:
         if snap.index is not None and ids:
