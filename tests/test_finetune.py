@@ -60,7 +60,8 @@ def test_training_lowers_the_loss_and_saves_a_version(tiny: tuple[Engine, Path])
     assert report.val_recall_at_1 is not None and round(report.val_recall_at_1, 4) == best
     assert report.epochs[report.best_epoch]["val_recall_at_1"] == best
     folder = engine.paths.root / "models" / report.name
-    assert {p.name for p in folder.iterdir()} == {"adapter.json", "weights.pt", "base_projection.npz", "report.json"}
+    files = {"adapter.json", "weights.pt", "base_projection.npz", "report.json", "trained_products.json"}
+    assert {p.name for p in folder.iterdir()} == files
     assert not list((engine.paths.root / "models").glob(".partial-*"))  # work files cleaned up
     assert [v.name for v in engine.models()] == [BASE_MODEL, report.name]
     assert engine.active == BASE_MODEL  # training alone changes nothing that serves

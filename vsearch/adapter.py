@@ -15,7 +15,8 @@ lighting). Both parts come from one forward pass through the shared trunk.
 
 A version lives in ``DIR/models/NAME/``: ``adapter.json`` (this config),
 ``weights.pt`` (the retrained parameters only), ``base_projection.npz`` (the
-base centring/PCA, frozen at training time) and ``report.json``.
+base centring/PCA, frozen at training time), ``report.json`` and, for product-level
+versions, ``trained_products.json`` (:mod:`vsearch.gallery`).
 """
 
 from __future__ import annotations
