@@ -82,6 +82,8 @@ def test_openapi_shows_the_query_kinds_and_options(client: TestClient) -> None:
         "filter",
         "facets",
         "crop",
+        "text",
+        "text_weight",
     }
     assert params["filter"]["schema"]["examples"][0] == {"brand": {"in": ["A", "B"]}, "price": {"lt": 50}, "in_stock": True}
     assert (params["k"]["schema"]["minimum"], params["k"]["schema"]["maximum"]) == (1, 100)
@@ -149,14 +151,17 @@ def test_bad_parameters_name_the_field(client: TestClient) -> None:
     message = error(client.post("/v1/search?k=0", files={"image": ("q.jpg", jpeg(1))}), 422, "invalid_parameter")
     assert message.startswith("k:")
     assert error(client.post("/v1/search?k=101", data={"product_id": "Bakery/p04"}), 422, "invalid_parameter").startswith("k:")
-    error(client.post("/v1/search", data={"product_id": "Bakery/p04", "text": "x"}), 422, "invalid_parameter")
+    error(
+        client.post("/v1/search", data={"product_id": "Bakery/p04", "image_url": "http://a.test/x.jpg"}), 422, "invalid_parameter"
+    )
     error(client.post("/v1/search", data={}), 422, "invalid_parameter")
     error(client.post("/v1/search?category=Nope", data={"product_id": "Bakery/p04"}), 422, "unknown_category")
 
 
-def test_text_needs_a_model_with_a_text_tower(client: TestClient) -> None:
-    message = error(client.post("/v1/search", data={"text": "red apple"}), 400, "unsupported_query")
-    assert "ViT-B-32" in message
+def test_text_without_a_text_tower_is_a_keyword_search(client: TestClient) -> None:
+    # the folder catalog's products have titles (their file names) and no text attributes
+    assert search(client, text="p04 p07 nothing")["results"][0]["product_id"] in {"Bakery/p04", "Dairy/Milk/p07"}
+    assert error(client.post("/v1/search", data={"text": "?!"}), 422, "invalid_parameter").endswith("(letters or digits)")
 
 
 def test_bad_uploads(client: TestClient) -> None:
@@ -215,11 +220,11 @@ def test_image_url_allowed_network_redirect_and_size_cap(index_dir: Path, monkey
 
 
 def test_batch(client: TestClient) -> None:
-    body = {"queries": [{"product_id": "Bakery/p04", "k": 2}, {"product_id": "nope"}, {"text": "x"}]}
+    body = {"queries": [{"product_id": "Bakery/p04", "k": 2}, {"product_id": "nope"}, {"text": "?"}]}
     results = client.post("/v1/search/batch", json=body).json()["results"]
     assert len(results[0]["result"]["results"]) == 2
     assert results[1]["error"]["code"] == "not_found"
-    assert results[2]["error"]["code"] == "unsupported_query"
+    assert results[2]["error"]["code"] == "invalid_parameter"
     error(client.post("/v1/search/batch", json={"queries": []}), 422, "invalid_parameter")
 
 
@@ -250,8 +255,9 @@ def test_vector_query(client: TestClient) -> None:
 
 def test_exactly_one_query_kind(client: TestClient) -> None:
     kinds = "give exactly one of image, image_base64, image_url, product_id, text or vector"
-    two = error(client.post("/v1/search", data={"product_id": "Bakery/p04", "text": "x"}), 422, "invalid_parameter")
-    assert two == f"{kinds} (got product_id, text)"
+    kinds += " (text may also go beside one of the others)"
+    two = client.post("/v1/search", data={"product_id": "Bakery/p04", "vector": "[1]", "text": "x"})
+    assert error(two, 422, "invalid_parameter") == f"{kinds} (got product_id, text, vector)"
     files = {"image": ("q.jpg", jpeg(1))}
     upload_and_id = error(client.post("/v1/search", data={"product_id": "Bakery/p04"}, files=files), 422, "invalid_parameter")
     assert upload_and_id == f"{kinds} (got image, product_id)"
@@ -283,9 +289,9 @@ def test_batch_mixes_kinds_and_answers_each(client: TestClient) -> None:
     assert results[4]["error"]["code"] == "not_found" and results[4]["error"]["status"] == "404"
     assert results[5]["error"]["code"] == "unsupported_image" and results[5]["result"] is None
     # a malformed query is a malformed request: 422, naming the query
-    bad_kinds = {"queries": [{"product_id": "Bakery/p04"}, {"product_id": "Bakery/p04", "text": "x"}]}
+    bad_kinds = {"queries": [{"product_id": "Bakery/p04"}, {"product_id": "Bakery/p04", "image_url": "http://a.test/x.jpg"}]}
     message = error(client.post("/v1/search/batch", json=bad_kinds), 422, "invalid_parameter")
-    assert message.startswith("queries.1: give exactly one of") and message.endswith("(got product_id, text)")
+    assert message.startswith("queries.1: give exactly one of") and message.endswith("(got image_url, product_id)")
     bad_k = {"queries": [{"product_id": "Bakery/p04", "k": 0}]}
     assert error(client.post("/v1/search/batch", json=bad_k), 422, "invalid_parameter").startswith("queries.0.k:")
 
@@ -444,5 +450,5 @@ def test_micro_batched_server_answers_concurrent_searches(index_dir: Path) -> No
         with ThreadPoolExecutor(6) as pool:
             bodies = list(pool.map(lambda seed: search(c, jpeg(seed), "k=1"), range(6)))
         assert [b["results"][0]["product_id"].rsplit("/", 1)[-1] for b in bodies] == [f"p{n:02d}" for n in range(6)]
-        error(c.post("/v1/search", data={"text": "x"}), 400, "unsupported_query")
+        error(c.post("/v1/search", data={"text": "?"}), 422, "invalid_parameter")  # answered without the model
         assert "vsearch_embed_batch_size_bucket" in c.get("/metrics").text

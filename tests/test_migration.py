@@ -377,7 +377,7 @@ def test_a_schema_4_catalog_keeps_its_float32_rows_and_its_log_and_writes_float1
     base, ft = schema_4_catalog(path)
     catalog = Catalog.open(path)
     db = catalog.db
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "7"
     # schema 6: the attributes products already had are filterable (image 3 is gone)
     assert image_ids(catalog, AttributeFilter.from_json({"price": {"lte": 5}})).tolist() == [1, 2, 4, 5]
     assert image_ids(catalog, AttributeFilter.from_json({"brand": "A", "tags": "y"})).tolist() == [2, 8, 14, 20]
@@ -454,3 +454,52 @@ def test_an_index_with_a_schema_4_catalog_catches_up_across_the_upgrade(
         want = {i: v for i, v in content.base.items() if i in stored(engine.catalog, BASE_MODEL)}
         assert_same_vectors(stored(engine.catalog, BASE_MODEL), want)
     assert (root / "index.faiss").read_bytes() == saved_index, "caught up from the log, not rebuilt"
+
+
+# Schema 6 -> 7 ----------------------------------------------------------------
+def as_schema_6(path: Path) -> None:
+    """A current catalog.db without the keyword index (schema 6's layout)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for trigger in ("keywords_insert", "keywords_update", "keywords_delete"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE product_text")
+    db.execute("DROP TABLE product_keys")
+    db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    db.close()
+
+
+def test_a_schema_6_catalog_gets_its_keyword_index_filled_and_kept(tmp_path: Path) -> None:
+    from vsearch import keywords
+    from vsearch.query import SearchOptions
+
+    path = tmp_path / "catalog.db"
+    catalog = Catalog.open(path)
+    with catalog.transaction():
+        for n, (title, attrs) in enumerate([("Red apple", {"description": "crisp"}), ("Milk", {"tags": ["fresh", 3]})]):
+            catalog.upsert_product(f"p{n}", title=title, attributes=attrs)
+            catalog.put_image(f"p{n}", "a.jpg", f"sha{n}", 1, 1, np.ones(4, dtype=np.float32))
+        catalog.upsert_product("gone")
+    with catalog.transaction():
+        catalog.remove_products(["gone"])
+    generation = catalog.generation
+    catalog.close()
+    as_schema_6(path)
+
+    catalog = Catalog.open(path)
+    assert catalog.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "7"
+    assert catalog.generation == generation and catalog.changed_images(generation) == []  # no change to replay
+
+    def found(text: str) -> list[str]:
+        return [h.product_id for h in keywords.search(catalog, SearchOptions(text=text), 10)]
+
+    assert found("apples") == ["p0"] and found("fresh") == ["p1"] and set(found("crisp milk")) == {"p0", "p1"}
+    assert dict(catalog.db.execute("SELECT product_id, key FROM product_keys")) == {"p0": 1, "p1": 2}
+    with catalog.transaction():  # the triggers work on the migrated catalog
+        catalog.upsert_product("p0", title="Green pear")
+        catalog.remove_products(["p1"])
+    assert found("apple") == [] and found("pear") == ["p0"] and found("fresh") == []
+    catalog.db.execute("INSERT INTO product_text(product_text) VALUES ('integrity-check')")
+    catalog.close()
+    before = path.read_bytes()
+    Catalog.open(path).close()  # migrated once
+    assert path.read_bytes() == before

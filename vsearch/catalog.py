@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import sqlite_utils
 
-from . import attributes, changelog
+from . import attributes, changelog, keywords
 from .errors import ConfigError, IndexFormatError, ProductNotFoundError
 from .migrate import upgrade
 from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
@@ -62,6 +62,7 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS + attributes.STATEMENTS
+SCHEMA += keywords.STATEMENTS
 
 BASE_MODEL = "base"  # the index's original model; stored like any other version
 

@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()  # before torch allocates anything; see vsearch/malloc.py
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "search" and args.image is None and not args.text:  # a usage error: exit 2
+        parser.error("search needs an image, --text WORDS, or both")
     try:
         code: int = args.run(args)
         return code
@@ -123,8 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="the Parquet file to write")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per batch (default 4096)")
 
-    p = command("search", _search, "Find the catalog products most similar to an image.")
-    p.add_argument("image", help="image path or http(s) URL")
+    p = command("search", _search, "Find the catalog products most similar to an image, or matching words, or both.")
+    p.add_argument("image", nargs="?", help="image path or http(s) URL (optional with --text)")
+    p.add_argument(
+        "--text",
+        default="",
+        metavar="WORDS",
+        help="words to match in titles and text attributes: alone, a keyword search; with an image, "
+        "the photo's ranking fused with the keyword ranking",
+    )
+    p.add_argument(
+        "--text-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="the keyword ranking's weight in the fusion, the photo's being 1 (default 1; 0: the photo alone)",
+    )
     _index_arg(p, env.index_dir)
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--category", action="append", help="only this category or its sub-categories (repeatable)")
@@ -469,6 +485,8 @@ def _search(args: argparse.Namespace) -> int:
     with Engine.open(args.index, device=args.device) as engine:
         hits = engine.search(
             args.image,
+            text=args.text,
+            text_weight=args.text_weight,
             k=args.k,
             categories=args.category,
             exclude_categories=args.exclude_category,

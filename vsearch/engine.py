@@ -31,7 +31,7 @@ from .categories import DEFAULT_BLOCK_CACHE_BYTES, CategoryFilter, category_tree
 from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .dirlock import DirLock
 from .embed import Embedder, Preprocess, decode_side
-from .errors import ModelError, ProductNotFoundError
+from .errors import ConfigError, ModelError, ProductNotFoundError
 from .facets import FacetCache, FacetCount, attribute_names, facet_counts
 from .fetch import TRUSTED, FetchPolicy
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
@@ -45,7 +45,7 @@ from .presets import resolve_model
 from .products import EmbedCatalog, ImageSource
 from .projection import Projection
 from .query import Hit, SearchOptions
-from .search import Votes, best_per_product, region_boxes, search_snapshot
+from .search import Votes, best_per_product, region_boxes, search_keywords, search_with_text
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
 from .versions import ReindexReport, VersionInfo
@@ -332,26 +332,64 @@ class Engine:
 
     def search(
         self,
-        image: QueryImage,
+        image: QueryImage | None = None,
         *,
+        text: str = "",
+        text_weight: float = 1.0,
         k: int = 10,
         categories: Sequence[str] | None = None,
         exclude_categories: Sequence[str] | None = None,
         group_by_product: bool = True,
         where: AttributeFilter | None = None,
     ) -> list[Hit]:
-        """The catalog items most similar to ``image`` (bytes, path or PIL image);
+        """The catalog products most similar to ``image`` (bytes, path or PIL image),
+        or matching ``text``, or both: with both, the photo's ranking and the keyword
+        ranking are fused, the keywords weighing ``text_weight`` (:mod:`vsearch.fusion`);
         ``where``: attribute conditions (:mod:`vsearch.attributes`)."""
-        query = self.load_query(image)
         options = SearchOptions(
             k=k,
             categories=categories or (),
             exclude_categories=exclude_categories or (),
             group_by_product=group_by_product,
             where=where,
+            text=text,
+            text_weight=text_weight,
         )
         snap = self._snapshot
-        return self.search_vectors(self.embed_queries([query], snap), options, snapshot=snap)[0]
+        if image is not None:
+            return self.search_vectors(self.embed_queries([self.load_query(image)], snap), options, snapshot=snap)[0]
+        if not text:
+            raise ConfigError("give an image, a text or both")
+        return self.search_text(options, snapshot=snap)[0]
+
+    def search_text(
+        self, options: SearchOptions, timings: dict[str, float] | None = None, snapshot: Snapshot | None = None
+    ) -> tuple[list[Hit], Votes]:
+        """Products for the words ``options.text`` alone, and the categories they vote
+        for: with a text tower (open_clip), the products that look like the text fused
+        with those whose text matches (``text_weight`` 0: the text tower alone);
+        otherwise the keyword ranking alone (see :func:`vsearch.search.search_keywords`)."""
+        snap = snapshot or self._snapshot
+        if snap.has_text:
+            raw = self.embed_text([options.text], snap)
+            hits, votes = self.search_and_suggest(raw, options, timings, snapshot=snap)
+            return hits[0], votes[0]
+        return self.search_keywords(options, timings, snapshot=snap)
+
+    def search_keywords(
+        self,
+        options: SearchOptions,
+        timings: dict[str, float] | None = None,
+        neighbours: int = 20,
+        snapshot: Snapshot | None = None,
+    ) -> tuple[list[Hit], Votes]:
+        """The keyword ranking of ``options.text`` alone (no model work), and the
+        categories of its first ``neighbours`` products."""
+        snap = snapshot or self._snapshot
+        with self._rw.read():
+            if self._closed:
+                return [], []
+            return search_keywords(snap, self.catalog, options, timings if timings is not None else {}, neighbours)
 
     def search_vectors(
         self,
@@ -376,13 +414,14 @@ class Engine:
         neighbours: int = 20,
         snapshot: Snapshot | None = None,
     ) -> tuple[list[list[Hit]], list[Votes]]:
-        """Hits, plus the categories the ``neighbours`` nearest images vote for."""
+        """Hits, plus the categories the ``neighbours`` nearest images vote for; with
+        words in ``options.text``, fused with their keyword ranking."""
         snap = snapshot or self._snapshot
         timings = timings if timings is not None else {}
         with self._rw.read():
             if self._closed:
                 return [[] for _ in raw], [[] for _ in raw]
-            return search_snapshot(snap, self.catalog, raw, options or SearchOptions(), timings, neighbours)
+            return search_with_text(snap, self.catalog, raw, options or SearchOptions(), timings, neighbours)
 
     def facets(self, options: SearchOptions, hits: Sequence[Hit] = ()) -> dict[str, dict[str, list[FacetCount]]]:
         """Value counts of ``options.facets`` among the products the options' filters

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from . import attributes, changelog
+from . import attributes, changelog, keywords
 from .errors import IndexFormatError
 from .vectorstore import FLOAT32
 
@@ -18,7 +18,8 @@ __all__ = ["SCHEMA_VERSION", "upgrade"]
 # 3: the change log (image_changes and its triggers, vsearch.changelog).
 # 4: the log has category moves too. 5: model_vectors.dtype (rows may be float16).
 # 6: product_attributes (attribute filters, vsearch.attributes), filled from products.
-SCHEMA_VERSION = 6
+# 7: product_keys and the product_text FTS5 index (keyword search, vsearch.keywords).
+SCHEMA_VERSION = 7
 MIGRATE_CHUNK = 512  # rows per copy-then-delete step: the most the file grows by
 
 
@@ -57,6 +58,9 @@ def upgrade(conn: sqlite3.Connection, schema: Sequence[str], base_model: str) ->
             if version < 6:  # the table is new: mirror the attributes products already have
                 conn.execute("DELETE FROM product_attributes")
                 conn.execute(attributes.BACKFILL)
+            if version < 7:  # the keyword index is new: a stable key per product, then the index
+                for statement in keywords.BACKFILL:
+                    conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [str(SCHEMA_VERSION)],

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 MAX_K = 1000
+MAX_TEXT_WEIGHT = 100.0
 Crop = tuple[float, float, float, float]  # x, y, w, h as fractions of the image
 
 
@@ -63,7 +64,9 @@ class ProductQuery:
 
 @dataclass(frozen=True)
 class TextQuery:
-    """A text, for models with a text tower (open_clip)."""
+    """A text: the products whose titles and text attributes match its words
+    (:mod:`vsearch.keywords`); with a model that has a text tower (open_clip), fused
+    with the products that look like it (:mod:`vsearch.fusion`)."""
 
     text: str
 
@@ -98,12 +101,23 @@ class SearchOptions:
     group_by_product: bool = True
     where: AttributeFilter | None = None  # attribute conditions (vsearch.attributes)
     facets: Sequence[str] = ()  # fields to count values of (vsearch.facets)
+    # words the results should match (vsearch.keywords); beside an image, URL, product or
+    # vector query their ranking is fused with the query's (vsearch.fusion)
+    text: str = ""
+    text_weight: float = 1.0  # the keyword ranking's weight in that fusion (the other's is 1); 0: no fusion
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
             raise ConfigError(f"k must be between 1 and {MAX_K}")
         if self.offset < 0:
             raise ConfigError("offset must not be negative")
+        if not 0 <= self.text_weight <= MAX_TEXT_WEIGHT:  # also refuses NaN
+            raise ConfigError(f"text_weight must be between 0 and {MAX_TEXT_WEIGHT:g}")
+
+    @property
+    def fuses(self) -> bool:
+        """Whether a vector query's ranking is fused with a keyword ranking."""
+        return bool(self.text) and self.text_weight > 0
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The API's shapes: what clients send (``*In``, the search variants) and what they get (``*Out``).
 
 A search request is :class:`SearchParams` (everything but the query) plus exactly one
-query field; the field that is present picks the variant of :data:`SearchIn`, a
+query field, except that ``text`` may come beside another one (its words are then
+ranked by the keyword index and fused with that query's ranking); the query field
+that is present (``text`` only when alone) picks the variant of :data:`SearchIn`, a
 pydantic discriminated union whose tags are those field names, and each variant turns
 itself into the matching :data:`vsearch.query.Query` kind. The same models read the
 query string, multipart and urlencoded forms, JSON bodies and batches.
@@ -21,7 +23,17 @@ from pydantic_core import PydanticCustomError
 from .attributes import AttributeFilter
 from .errors import AttributeFilterError, ConfigError
 from .images import is_url
-from .query import Crop, ImageQuery, ProductQuery, SearchOptions, TextQuery, UrlQuery, VectorQuery, parse_crop
+from .query import (
+    MAX_TEXT_WEIGHT,
+    Crop,
+    ImageQuery,
+    ProductQuery,
+    SearchOptions,
+    TextQuery,
+    UrlQuery,
+    VectorQuery,
+    parse_crop,
+)
 
 __all__ = [
     "QUERY_FIELDS",
@@ -94,6 +106,12 @@ def _filter(value: Any) -> AttributeFilter | None:
         raise PydanticCustomError("filter", "{error}", {"error": str(exc)}) from None
 
 
+MAX_TEXT = 1000  # characters of a search text (the keyword side reads at most 32 words of it)
+TEXT_DESCRIPTION = (
+    "words the results should match (titles and text attributes, bm25). Alone: a keyword search (with an open_clip "
+    "model also its text tower, fused). Beside image, image_base64, image_url, product_id or vector: that query's "
+    "ranking fused with the keyword ranking by reciprocal rank fusion, 1/(60 + rank) + text_weight/(60 + rank_text)"
+)
 FILTER_EXAMPLE = {"brand": {"in": ["A", "B"]}, "price": {"lt": 50}, "in_stock": True}
 FilterField = Annotated[
     AttributeFilter | None,
@@ -145,6 +163,10 @@ class SearchParams(BaseModel):
         examples=[["brand", "category"]],
     )
     crop: CropField = None
+    text: str | None = Field(None, max_length=MAX_TEXT, description=TEXT_DESCRIPTION, examples=["apple", "red organic"])
+    text_weight: float = Field(
+        1.0, ge=0, le=MAX_TEXT_WEIGHT, description="the keyword ranking's weight in the fusion (the other's is 1; 0: none)"
+    )
 
     def options(self) -> SearchOptions:
         return SearchOptions(
@@ -156,6 +178,8 @@ class SearchParams(BaseModel):
             group_by_product=self.group_by_product,
             where=self.filter,
             facets=tuple(self.facets),
+            text=self.text or "",
+            text_weight=self.text_weight,
         )
 
 
@@ -196,9 +220,10 @@ class ProductSearch(SearchParams):
 
 
 class TextSearch(SearchParams):
-    """A text (models with a text tower only, e.g. open_clip)."""
+    """Words alone: the products whose titles and text attributes match them, by bm25; with a
+    model that has a text tower (open_clip), fused with the products that look like them."""
 
-    text: str
+    text: str = Field(max_length=MAX_TEXT, description=TEXT_DESCRIPTION, examples=["apple", "red organic"])
 
     def query(self) -> TextQuery:
         return TextQuery(self.text)
@@ -233,14 +258,16 @@ def _given(value: Any) -> list[str]:
 
 def _query_field(value: Any) -> str | None:
     given = _given(value)
-    return given[0] if len(given) == 1 else None
+    kinds = [name for name in given if name != "text"] or given  # text beside another: that one's words
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def _exactly_one(value: Any) -> Any:
     given = _given(value)
-    if len(given) != 1:
+    if not given or len([name for name in given if name != "text"]) > 1:
         wanted = f"{', '.join(QUERY_FIELDS[:-1])} or {QUERY_FIELDS[-1]}"
-        raise PydanticCustomError("query_kind", f"give exactly one of {wanted}" + (f" (got {', '.join(given)})" if given else ""))
+        got = f" (got {', '.join(given)})" if given else ""
+        raise PydanticCustomError("query_kind", f"give exactly one of {wanted} (text may also go beside one of the others){got}")
     return value
 
 

@@ -1,5 +1,7 @@
 """The read path: raw query vectors -> projected -> faiss (with category blocks) ->
-hits grouped by product, plus the neighbours' category vote.
+hits grouped by product, plus the neighbours' category vote; with words
+(``SearchOptions.text``), that ranking fused with the keyword ranking
+(:mod:`vsearch.keywords`, :mod:`vsearch.fusion`), or the keyword ranking alone.
 
 Pure functions over one :class:`~vsearch.snapshot.Snapshot` and the catalog; the
 caller (:class:`vsearch.engine.Engine`) holds the read lock around them.
@@ -8,15 +10,20 @@ caller (:class:`vsearch.engine.Engine`) holds the read lock around them.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
+from . import keywords
 from .catalog import Catalog
+from .categories import suggest_categories
+from .errors import ConfigError
 from .faissthreads import BATCH_MIN, one_thread
+from .fusion import CANDIDATES, reciprocal_rank_fusion
 from .query import Hit, SearchOptions
 from .snapshot import Snapshot
 
-__all__ = ["best_per_product", "collect_hits", "region_boxes", "search_snapshot"]
+__all__ = ["best_per_product", "collect_hits", "region_boxes", "search_keywords", "search_snapshot", "search_with_text"]
 
 Votes = list[tuple[str, float]]
 
@@ -63,6 +70,60 @@ def search_snapshot(
         if all(len(h) >= want for h in hits) or k_img >= ntotal or past_min_score:
             return [h[options.offset :] for h in hits], votes
         k_img = min(ntotal, k_img * 4)
+
+
+def search_with_text(
+    snap: Snapshot,
+    catalog: Catalog,
+    raw: np.ndarray,
+    options: SearchOptions,
+    timings: dict[str, float],
+    neighbours: int = 0,
+) -> tuple[list[list[Hit]], list[Votes]]:
+    """:func:`search_snapshot`, its ranking fused with the keyword ranking of
+    ``options.text`` when the options fuse (words given, ``text_weight`` > 0).
+
+    Each side is a candidate list of ``max(CANDIDATES, k + offset)`` products under
+    the same filters; the result is one hit per product, scored by reciprocal rank
+    fusion, and ``min_score`` applies to that score. The category vote is the
+    vector search's."""
+    if not options.fuses or keywords.match_expression(options.text) is None:
+        return search_snapshot(snap, catalog, raw, options, timings, neighbours)
+    pool = max(CANDIDATES, options.k + options.offset)
+    wide = replace(options, k=pool, offset=0, group_by_product=True, min_score=None)
+    rows, votes = search_snapshot(snap, catalog, raw, wide, timings, neighbours)
+    start = time.perf_counter()
+    matches = keywords.search(catalog, options, pool)
+    timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
+    fused = [reciprocal_rank_fusion([(row, 1.0), (matches, options.text_weight)]) for row in rows]
+    return [_page(hits, options) for hits in fused], votes
+
+
+def search_keywords(
+    snap: Snapshot, catalog: Catalog, options: SearchOptions, timings: dict[str, float], neighbours: int = 0
+) -> tuple[list[Hit], Votes]:
+    """The products matching ``options.text`` alone, best first, and the categories of
+    the first ``neighbours`` of them (the vote). A hit's score is its bm25 relevance
+    relative to the best match's (1.0), so it compares hits of one search only.
+    ConfigError if the text has no word to search for."""
+    if keywords.match_expression(options.text) is None:
+        raise ConfigError("text has no words to search for (letters or digits)")
+    if options.categories or options.exclude_categories:
+        snap.filters.blocks(options.categories, options.exclude_categories)  # unknown categories: FilterError, as ever
+    start = time.perf_counter()
+    matches = keywords.search(catalog, options, max(options.k + options.offset, neighbours))
+    timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
+    best = matches[0].score if matches and matches[0].score > 0 else 1.0
+    hits = [replace(hit, score=hit.score / best) for hit in matches]
+    votes = suggest_categories([hit.category for hit in hits[:neighbours]]) if neighbours else []
+    return _page(hits[: options.k + options.offset], options), votes
+
+
+def _page(hits: list[Hit], options: SearchOptions) -> list[Hit]:
+    """``options``' page of a ranking: scores below ``min_score`` out, then offset and k."""
+    if options.min_score is not None:
+        hits = [hit for hit in hits if hit.score >= options.min_score]
+    return hits[options.offset : options.offset + options.k]
 
 
 def _vote_neighbours(snap: Snapshot, xq: np.ndarray, neighbours: int) -> np.ndarray:

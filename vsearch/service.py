@@ -5,8 +5,10 @@ thumbnails. ``vsearch.api`` only parses HTTP and calls this.
 A search reads the engine's snapshot once: the query is embedded by that snapshot's
 model and searched in its index, whatever switch happens meanwhile. Each query kind
 has one handler in :data:`PREPARE`, which turns it into an image or a text to embed,
-or a raw vector; :meth:`SearchService.search_many` embeds a whole batch's images in
-one forward.
+or a raw vector, or leaves it to the keyword index alone (a text on a model without
+a text tower); :meth:`SearchService.search_many` embeds a whole batch's images in
+one forward. Words beside a query (``SearchOptions.text``) rank by the keyword index
+too, fused with the query's ranking (:mod:`vsearch.fusion`).
 
 Every forward runs on the model queue's one thread (:class:`~vsearch.batcher.MicroBatcher`),
 which holds at most ``queue_size`` requests: past that a search is refused at once
@@ -38,6 +40,7 @@ from .facets import FacetCount
 from .fetch import FetchPolicy, TooLargeError, fetch_url
 from .fsutil import atomic_write_bytes
 from .images import decode_image
+from .keywords import match_expression
 from .learner import ProjectionLearner
 from .limits import IdleTrimmer
 from .query import Crop, Hit, ImageQuery, ProductQuery, Query, SearchOptions, TextQuery, UrlQuery, VectorQuery
@@ -56,7 +59,8 @@ class SearchResult:
 
 @dataclass
 class _Prepared:
-    """A query made ready to embed: exactly one of image, text or raw is set."""
+    """A query made ready to embed: at most one of image, text or raw is set (none: a
+    keyword search, ``options.text`` alone)."""
 
     options: SearchOptions
     timing: dict[str, float]
@@ -243,7 +247,7 @@ class SearchService:
         for query, options in requests:
             start = time.perf_counter()
             try:
-                if full and type(query) in NEEDS_MODEL:
+                if full and _needs_model(query, snap):
                     raise Overloaded("too many requests waiting for the model; retry shortly")
                 item = PREPARE[type(query)](self, snap, query, options)
             except VsearchError as exc:
@@ -252,7 +256,7 @@ class SearchService:
             item.timing["total"] = _ms(start)
             prepared.append(item)
         ready = [p for p in prepared if isinstance(p, _Prepared)]
-        pending = [p for p in ready if p.raw is None]
+        pending = [p for p in ready if p.image is not None or p.text is not None]
         if pending:
             start = time.perf_counter()
             inputs: list[Image.Image | str] = [p.image if p.image is not None else p.text or "" for p in pending]
@@ -271,9 +275,12 @@ class SearchService:
 
     def _search_one(self, snap: Snapshot, p: _Prepared) -> SearchResult | VsearchError:
         start = time.perf_counter()
-        assert p.raw is not None
         try:
-            hits, suggested = self.engine.search_and_suggest(p.raw, p.options, p.timing, snapshot=snap)
+            if p.raw is None:  # words alone, on a model without a text tower
+                found, vote = self.engine.search_keywords(p.options, p.timing, snapshot=snap)
+                hits, suggested = [found], [vote]
+            else:
+                hits, suggested = self.engine.search_and_suggest(p.raw, p.options, p.timing, snapshot=snap)
             counted = time.perf_counter()
             facets = self.engine.facets(p.options, hits[0]) if p.options.facets else {}
             if facets:
@@ -375,8 +382,12 @@ def _product(service: SearchService, snap: Snapshot, query: ProductQuery, option
 
 
 def _text(service: SearchService, snap: Snapshot, query: TextQuery, options: SearchOptions) -> _Prepared:
-    service.engine.require_text(snap)  # refused before any work, so a batch's other queries go on
-    return _Prepared(options, {}, text=query.text)
+    options = replace(options, text=query.text)  # its words are the keyword side
+    if snap.has_text:  # the text tower's ranking, fused with the keywords'
+        return _Prepared(options, {}, text=query.text)
+    if match_expression(query.text) is None:  # refused before any work, so a batch's other queries go on
+        raise ConfigError("text has no words to search for (letters or digits)")
+    return _Prepared(options, {})  # the keyword index alone
 
 
 def _vector(service: SearchService, snap: Snapshot, query: VectorQuery, options: SearchOptions) -> _Prepared:
@@ -387,6 +398,12 @@ def _vector(service: SearchService, snap: Snapshot, query: VectorQuery, options:
 
 
 NEEDS_MODEL = (ImageQuery, UrlQuery, TextQuery)  # the query kinds refused when the model's queue is full
+
+
+def _needs_model(query: Query, snap: Snapshot) -> bool:
+    """Whether ``query`` waits for the model (a text does only with a text tower)."""
+    return type(query) in NEEDS_MODEL and (snap.has_text or not isinstance(query, TextQuery))
+
 
 PREPARE: dict[type, Callable[[SearchService, Snapshot, Query, SearchOptions], _Prepared]] = {
     ImageQuery: _image,  # type: ignore[dict-item]
