@@ -108,6 +108,19 @@ def test_shopper_flow_in_chromium(server: str, tmp_path: Path) -> None:
             page.get_by_role("button", name="Search", exact=True).click()
             expect(page.locator("#error")).to_contain_text("not public")
 
+            # words alone: a keyword search (titles are the file names); then beside the photo, fused
+            page.get_by_role("button", name="New search").click()
+            page.fill("#words", "p07")
+            page.get_by_role("button", name="Find").click()
+            expect(cards.first.locator(".title")).to_have_text("p07")
+            expect(cards.first.locator(".score")).to_have_text("words match 100%")
+            page.set_input_files("#file", str(photo))  # p02's picture: p02 first by the photo alone
+            expect(cards.first.locator(".score")).to_have_text("photo + words")
+            assert cards.locator(".title").all_inner_texts()[:2] == ["p07", "p02"]
+            page.fill("#words", "")
+            page.get_by_role("button", name="Find").click()  # the words gone: the photo alone
+            expect(cards.first.locator(".title")).to_have_text("p02")
+
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.set_input_files("#file", str(photo))
             expect(cards.first).to_be_visible()

@@ -2,7 +2,8 @@
 
 The Grocery Store Dataset (MIT; github.com/marcusklasson/GroceryStoreDataset) is
 recognised and turned into a catalog of its 81 products (iconic images, with their
-category paths, and attributes: the dataset's coarse and fine class, plus a price
+category paths, and attributes: the dataset's coarse and fine class and its product
+description text, ``description``, which keyword search reads too, plus a price
 and an in-stock flag that are made up by a seeded generator and named
 ``synthetic_price`` / ``synthetic_in_stock`` so that no one mistakes them for
 data), centred on a sample of its unlabelled in-store photos. Any other folder is
@@ -81,6 +82,7 @@ def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
                 "title",
                 "coarse_class",
                 "fine_class",
+                "description",
                 "synthetic_price:number",
                 "synthetic_in_stock:bool",
             ]
@@ -90,11 +92,13 @@ def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
             if row[0].startswith("Class Name"):
                 continue
             name, class_id, coarse, _, iconic = row[:5]
+            description = row[5] if len(row) > 5 else ""
             names[class_id] = name
             category = f"{Path(iconic).parts[2]}/{coarse}"  # e.g. Fruit/Apple, Packages/Milk
             price, in_stock = round(shop.uniform(0.5, 6.0), 2), shop.random() < 0.8
             title = name.replace("-", " ")
-            writer.writerow([name, str(dataset) + iconic, category, title, coarse, name, price, str(in_stock).lower()])
+            text = _description(dataset, description)
+            writer.writerow([name, str(dataset) + iconic, category, title, coarse, name, text, price, str(in_stock).lower()])
     lines = [line for line in (dataset / "train.txt").read_text().splitlines() if line.strip()]
     with open(out / "demo-train-pairs.csv", "w", newline="") as dst:
         writer = csv.writer(dst)
@@ -109,3 +113,13 @@ def _grocery_manifests(dataset: Path, out: Path) -> tuple[Path, Path]:
         for n, line in enumerate(lines[::step]):
             writer.writerow([f"photo{n}", str(dataset / line.split(",")[0].strip())])
     return catalog, photos
+
+
+def _description(dataset: Path, relative: str) -> str:
+    """A product's description text (``Product Description Path``), on one line; ""
+    if the file is missing (some products have an empty one)."""
+    path = dataset / relative.strip().lstrip("/")
+    try:
+        return " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return ""

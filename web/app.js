@@ -7,6 +7,7 @@ const state = {
   imageUrl: null,    // or a link to one
   productId: null,   // or "more like this" product
   productTitle: "",
+  text: "",          // the shopper's words: alone a keyword search, beside a photo fused with it
   crop: null,        // {x, y, w, h} in fractions, applied when searching a region
   selected: new Set(),
   tree: [],
@@ -51,6 +52,8 @@ function showPreview(src, label) {
 
 function clearQuery() {
   reset();
+  state.text = "";
+  $("words").value = "";
   $("preview").hidden = true;
   $("drop-empty").hidden = false;
   $("results").replaceChildren();
@@ -78,6 +81,12 @@ drop.addEventListener("drop", (e) => {
 document.addEventListener("paste", (e) => {
   const item = [...(e.clipboardData?.items || [])].find((i) => i.type.startsWith("image/"));
   if (item) { e.preventDefault(); setFile(item.getAsFile()); }
+});
+$("text-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  state.text = $("words").value.trim();
+  if (hasQuery()) search({ reveal: true });
+  else clearQuery();
 });
 $("url-form").addEventListener("submit", (e) => {
   e.preventDefault();
@@ -269,7 +278,8 @@ function toggleFacet(field, key) {
 }
 
 // ---------------------------------------------------------------- search
-const hasQuery = () => Boolean(state.file || state.imageUrl || state.productId);
+const hasPicture = () => Boolean(state.file || state.imageUrl || state.productId);
+const hasQuery = () => hasPicture() || Boolean(state.text);
 
 async function apiError(response) {
   try {
@@ -293,6 +303,9 @@ async function search({ reveal = false } = {}) {
   if (state.file) form.append("image", state.file, state.file.name || "photo");
   if (state.imageUrl) form.append("image_url", state.imageUrl);
   if (state.productId) form.append("product_id", state.productId);
+  if (state.text) form.append("text", state.text);
+  // what a result's score means: a cosine, a keyword match relative to the best, or a fused rank score
+  const scoring = !state.text ? "photo" : hasPicture() ? "fused" : "words";
   if (state.crop && state.file) {
     const c = state.crop;
     form.append("crop", [c.x, c.y, c.w, c.h].map((v) => v.toFixed(4)).join(","));
@@ -305,7 +318,7 @@ async function search({ reveal = false } = {}) {
     if (!response.ok) throw await apiError(response);
     const data = await response.json();
     if (id !== state.requestId) return;  // a newer search has started
-    drawResults(data.results);
+    drawResults(data.results, scoring);
     drawSuggested(data.suggested_categories);
     drawFacets(data.facets || {});
     const ms = Math.round(data.timing_ms.total || 0);
@@ -320,11 +333,11 @@ async function search({ reveal = false } = {}) {
   }
 }
 
-function drawResults(results) {
+function drawResults(results, scoring) {
   const list = $("results");
   list.replaceChildren();
   $("empty").hidden = results.length > 0;
-  if (!results.length) $("empty").textContent = "No products match. Try removing a filter.";
+  if (!results.length) $("empty").textContent = "No products match. Try other words or removing a filter.";
   for (const r of results) {
     const item = document.createElement("li");
     item.className = "card";
@@ -341,8 +354,12 @@ function drawResults(results) {
     const category = document.createElement("div");
     category.className = "category"; category.textContent = r.category;
     const score = document.createElement("div");
-    score.className = "score"; score.innerHTML = "match <b></b>";
-    score.querySelector("b").textContent = `${Math.round(Math.max(0, r.score) * 100)}%`;
+    score.className = "score";
+    if (scoring === "fused") score.textContent = "photo + words";  // a rank score: no percentage to show
+    else {
+      score.innerHTML = scoring === "words" ? "words match <b></b>" : "match <b></b>";
+      score.querySelector("b").textContent = `${Math.round(Math.max(0, r.score) * 100)}%`;
+    }
     body.append(title, category, score);
     const more = document.createElement("button");
     more.type = "button"; more.className = "button more";
