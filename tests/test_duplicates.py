@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import random
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from vsearch.duplicates import DuplicateConfig, VariantGroups, merge, near_duplicates, product_links, regroup
+from vsearch.duplicates import DuplicateConfig, VariantGroups, hamming, merge, near_duplicates, phash, product_links, regroup
 
 
 def from_scratch(groups: VariantGroups) -> dict[str, str]:
@@ -23,20 +26,56 @@ def check(groups: VariantGroups) -> None:
     assert all(group == min(ms) for group, ms in members.items())
 
 
+def smooth_image(seed: int, size: tuple[int, int] = (240, 180)) -> Image.Image:
+    """A seeded photo-like image: coarse random colour blobs, bicubic-upsampled."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+
+
+def reencoded(image: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
 def test_config_validates() -> None:
     assert DuplicateConfig().threshold <= 1
-    with pytest.raises(ValueError):
-        DuplicateConfig(threshold=0)
-    with pytest.raises(ValueError):
-        DuplicateConfig(threshold=1.01)
-    with pytest.raises(ValueError):
-        DuplicateConfig(k=0)
+    for bad in ({"threshold": 0}, {"threshold": 1.01}, {"k": 0}, {"phash_distance": -1}, {"phash_distance": 65}):
+        with pytest.raises(ValueError):
+            DuplicateConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_matches_is_embedding_or_hash() -> None:
+    config = DuplicateConfig(threshold=0.97, phash_distance=8)
+    assert config.matches(0.97) and config.matches(0.5, 8) and config.matches(0.99, 40)
+    assert not config.matches(0.969) and not config.matches(0.969, 10)
+    assert not DuplicateConfig(threshold=0.97, phash_distance=None).matches(0.5, 0)
 
 
 def test_near_duplicates_filters_hits() -> None:
-    config = DuplicateConfig(threshold=0.9)
+    config = DuplicateConfig(threshold=0.9, phash_distance=None)
     hits = near_duplicates(7, [7, 3, 9, -1, 4], [1.0, 0.95, 0.9, 2.0, 0.89], config)
     assert hits == [3, 9]
+    hashed = DuplicateConfig(threshold=0.9, phash_distance=4)
+    assert near_duplicates(7, [3, 4, 5], [0.95, 0.5, 0.5], hashed, distances=[30, 4, 6]) == [3, 4]
+
+
+def test_phash_survives_reencoding_and_separates_images() -> None:
+    image = smooth_image(0)
+    h = phash(image)
+    assert 0 <= h < 2**64 and h.bit_count() == 32  # 64 coefficients split at their median
+    assert phash(image) == h
+    assert hamming(h, phash(reencoded(image, 60))) <= 4
+    assert hamming(h, phash(image.resize((120, 90), Image.Resampling.BICUBIC))) <= 4
+    others = [hamming(h, phash(smooth_image(seed))) for seed in range(1, 11)]
+    assert min(others) > 8
+
+
+def test_phash_equals_imagehash() -> None:
+    imagehash = pytest.importorskip("imagehash")
+    for seed in range(5):
+        image = smooth_image(seed, (200 + 17 * seed, 150))
+        assert phash(image) == int(str(imagehash.phash(image)), 16)
 
 
 def test_product_links_drop_same_product_pairs() -> None:
