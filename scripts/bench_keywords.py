@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/datasets/grocery-store"))
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     args = ap.parse_args()
 
     from vsearch import Engine

@@ -22,7 +22,7 @@ from vsearch.attributes import AttributeFilter
 from vsearch.catalog import Catalog
 from vsearch.cli import main
 from vsearch.errors import ConfigError, FilterError
-from vsearch.fusion import RRF_K, reciprocal_rank_fusion
+from vsearch.fusion import DEFAULT_TEXT_WEIGHT, RRF_K, reciprocal_rank_fusion
 from vsearch.keywords import MAX_WORDS, TOKENIZER, match_expression, words
 from vsearch.query import Hit, SearchOptions
 
@@ -215,6 +215,16 @@ def test_text_alone_is_a_keyword_search_ranked_by_bm25(index: Path) -> None:
             engine.search(text="?! ...", k=5)
 
 
+def test_products_with_every_word_come_first(index: Path) -> None:
+    with Engine.open(index) as engine:
+        for text in ("plum rye", "fig tea rye"):  # p01: plum, rye with nut; p02: fig, tea with rye
+            hits = engine.search(text=text, k=N)
+            every = set.intersection(*(_reference_matches(w) for w in text.split()))
+            assert every and {h.product_id for h in hits[: len(every)]} == every, text
+            assert {h.product_id for h in hits} == _reference_matches(text)
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
 def test_keyword_results_honour_filters_and_paging(index: Path) -> None:
     with Engine.open(index) as engine:
         text = "kiwi plum tea"
@@ -242,7 +252,7 @@ def test_a_word_moves_its_product_up_the_photo_ranking(index: Path) -> None:
         rank = [h.product_id for h in alone].index("p09") + 1
         fused = engine.search(photo, text="rare", k=N)
         assert fused[0].product_id == "p09" and fused[1].product_id == alone[0].product_id
-        assert fused[0].score == pytest.approx(1 / (RRF_K + rank) + 1 / (RRF_K + 1))
+        assert fused[0].score == pytest.approx(1 / (RRF_K + rank) + DEFAULT_TEXT_WEIGHT / (RRF_K + 1))
         assert fused[0].image_id == target.image_id  # the photo's best image of it
         assert {h.product_id for h in fused} == {h.product_id for h in alone}
         weak = engine.search(photo, text="rare", text_weight=0.001, k=N)
@@ -275,7 +285,7 @@ def test_open_clip_fuses_its_text_tower_with_the_keywords(tmp_path: Path) -> Non
         fused = engine.search(text="rare", k=N)
         assert fused[0].product_id == "p09"
         rank = [h.product_id for h in tower].index("p09") + 1
-        assert fused[0].score == pytest.approx(1 / (RRF_K + rank) + 1 / (RRF_K + 1))
+        assert fused[0].score == pytest.approx(1 / (RRF_K + rank) + DEFAULT_TEXT_WEIGHT / (RRF_K + 1))
 
 
 # ------------------------------------------------------------------------------ API and CLI
@@ -311,7 +321,7 @@ def test_openapi_documents_text_with_an_example(index: Path) -> None:
         schema = c.get("/openapi.json").json()
     params = {p["name"]: p for p in schema["paths"]["/v1/search"]["post"]["parameters"]}
     assert "rank" in params["text"]["description"] and params["text"]["schema"]["examples"]
-    assert params["text_weight"]["schema"]["default"] == 1.0
+    assert params["text_weight"]["schema"]["default"] == 0.5
     assert schema["components"]["schemas"]["TextSearch"]["properties"]["text"]["examples"]
 
 

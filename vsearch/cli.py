@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fusion import DEFAULT_TEXT_WEIGHT
+
     env = settings()
     parser = argparse.ArgumentParser(prog="vsearch", description="Visual similarity search for product catalogs.")
     parser.add_argument("--version", action="version", version=_version())
@@ -137,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text-weight",
         type=float,
-        default=1.0,
+        default=DEFAULT_TEXT_WEIGHT,
         metavar="W",
-        help="the keyword ranking's weight in the fusion, the photo's being 1 (default 1; 0: the photo alone)",
+        help=f"the keyword ranking's weight in the fusion, the photo's being 1 (default {DEFAULT_TEXT_WEIGHT}; 0: photo alone)",
     )
     _index_arg(p, env.index_dir)
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")

@@ -34,6 +34,7 @@ from .embed import Embedder, Preprocess, decode_side
 from .errors import ConfigError, ModelError, ProductNotFoundError
 from .facets import FacetCache, FacetCount, attribute_names, facet_counts
 from .fetch import TRUSTED, FetchPolicy
+from .fusion import DEFAULT_TEXT_WEIGHT
 from .images import DEFAULT_MAX_PIXELS, decode_image, read_source
 from .imagestore import ImageStore
 from .index import VectorIndex
@@ -335,7 +336,7 @@ class Engine:
         image: QueryImage | None = None,
         *,
         text: str = "",
-        text_weight: float = 1.0,
+        text_weight: float = DEFAULT_TEXT_WEIGHT,
         k: int = 10,
         categories: Sequence[str] | None = None,
         exclude_categories: Sequence[str] | None = None,

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from .query import Hit
+if TYPE_CHECKING:
+    from .query import Hit
 
-__all__ = ["CANDIDATES", "RRF_K", "reciprocal_rank_fusion"]
+__all__ = ["CANDIDATES", "DEFAULT_TEXT_WEIGHT", "RRF_K", "reciprocal_rank_fusion"]
 
 RRF_K = 60
 CANDIDATES = 100  # products each ranking contributes to a fusion
+# Measured on the grocery val photos with their type word (scripts/bench_keywords.py):
+# 0.5 ranks the right product first most often; at 1 or 2 the keyword order among
+# products of one type (bm25 on near-identical descriptions) outvotes the photo.
+DEFAULT_TEXT_WEIGHT = 0.5
 
 
 def reciprocal_rank_fusion(rankings: Sequence[tuple[Sequence[Hit], float]], rrf_k: int = RRF_K) -> list[Hit]:

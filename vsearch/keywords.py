@@ -4,8 +4,10 @@ Shoppers type words. Every product's title and the text values of its attributes
 (strings, and the string elements of list attributes: a ``description``, a
 ``brand``, ``colors``) are indexed by FTS5 with the ``porter unicode61
 remove_diacritics 2`` tokenizer (case, accents and English endings do not matter:
-"Apples" finds "apple"), and a search ranks the products that contain any of its
-words by bm25, the title counting :data:`TITLE_WEIGHT` times the attributes.
+"Apples" finds "apple"). A search ranks the products that contain every one of its
+words first, then those that contain some of them, each group by bm25 (the title
+counting :data:`TITLE_WEIGHT` times the attributes): "oat milk" puts oat milk
+before the other milks, and still finds milk where no product has both words.
 
 The index is kept in sync by SQLite triggers on ``products`` (:data:`STATEMENTS`),
 inside the transaction that changes the product, so every write path (ingest,
@@ -89,22 +91,34 @@ def words(text: str) -> list[str]:
     return list(found)[:MAX_WORDS]
 
 
-def match_expression(text: str) -> str | None:
-    """An FTS5 query matching products that contain any word of ``text`` (None: it has
-    none). Each word is an FTS5 string, so operators (``NOT``, ``NEAR``, ``*``, ``:``,
-    quotes, parentheses) in shopper text are plain words or separators."""
+def match_expression(text: str, every: bool = False) -> str | None:
+    """An FTS5 query matching products that contain any word of ``text`` (``every``:
+    all of them); None if it has none. Each word is an FTS5 string, so operators
+    (``NOT``, ``NEAR``, ``*``, ``:``, quotes, parentheses) in shopper text are plain
+    words or separators."""
     found = words(text)
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in found) if found else None
+    return (" AND " if every else " OR ").join('"' + w.replace('"', '""') + '"' for w in found) if found else None
 
 
 def search(catalog: Catalog, options: SearchOptions, limit: int) -> list[Hit]:
-    """Up to ``limit`` products matching ``options.text``, best first, under the options'
-    category and attribute filters and excluded products; a hit's ``score`` is the
-    match's relevance (bm25, sign flipped: higher is better) and its image is the
-    product's first. Costs the matches (read from the FTS index), not the catalog."""
-    expression = match_expression(options.text)
-    if expression is None or limit <= 0:
+    """Up to ``limit`` products matching ``options.text``, best first (those with every
+    word, then those with some), under the options' category and attribute filters and
+    excluded products; a hit's ``score`` is the match's relevance (bm25, sign flipped:
+    higher is better) and its image is the product's first. Costs the matches (read
+    from the FTS index), not the catalog."""
+    every = match_expression(options.text, every=True)
+    if every is None or limit <= 0:
         return []
+    hits = _ranked(catalog, every, options, limit)
+    if len(words(options.text)) > 1 and len(hits) < limit:
+        seen = {hit.product_id for hit in hits}
+        some = _ranked(catalog, match_expression(options.text) or every, options, limit + len(hits))
+        hits += [hit for hit in some if hit.product_id not in seen][: limit - len(hits)]
+    return hits
+
+
+def _ranked(catalog: Catalog, expression: str, options: SearchOptions, limit: int) -> list[Hit]:
+    """The first ``limit`` products matching an FTS5 ``expression`` under the options, by bm25."""
     tests, params = _filters(options)
     sql = (
         f"SELECT p.id, p.title, p.category, p.attributes, i.id, i.source, -bm25(product_text, {TITLE_WEIGHT}, 1.0) "

@@ -18,6 +18,7 @@ import numpy as np
 
 from .attributes import AttributeFilter
 from .errors import ConfigError
+from .fusion import DEFAULT_TEXT_WEIGHT
 
 __all__ = [
     "Crop",
@@ -104,7 +105,7 @@ class SearchOptions:
     # words the results should match (vsearch.keywords); beside an image, URL, product or
     # vector query their ranking is fused with the query's (vsearch.fusion)
     text: str = ""
-    text_weight: float = 1.0  # the keyword ranking's weight in that fusion (the other's is 1); 0: no fusion
+    text_weight: float = DEFAULT_TEXT_WEIGHT  # the keyword ranking's weight in that fusion (the other's is 1); 0: none
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:

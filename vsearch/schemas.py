@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from .attributes import AttributeFilter
 from .errors import AttributeFilterError, ConfigError
+from .fusion import DEFAULT_TEXT_WEIGHT
 from .images import is_url
 from .query import (
     MAX_TEXT_WEIGHT,
@@ -165,7 +166,10 @@ class SearchParams(BaseModel):
     crop: CropField = None
     text: str | None = Field(None, max_length=MAX_TEXT, description=TEXT_DESCRIPTION, examples=["apple", "red organic"])
     text_weight: float = Field(
-        1.0, ge=0, le=MAX_TEXT_WEIGHT, description="the keyword ranking's weight in the fusion (the other's is 1; 0: none)"
+        DEFAULT_TEXT_WEIGHT,
+        ge=0,
+        le=MAX_TEXT_WEIGHT,
+        description="the keyword ranking's weight in the fusion (the other ranking's is 1; 0: no fusion)",
     )
 
     def options(self) -> SearchOptions:

@@ -104,7 +104,9 @@ def search_keywords(
 ) -> tuple[list[Hit], Votes]:
     """The products matching ``options.text`` alone, best first, and the categories of
     the first ``neighbours`` of them (the vote). A hit's score is its bm25 relevance
-    relative to the best match's (1.0), so it compares hits of one search only.
+    relative to the first hit's (1.0), capped by the score of the hit before it (the
+    products with every word come before those with some), so it compares hits of
+    one search only.
     ConfigError if the text has no word to search for."""
     if keywords.match_expression(options.text) is None:
         raise ConfigError("text has no words to search for (letters or digits)")
@@ -113,8 +115,10 @@ def search_keywords(
     start = time.perf_counter()
     matches = keywords.search(catalog, options, max(options.k + options.offset, neighbours))
     timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
-    best = matches[0].score if matches and matches[0].score > 0 else 1.0
-    hits = [replace(hit, score=hit.score / best) for hit in matches]
+    hits: list[Hit] = []
+    for hit in matches:  # relative to the first; never above the hit before (every word ranks before some)
+        score = min(hit.score / matches[0].score, hits[-1].score if hits else 1.0) if matches[0].score > 0 else 1.0
+        hits.append(replace(hit, score=score))
     votes = suggest_categories([hit.category for hit in hits[:neighbours]]) if neighbours else []
     return _page(hits[: options.k + options.offset], options), votes
 
