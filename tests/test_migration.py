@@ -377,7 +377,7 @@ def test_a_schema_4_catalog_keeps_its_float32_rows_and_its_log_and_writes_float1
     base, ft = schema_4_catalog(path)
     catalog = Catalog.open(path)
     db = catalog.db
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "7"
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     # schema 6: the attributes products already had are filterable (image 3 is gone)
     assert image_ids(catalog, AttributeFilter.from_json({"price": {"lte": 5}})).tolist() == [1, 2, 4, 5]
     assert image_ids(catalog, AttributeFilter.from_json({"brand": "A", "tags": "y"})).tolist() == [2, 8, 14, 20]
@@ -486,7 +486,7 @@ def test_a_schema_6_catalog_gets_its_keyword_index_filled_and_kept(tmp_path: Pat
     as_schema_6(path)
 
     catalog = Catalog.open(path)
-    assert catalog.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "7"
+    assert catalog.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     assert catalog.generation == generation and catalog.changed_images(generation) == []  # no change to replay
 
     def found(text: str) -> list[str]:
@@ -499,6 +499,49 @@ def test_a_schema_6_catalog_gets_its_keyword_index_filled_and_kept(tmp_path: Pat
         catalog.remove_products(["p1"])
     assert found("apple") == [] and found("pear") == ["p0"] and found("fresh") == []
     catalog.db.execute("INSERT INTO product_text(product_text) VALUES ('integrity-check')")
+    catalog.close()
+    before = path.read_bytes()
+    Catalog.open(path).close()  # migrated once
+    assert path.read_bytes() == before
+
+
+# Schema 7 -> 8 ----------------------------------------------------------------
+def as_schema_7(path: Path) -> None:
+    """A current catalog.db without near-duplicate links (schema 7's layout)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for trigger in ("images_pending", "images_relink", "images_unlink", "products_ungroup"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    for table in ("image_links", "variant_groups", "variant_dirty", "variant_pending"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("ALTER TABLE images DROP COLUMN phash")
+    db.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    db.close()
+
+
+def test_a_schema_7_catalog_queues_its_images_for_near_duplicate_links(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.db"
+    catalog = Catalog.open(path)
+    with catalog.transaction():
+        for n in range(3):
+            catalog.upsert_product(f"p{n}")
+            catalog.put_image(f"p{n}", "a.jpg", f"sha{n}", 1, 1, np.ones(4, dtype=np.float32))
+        catalog.db.execute("DELETE FROM variant_pending")  # as if linked
+    generation = catalog.generation
+    catalog.close()
+    as_schema_7(path)
+
+    catalog = Catalog.open(path)
+    db = catalog.db
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "8"
+    assert catalog.generation == generation
+    ids = [r[0] for r in db.execute("SELECT id FROM images ORDER BY id")]
+    assert [r[0] for r in db.execute("SELECT image_id FROM variant_pending ORDER BY image_id")] == ids
+    assert [r[0] for r in db.execute("SELECT phash FROM images")] == [None] * 3
+    with catalog.transaction():  # the triggers work on the migrated catalog
+        catalog.remove_products(["p1"])
+        catalog.put_image("p2", "b.jpg", "sha9", 1, 1, np.ones(4, dtype=np.float32))
+    pending = [r[0] for r in db.execute("SELECT image_id FROM variant_pending ORDER BY image_id")]
+    assert ids[1] not in pending and ids[0] in pending and len(pending) == 3
     catalog.close()
     before = path.read_bytes()
     Catalog.open(path).close()  # migrated once

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 import sqlite_utils
 
-from . import attributes, changelog, keywords
+from . import attributes, changelog, keywords, variants
 from .errors import ConfigError, IndexFormatError, ProductNotFoundError
 from .migrate import upgrade
 from .vectorstore import VECTOR_SCHEMA, VectorStore, encoding, round_trip
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS images (
     sha256 TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
+    phash INTEGER,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     UNIQUE (product_id, source)
@@ -62,7 +63,7 @@ CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SCHEMA = [s for s in (TABLES + VECTOR_SCHEMA).split(";") if s.strip()] + changelog.STATEMENTS + attributes.STATEMENTS
-SCHEMA += keywords.STATEMENTS
+SCHEMA += keywords.STATEMENTS + variants.STATEMENTS
 
 BASE_MODEL = "base"  # the index's original model; stored like any other version
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .backbones import Backbone
 from .config import ModelConfig
+from .duplicates import phash
 from .errors import ImageError
 from .families import build_backbone, has_text
 from .images import DEFAULT_MAX_PIXELS, decode, read_source, sha256_bytes
@@ -231,6 +232,7 @@ class LoadedImage:
     tensor: torch.Tensor | None = None
     error: str = ""
     unchanged: bool = False  # content hash matched the caller's; not decoded
+    phash: int | None = None  # perceptual hash of the decoded image (vsearch.duplicates)
 
 
 class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
@@ -254,6 +256,7 @@ class _SourceDataset(torch.utils.data.Dataset[LoadedImage]):
             # Waits for decode memory as long as it takes: nothing competes in a worker.
             decoded = decode(data, source, max_pixels=self.max_pixels, max_side=self.preprocess.max_side, wait_s=math.inf)
             loaded.width, loaded.height = decoded.width, decoded.height
+            loaded.phash = phash(decoded.image)
             loaded.tensor = self.preprocess(decoded.image)
         except ImageError as exc:
             loaded.error = exc.reason

@@ -175,7 +175,9 @@ def ingest(
         work = work_list(engine, ordered, report)
 
         def commit(loaded: list[LoadedImage], vectors: np.ndarray) -> None:
-            images = [NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height) for x in loaded]
+            images = [
+                NewImage(ordered[_n(x)].product_id, ordered[_n(x)].image, x.sha256, x.width, x.height, x.phash) for x in loaded
+            ]
             new = [products[pid] for pid in dict.fromkeys(i.product_id for i in images) if pid in pending]
             writer.add_images(images, vectors, products=new)  # new: these products' first stored images
             pending.difference_update(p.product_id for p in new)

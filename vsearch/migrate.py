@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from . import attributes, changelog, keywords
+from . import attributes, changelog, keywords, variants
 from .errors import IndexFormatError
 from .vectorstore import FLOAT32
 
@@ -19,7 +19,8 @@ __all__ = ["SCHEMA_VERSION", "upgrade"]
 # 4: the log has category moves too. 5: model_vectors.dtype (rows may be float16).
 # 6: product_attributes (attribute filters, vsearch.attributes), filled from products.
 # 7: product_keys and the product_text FTS5 index (keyword search, vsearch.keywords).
-SCHEMA_VERSION = 7
+# 8: images.phash, image_links, variant_groups (near-duplicates, vsearch.variants).
+SCHEMA_VERSION = 8
 MIGRATE_CHUNK = 512  # rows per copy-then-delete step: the most the file grows by
 
 
@@ -48,6 +49,8 @@ def upgrade(conn: sqlite3.Connection, schema: Sequence[str], base_model: str) ->
                 _set_aside_v1(conn)
             for statement in schema:
                 conn.execute(statement)
+            if "phash" not in _columns(conn, "images"):  # schemas 1-7
+                conn.execute("ALTER TABLE images ADD COLUMN phash INTEGER")
             if "dtype" not in _columns(conn, "model_vectors"):  # schemas 2-4: every blob is float32
                 conn.execute(f"ALTER TABLE model_vectors ADD COLUMN dtype INTEGER NOT NULL DEFAULT {FLOAT32}")
             if inline:
@@ -60,6 +63,9 @@ def upgrade(conn: sqlite3.Connection, schema: Sequence[str], base_model: str) ->
                 conn.execute(attributes.BACKFILL)
             if version < 7:  # the keyword index is new: a stable key per product, then the index
                 for statement in keywords.BACKFILL:
+                    conn.execute(statement)
+            if version < 8:  # every image waits for its near-duplicate links (computed with an index)
+                for statement in variants.BACKFILL:
                     conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

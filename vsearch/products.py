@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .duplicates import phash
 from .embed import decode_side
 from .errors import ConflictError, ProductNotFoundError
 from .fetch import TRUSTED, FetchPolicy, fetch_url
@@ -125,4 +126,4 @@ def store_image(store: ImageStore, product_id: str, fetched: Fetched) -> NewImag
         label = source
         if is_url(source):
             store.put(fetched.data, fetched.sha256)
-    return NewImage(product_id, label, fetched.sha256, fetched.width, fetched.height)
+    return NewImage(product_id, label, fetched.sha256, fetched.width, fetched.height, phash(fetched.image))

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import linking, variants
 from .catalog import Catalog
 from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
+from .duplicates import DuplicateConfig
 from .errors import IndexBusyError, StorageError, VsearchError
 from .faissthreads import one_thread
 from .gallery import GalleryWeights
@@ -47,6 +49,9 @@ SMALL_CHANGE = 256  # vectors; fewer are added on one OpenMP thread (see vsearch
 CHECKPOINT_EVERY = 64  # catalog generations (write transactions) between index saves of API writes
 
 
+DUPLICATES = DuplicateConfig()  # near-duplicate rule (calibrated in vsearch.duplicates)
+
+
 @dataclass(frozen=True)
 class NewImage:
     """An image ready to be stored: where it came from and what it is."""
@@ -56,6 +61,7 @@ class NewImage:
     sha256: str
     width: int
     height: int
+    phash: int | None = None  # perceptual hash (vsearch.duplicates); None where no image was decoded
 
 
 class IndexWriter:
@@ -65,6 +71,7 @@ class IndexWriter:
         self.engine = engine
         self.catalog = engine.catalog
         self._touched: set[int] = set()  # image ids the change in progress put in the index or took out
+        self._stored: list[int] = []  # image ids the change in progress stored (their near-duplicates are linked)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -80,13 +87,15 @@ class IndexWriter:
         fails, the catalog rolls back and the images it touched are re-read into
         the index from the catalog, so the index never keeps half a change."""
         engine, snap = self.engine, self.engine.snapshot
-        self._touched = set()
+        self._touched, self._stored = set(), []
         with engine._rw.write():
             try:
                 with _storage_errors(self.catalog), self.catalog.transaction():
                     ours = self._catch_up(snap)
                     before = self.catalog.generation
                     yield snap
+                    variants.settle(self.catalog.db.conn)
+                    linking.link_pending(self.catalog, snap, DUPLICATES, self._stored)
                     moved = self._categories_since(before, snap)
             except BaseException:
                 self._resync(snap)
@@ -309,15 +318,33 @@ class IndexWriter:
 
     def finish(self) -> None:
         """After a batch of writes: fit the projection the first time, move to a bigger
-        index type when the catalog has outgrown it, and save."""
+        index type when the catalog has outgrown it, link the images stored without an
+        index (the first batch, an old catalog's) to their near-duplicates, and save."""
         if not self.engine.manifest.projection_fitted:
             self.engine.fit_projection()
-            return
-        manifest, index = self.engine.manifest, self.snapshot.index
-        if not manifest.index.factory and index is not None and choose_factory(index.ntotal, manifest.dim) != manifest.factory:
-            self.rebuild()
-            return
-        self.save()
+        else:
+            manifest, index = self.engine.manifest, self.snapshot.index
+            if (
+                not manifest.index.factory
+                and index is not None
+                and choose_factory(index.ntotal, manifest.dim) != manifest.factory
+            ):
+                self.rebuild()
+            else:
+                self.save()
+        self.link_pending()
+
+    def link_pending(self) -> None:
+        """Link every image still waiting for its near-duplicate links (vsearch.variants),
+        a batch per transaction; the served vectors do not change, so neither does the
+        catalog generation."""
+        last = -1
+        while True:
+            with self.engine._rw.read(), _storage_errors(self.catalog), self.catalog.transaction(bump=False):
+                reached = linking.link_pending(self.catalog, self.snapshot, DUPLICATES, None, after=last)
+            if reached < 0:
+                return
+            last = reached
 
     # internals ---------------------------------------------------------------------
     def _upsert(self, items: Sequence[Item]) -> None:
@@ -384,6 +411,8 @@ class IndexWriter:
             self.catalog.put_image(i.product_id, i.source, i.sha256, i.width, i.height, v, model=snap.model)
             for i, v in zip(images, vectors)
         ]
+        variants.store_phashes(self.catalog.db.conn, zip(ids, (i.phash for i in images)))
+        self._stored += ids
         id_array = np.array(ids, dtype=np.int64)
         once = np.unique(id_array, return_counts=True)[1][np.searchsorted(np.unique(id_array), id_array)] == 1
         fresh = ~np.array(known) & once  # an image given twice in one call is not new the second time

@@ -1,0 +1,171 @@
+"""The catalog's near-duplicate links and the product variant groups they imply.
+
+Catalog schema 8 keeps (rules and calibration in :mod:`vsearch.duplicates`):
+
+* ``images.phash``: each image's 64-bit perceptual hash (signed in SQLite; NULL where
+  no image was decoded, e.g. an import of precomputed vectors);
+* ``image_links(a, b)``: near-duplicate image pairs, ``a < b``, found for each new
+  image among its nearest images in the served index (:mod:`vsearch.linking`);
+* ``variant_groups(product_id, group_id)``: products that share a group with at
+  least one other product; a group's id is its smallest product id;
+* ``variant_dirty(group_id)``: groups a deletion touched, filled by triggers (so
+  every path that deletes an image or a product is covered) and regrouped by
+  :func:`settle` before the write commits.
+
+Every change costs the groups it touches: a new link merges two groups
+(:func:`duplicates.merge`), a deletion recomputes the one group that lost a member
+(:func:`duplicates.regroup`). Nothing here scans the catalog.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from . import duplicates
+
+__all__ = [
+    "BACKFILL",
+    "PENDING_BATCH",
+    "STATEMENTS",
+    "from_signed",
+    "groups_of",
+    "link",
+    "settle",
+    "store_phashes",
+    "to_signed",
+]
+
+STATEMENTS = [
+    "CREATE TABLE IF NOT EXISTS image_links (a INTEGER NOT NULL, b INTEGER NOT NULL, PRIMARY KEY (a, b)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS image_links_b ON image_links(b)",
+    "CREATE TABLE IF NOT EXISTS variant_groups (product_id TEXT PRIMARY KEY, group_id TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS variant_groups_group ON variant_groups(group_id)",
+    "CREATE TABLE IF NOT EXISTS variant_dirty (group_id TEXT PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS variant_pending (image_id INTEGER PRIMARY KEY)",
+    # Every stored image waits here until its links are computed, whatever path stored it.
+    """CREATE TRIGGER IF NOT EXISTS images_pending AFTER INSERT ON images BEGIN
+        INSERT OR IGNORE INTO variant_pending(image_id) VALUES (NEW.id);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS images_relink AFTER UPDATE OF sha256 ON images WHEN OLD.sha256 != NEW.sha256 BEGIN
+        INSERT OR IGNORE INTO variant_dirty(group_id)
+            SELECT group_id FROM variant_groups WHERE product_id = OLD.product_id;
+        DELETE FROM image_links WHERE a = OLD.id;
+        DELETE FROM image_links WHERE b = OLD.id;
+        UPDATE images SET phash = NULL WHERE id = NEW.id;
+        INSERT OR IGNORE INTO variant_pending(image_id) VALUES (NEW.id);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS images_unlink AFTER DELETE ON images BEGIN
+        INSERT OR IGNORE INTO variant_dirty(group_id)
+            SELECT group_id FROM variant_groups WHERE product_id = OLD.product_id;
+        DELETE FROM image_links WHERE a = OLD.id;
+        DELETE FROM image_links WHERE b = OLD.id;
+        DELETE FROM variant_pending WHERE image_id = OLD.id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS products_ungroup AFTER DELETE ON products BEGIN
+        INSERT OR IGNORE INTO variant_dirty(group_id)
+            SELECT group_id FROM variant_groups WHERE product_id = OLD.id;
+        DELETE FROM variant_groups WHERE product_id = OLD.id;
+    END""",
+]
+BACKFILL = ["INSERT OR IGNORE INTO variant_pending(image_id) SELECT id FROM images"]  # schema 8: link what exists
+
+PENDING_BATCH = 1024  # images linked per transaction when catching up
+_SIGN = 1 << 63
+
+
+def to_signed(h: int | None) -> int | None:
+    """A 64-bit hash as SQLite's signed INTEGER holds it."""
+    return None if h is None else h - (1 << 64) if h >= _SIGN else h
+
+
+def from_signed(v: int | None) -> int | None:
+    return None if v is None else v + (1 << 64) if v < 0 else v
+
+
+def store_phashes(conn: sqlite3.Connection, rows: Iterable[tuple[int, int | None]]) -> None:
+    """Record images' perceptual hashes (image id, hash)."""
+    conn.executemany("UPDATE images SET phash = ? WHERE id = ?", [(to_signed(h), i) for i, h in rows if h is not None])
+
+
+def link(conn: sqlite3.Connection, pairs: set[tuple[int, int]]) -> None:
+    """Store near-duplicate image pairs and merge the variant groups they join (inside
+    the caller's transaction)."""
+    if not pairs:
+        return
+    conn.executemany("INSERT OR IGNORE INTO image_links(a, b) VALUES (?, ?)", sorted(pairs))
+    images = sorted({i for pair in pairs for i in pair})
+    product_of = _products_of(conn, images)
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs:
+        if a in product_of and b in product_of:
+            neighbours.setdefault(a, []).append(b)
+    edges = duplicates.product_links(neighbours, product_of.__getitem__)
+    changes = duplicates.merge(edges, lambda p: _group_of(conn, p), lambda g: _members(conn, g))
+    conn.executemany("INSERT OR REPLACE INTO variant_groups(product_id, group_id) VALUES (?, ?)", changes.items())
+
+
+def settle(conn: sqlite3.Connection) -> None:
+    """Regroup what deletions left (``variant_dirty``): each touched group splits into
+    its remaining connected parts; a part of one product leaves the table."""
+    dirty = [r[0] for r in conn.execute("SELECT group_id FROM variant_dirty")]
+    for group in dirty:
+        members = _members(conn, group)
+        fresh = duplicates.regroup(members, lambda p: _product_neighbours(conn, p))
+        sizes: dict[str, int] = {}
+        for g in fresh.values():
+            sizes[g] = sizes.get(g, 0) + 1
+        conn.executemany("DELETE FROM variant_groups WHERE product_id = ?", [(p,) for p, g in fresh.items() if sizes[g] == 1])
+        conn.executemany(
+            "UPDATE variant_groups SET group_id = ? WHERE product_id = ?", [(g, p) for p, g in fresh.items() if sizes[g] > 1]
+        )
+    if dirty:
+        conn.execute("DELETE FROM variant_dirty")
+
+
+def groups_of(read: Any, product_ids: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """product id -> (its group id, the group's members, sorted) for those of
+    ``product_ids`` in a group; ``read`` is :meth:`vsearch.catalog.Catalog.read`."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    ids = sorted(set(product_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = read(
+            "SELECT v.product_id, m.product_id, v.group_id FROM variant_groups v "
+            f"JOIN variant_groups m ON m.group_id = v.group_id WHERE v.product_id IN ({marks})",
+            chunk,
+        )
+        for product, member, group in rows:
+            out.setdefault(product, (group, []))[1].append(member)
+    return {p: (g, sorted(m)) for p, (g, m) in out.items()}
+
+
+def _products_of(conn: sqlite3.Connection, images: list[int]) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for start in range(0, len(images), 500):
+        chunk = images[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(conn.execute(f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk).fetchall())
+    return found
+
+
+def _group_of(conn: sqlite3.Connection, product: str) -> str | None:
+    row = conn.execute("SELECT group_id FROM variant_groups WHERE product_id = ?", [product]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _members(conn: sqlite3.Connection, group: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT product_id FROM variant_groups WHERE group_id = ?", [group])]
+
+
+def _product_neighbours(conn: sqlite3.Connection, product: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT o.product_id FROM images i JOIN image_links l ON l.a = i.id JOIN images o ON o.id = l.b "
+        "WHERE i.product_id = ?1 UNION "
+        "SELECT o.product_id FROM images i JOIN image_links l ON l.b = i.id JOIN images o ON o.id = l.a "
+        "WHERE i.product_id = ?1",
+        [product],
+    )
+    return {r[0] for r in rows} - {product}
