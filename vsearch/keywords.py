@@ -49,8 +49,8 @@ TOKENIZER = "porter unicode61 remove_diacritics 2"
 _OBJECT = "CASE WHEN json_valid({p}.attributes) AND json_type({p}.attributes) = 'object' THEN {p}.attributes ELSE '{{}}' END"
 # The text attributes of a product row ({p}: NEW, OLD or the backfill's alias), one per
 # line: string values in key order (stored JSON has sorted keys), then the string
-# elements of list values. Deterministic for a given row, which the 'delete' of an
-# external-content FTS5 table needs: it must be given exactly the text inserted.
+# elements of list values. Deterministic for a given row, which the 'delete' of a
+# contentless FTS5 table needs: it must be given exactly the text inserted.
 _BODY = (
     "(SELECT group_concat(v, char(10)) FROM (SELECT a.atom AS v FROM json_each(" + _OBJECT + ") AS a WHERE a.type = 'text' "
     "UNION ALL SELECT e.atom FROM json_each(" + _OBJECT + ") AS a, "
