@@ -25,9 +25,9 @@ def build_small_index(root: Path) -> Path:
     return index
 
 
-def jpeg(seed: int, size: tuple[int, int] = (96, 80)) -> bytes:
+def jpeg(seed: int, size: tuple[int, int] = (96, 80), quality: int = 75) -> bytes:
     buffer = io.BytesIO()
-    make_image(seed, size).save(buffer, format="JPEG")
+    make_image(seed, size).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

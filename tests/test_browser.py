@@ -39,6 +39,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             product = engine.product(pid).product
             shade = "dark" if int(pid[-2:]) % 2 == 0 else "light"
             engine.put_product(pid, title=product.title, category=product.category, attributes={"shade": shade})
+        [p02] = [engine.product(pid).product for pid in engine.catalog.product_ids() if pid.endswith("p02")]
+        for n, quality in ((1, 60), (2, 40)):  # re-encoded copies of p02's picture: its variant group
+            engine.put_product(f"p02-variant-{n}", title="p02", category=p02.category, images=[jpeg(2, quality=quality)])
     port = free_port()
     cmd = [sys.executable, "-m", "vsearch", "serve", "--index", str(index), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -79,6 +82,8 @@ def test_shopper_flow_in_chromium(server: str, tmp_path: Path) -> None:
             cards = page.locator("#results .card")
             expect(cards.first).to_be_visible()
             expect(cards.first.locator(".title")).to_have_text("p02")
+            expect(cards.first.locator(".variants")).to_have_text("3 variants")  # p02 and its two copies: one card
+            assert cards.locator(".title").all_inner_texts().count("p02") == 1
             expect(page.locator("#suggested .chip").first).to_be_visible()
 
             page.locator("#categories .chip", has_text="Fruit").click()

@@ -159,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--facet", action="append", default=[], metavar="FIELD", help="count this attribute's (or category's) values (repeatable)"
     )
     p.add_argument("--no-group", action="store_true", help="list images, not products (a product may repeat)")
+    p.add_argument(
+        "--collapse",
+        choices=["variant_group"],
+        help="one result per variant group (products whose images are near-duplicates), its best",
+    )
     p.add_argument("--device", default=env.device)
+    p.add_argument("--json", action="store_true")
+
+    p = command("dups", _dups, "List variant groups (products with near-duplicate images) and images repeated within a product.")
+    _index_arg(p, env.index_dir)
+    p.add_argument("--link", action="store_true", help="first link the images not linked yet (e.g. after an upgrade)")
     p.add_argument("--json", action="store_true")
 
     p = command("info", _info, "Describe an index: counts, model, layers, dimension, faiss factory.")
@@ -494,6 +504,7 @@ def _search(args: argparse.Namespace) -> int:
             exclude_categories=args.exclude_category,
             group_by_product=not args.no_group,
             where=where,
+            collapse=args.collapse or "",
         )
         scope = SearchOptions(categories=args.category or (), exclude_categories=args.exclude_category or (), where=where)
         facets = engine.facets(replace(scope, facets=tuple(args.facet)), hits) if args.facet else {}
@@ -501,10 +512,38 @@ def _search(args: argparse.Namespace) -> int:
         _print_json({"results": [h.to_dict() for h in hits], **({"facets": facets_json(facets)} if facets else {})})
         return 0
     for rank, hit in enumerate(hits, start=1):
-        print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}")
+        more = f"  (+{len(hit.variants) - 1} variants)" if len(hit.variants) > 1 else ""
+        print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}{more}")
     for name, parts in facets.items():
         shown = ", ".join(f"{json.dumps(c.value, ensure_ascii=False)} ({c.count})" for c in parts["all"])
         print(f"{name}: {shown or '(none)'}")
+    return 0
+
+
+def _dups(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    with Engine.open(args.index, mmap=not args.link) as engine:
+        if args.link:
+            engine.link_variants()
+        groups, within = engine.variant_groups()
+        pending = engine.catalog.read("SELECT count(*) FROM variant_pending", [])[0][0]
+    if args.json:
+        _print_json(
+            {
+                "groups": [g.to_dict() for g in groups],
+                "within_products": [{"product_id": p, "images": [a, b]} for p, a, b in within],
+                "images_not_yet_linked": pending,
+            }
+        )
+        return 0
+    for group in groups:
+        print(f"{group.group_id}: {len(group.products)} products: {', '.join(group.products)}")
+    for product, a, b in within:
+        print(f"{product}: images {a} and {b} are near-duplicates")
+    print(f"{_plural(len(groups), 'variant group')}, {_plural(len(within), 'repeated image')} within products")
+    if pending:
+        print(f"{_plural(pending, 'image')} not linked to their near-duplicates yet: vsearch dups --link")
     return 0
 
 

@@ -49,6 +49,7 @@ from .query import Hit, SearchOptions
 from .search import Votes, best_per_product, region_boxes, search_keywords, search_with_text
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
+from .variants import VariantGroup, list_groups
 from .versions import ReindexReport, VersionInfo
 from .writer import CHECKPOINT_EVERY, IndexWriter
 
@@ -342,11 +343,13 @@ class Engine:
         exclude_categories: Sequence[str] | None = None,
         group_by_product: bool = True,
         where: AttributeFilter | None = None,
+        collapse: str = "",
     ) -> list[Hit]:
         """The catalog products most similar to ``image`` (bytes, path or PIL image),
         or matching ``text``, or both: with both, the photo's ranking and the keyword
         ranking are fused, the keywords weighing ``text_weight`` (:mod:`vsearch.fusion`);
-        ``where``: attribute conditions (:mod:`vsearch.attributes`)."""
+        ``where``: attribute conditions (:mod:`vsearch.attributes`); ``collapse``
+        ``"variant_group"``: one result per variant group (:mod:`vsearch.variants`)."""
         options = SearchOptions(
             k=k,
             categories=categories or (),
@@ -355,6 +358,7 @@ class Engine:
             where=where,
             text=text,
             text_weight=text_weight,
+            collapse=collapse,
         )
         snap = self._snapshot
         if image is not None:
@@ -429,6 +433,17 @@ class Engine:
         allow (``all``) and among ``hits`` (``top``); see :mod:`vsearch.facets`."""
         with self._rw.read():
             return facet_counts(self.catalog, options, hits, self._facet_cache)
+
+    def link_variants(self) -> None:
+        """Find the near-duplicates of every image still waiting for them (stored before
+        there was an index, or before catalog schema 8): one k-NN search per image."""
+        with self.writer() as writer:
+            writer.link_pending()
+
+    def variant_groups(self) -> tuple[list[VariantGroup], list[tuple[str, int, int]]]:
+        """Variant groups, largest first, and near-duplicate images within one product
+        (:func:`vsearch.variants.list_groups`): what ``vsearch dups`` lists."""
+        return list_groups(self.catalog.read)
 
     def attributes(self) -> list[dict[str, Any]]:
         """The filterable attributes: ``name`` and ``values`` (how many distinct)."""

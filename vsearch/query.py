@@ -24,6 +24,7 @@ __all__ = [
     "Crop",
     "Hit",
     "ImageQuery",
+    "COLLAPSE",
     "MAX_K",
     "ProductQuery",
     "Query",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 MAX_K = 1000
+COLLAPSE = ("", "variant_group")
 MAX_TEXT_WEIGHT = 100.0
 Crop = tuple[float, float, float, float]  # x, y, w, h as fractions of the image
 
@@ -106,6 +108,7 @@ class SearchOptions:
     # vector query their ranking is fused with the query's (vsearch.fusion)
     text: str = ""
     text_weight: float = DEFAULT_TEXT_WEIGHT  # the keyword ranking's weight in that fusion (the other's is 1); 0: none
+    collapse: str = ""  # "variant_group": one result per variant group (vsearch.variants), its best
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -114,6 +117,8 @@ class SearchOptions:
             raise ConfigError("offset must not be negative")
         if not 0 <= self.text_weight <= MAX_TEXT_WEIGHT:  # also refuses NaN
             raise ConfigError(f"text_weight must be between 0 and {MAX_TEXT_WEIGHT:g}")
+        if self.collapse not in COLLAPSE:
+            raise ConfigError(f"collapse must be one of {', '.join(repr(c) for c in COLLAPSE if c)}, not {self.collapse!r}")
 
     @property
     def fuses(self) -> bool:
@@ -130,6 +135,8 @@ class Hit:
     category: str
     attributes: dict[str, Any] = field(default_factory=dict)
     image: str = ""
+    variant_group: str = ""  # the product's variant group, "" if it has none (vsearch.variants)
+    variants: list[str] = field(default_factory=list)  # the group's products, this one included
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "score": round(self.score, 6)}

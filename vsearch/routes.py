@@ -77,7 +77,10 @@ def search_out(result: SearchResult, options: SearchOptions) -> SearchOut:
         {
             "results": [
                 {
-                    **{k: getattr(h, k) for k in ("product_id", "title", "category", "image_id", "attributes")},
+                    **{
+                        k: getattr(h, k)
+                        for k in ("product_id", "title", "category", "image_id", "attributes", "variant_group", "variants")
+                    },
                     "score": round(h.score, 6),
                     "image_url": f"/v1/images/{h.image_id}",
                     "thumbnail_url": f"/v1/images/{h.image_id}/thumbnail",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, PlainValidator, Tag, WithJsonSchema, field_validator
@@ -171,6 +171,9 @@ class SearchParams(BaseModel):
         le=MAX_TEXT_WEIGHT,
         description="the keyword ranking's weight in the fusion (the other ranking's is 1; 0: no fusion)",
     )
+    collapse: Literal["", "variant_group"] = Field(
+        "", description="variant_group: one result per variant group (its best product), with the group's members"
+    )
 
     def options(self) -> SearchOptions:
         return SearchOptions(
@@ -184,6 +187,7 @@ class SearchParams(BaseModel):
             facets=tuple(self.facets),
             text=self.text or "",
             text_weight=self.text_weight,
+            collapse=self.collapse,
         )
 
 
@@ -332,6 +336,10 @@ class HitOut(BaseModel):
     image_url: str
     thumbnail_url: str
     attributes: dict[str, Any]
+    variant_group: str = Field(
+        "", description="the product's variant group (products whose images are near-duplicates); '' if it has none"
+    )
+    variants: list[str] = Field(default_factory=list, description="the products of that group, this one included")
 
 
 class CategoryShare(BaseModel):

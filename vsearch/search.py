@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import keywords
+from . import keywords, variants
 from .catalog import Catalog
 from .categories import suggest_categories
 from .errors import ConfigError
@@ -96,7 +96,7 @@ def search_with_text(
     matches = keywords.search(catalog, options, pool)
     timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
     fused = [reciprocal_rank_fusion([(row, 1.0), (matches, options.text_weight)]) for row in rows]
-    return [_page(hits, options) for hits in fused], votes
+    return [_page(catalog, hits, options) for hits in fused], votes
 
 
 def search_keywords(
@@ -120,11 +120,15 @@ def search_keywords(
         score = min(hit.score / matches[0].score, hits[-1].score if hits else 1.0) if matches[0].score > 0 else 1.0
         hits.append(replace(hit, score=score))
     votes = suggest_categories([hit.category for hit in hits[:neighbours]]) if neighbours else []
-    return _page(hits[: options.k + options.offset], options), votes
+    return _page(catalog, hits[: options.k + options.offset], options), votes
 
 
-def _page(hits: list[Hit], options: SearchOptions) -> list[Hit]:
-    """``options``' page of a ranking: scores below ``min_score`` out, then offset and k."""
+def _page(catalog: Catalog, hits: list[Hit], options: SearchOptions) -> list[Hit]:
+    """``options``' page of a ranking: variant groups filled in (and collapsed if
+    asked), scores below ``min_score`` out, then offset and k."""
+    hits = with_variants(catalog, hits)
+    if options.collapse:
+        hits = _collapse(hits)
     if options.min_score is not None:
         hits = [hit for hit in hits if hit.score >= options.min_score]
     return hits[options.offset : options.offset + options.k]
@@ -149,23 +153,49 @@ def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options
     """Up to ``k`` hits from one row of faiss output, best first, per the options."""
     valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0 and (options.min_score is None or d >= options.min_score)]
     owners = catalog.image_products([i for _, i in valid])
+    groups = variants.groups_of(catalog.read, list(owners.values())) if options.collapse else {}
     excluded = set(options.exclude_products)
     picked: list[tuple[float, int, str]] = []
     seen: set[str] = set()
     for score, image_id in valid:
         product_id = owners.get(image_id)
-        if product_id is None or product_id in excluded or (options.group_by_product and product_id in seen):
+        if product_id is None or product_id in excluded:
             continue
-        seen.add(product_id)
+        key = groups[product_id][0] if product_id in groups else product_id
+        if (options.group_by_product or options.collapse) and key in seen:
+            continue
+        seen.add(key)
         picked.append((score, image_id, product_id))
         if len(picked) == k:
             break
     products = catalog.products([p for _, _, p in picked])
     sources = catalog.image_sources([i for _, i, _ in picked])
-    return [
+    hits = [
         Hit(pid, iid, score, products[pid].title, products[pid].category, products[pid].attributes, sources.get(iid, ""))
         for score, iid, pid in picked
     ]
+    return with_variants(catalog, hits)
+
+
+def with_variants(catalog: Catalog, hits: list[Hit]) -> list[Hit]:
+    """``hits`` with their products' variant groups filled in (one indexed query)."""
+    groups = variants.groups_of(catalog.read, [h.product_id for h in hits])
+    return [
+        replace(h, variant_group=groups[h.product_id][0], variants=groups[h.product_id][1]) if h.product_id in groups else h
+        for h in hits
+    ]
+
+
+def _collapse(hits: list[Hit]) -> list[Hit]:
+    """The first (best) hit of each variant group (products without one stand alone)."""
+    seen: set[str] = set()
+    out = []
+    for hit in hits:
+        key = hit.variant_group or hit.product_id
+        if key not in seen:
+            seen.add(key)
+            out.append(hit)
+    return out
 
 
 def region_boxes() -> list[tuple[float, float, float, float]]:

@@ -45,6 +45,7 @@ from .learner import ProjectionLearner
 from .limits import IdleTrimmer
 from .query import Crop, Hit, ImageQuery, ProductQuery, Query, SearchOptions, TextQuery, UrlQuery, VectorQuery
 from .snapshot import Snapshot
+from .variants import groups_of
 
 __all__ = ["PREPARE", "SearchHealth", "SearchResult", "SearchService", "default_batch_max", "default_queue_size"]
 
@@ -377,7 +378,10 @@ def _url(service: SearchService, snap: Snapshot, query: UrlQuery, options: Searc
 def _product(service: SearchService, snap: Snapshot, query: ProductQuery, options: SearchOptions) -> _Prepared:
     start = time.perf_counter()
     raw = service.engine.product_vector(query.product_id, snap)
-    options = replace(options, exclude_products=(*options.exclude_products, query.product_id))
+    itself = [query.product_id]
+    if options.collapse:  # its variants are the same product to the shopper
+        itself = groups_of(service.engine.catalog.read, itself).get(query.product_id, ("", itself))[1]
+    options = replace(options, exclude_products=(*options.exclude_products, *itself))
     return _Prepared(options, {"lookup": _ms(start)}, raw=raw)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import duplicates
@@ -29,6 +30,8 @@ __all__ = [
     "BACKFILL",
     "PENDING_BATCH",
     "STATEMENTS",
+    "VariantGroup",
+    "list_groups",
     "from_signed",
     "groups_of",
     "link",
@@ -169,3 +172,39 @@ def _product_neighbours(conn: sqlite3.Connection, product: str) -> set[str]:
         [product],
     )
     return {r[0] for r in rows} - {product}
+
+
+@dataclass(frozen=True)
+class VariantGroup:
+    """Products whose images are near-duplicates (directly or through each other)."""
+
+    group_id: str  # its smallest product id
+    products: list[str]
+    links: list[tuple[int, int]]  # the near-duplicate image pairs between them
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group_id": self.group_id, "products": self.products, "links": [list(pair) for pair in self.links]}
+
+
+def list_groups(read: Any) -> tuple[list[VariantGroup], list[tuple[str, int, int]]]:
+    """Every variant group (largest first), and the near-duplicate image pairs within
+    single products (``(product, image, image)``: a product listing one picture twice);
+    ``read`` is :meth:`vsearch.catalog.Catalog.read`. Costs the groups and links, not
+    the catalog."""
+    members: dict[str, list[str]] = {}
+    for product, group in read("SELECT product_id, group_id FROM variant_groups ORDER BY group_id, product_id", []):
+        members.setdefault(group, []).append(product)
+    links: dict[str, list[tuple[int, int]]] = {}
+    within: list[tuple[str, int, int]] = []
+    rows = read(
+        "SELECT l.a, l.b, i.product_id, o.product_id, g.group_id FROM image_links l JOIN images i ON i.id = l.a "
+        "JOIN images o ON o.id = l.b LEFT JOIN variant_groups g ON g.product_id = i.product_id ORDER BY l.a, l.b",
+        [],
+    )
+    for a, b, p, q, group in rows:
+        if p == q:
+            within.append((p, a, b))
+        elif group is not None:
+            links.setdefault(group, []).append((a, b))
+    groups = [VariantGroup(g, m, links.get(g, [])) for g, m in members.items()]
+    return sorted(groups, key=lambda g: (-len(g.products), g.group_id)), within

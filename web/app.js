@@ -294,7 +294,8 @@ const narrow = window.matchMedia("(max-width: 760px)");
 async function search({ reveal = false } = {}) {
   if (!hasQuery()) return;
   const id = ++state.requestId;
-  const params = new URLSearchParams({ k: "12" });
+  // one card per variant group (products whose pictures are near-duplicates), its best product
+  const params = new URLSearchParams({ k: "12", collapse: "variant_group" });
   for (const c of state.selected) params.append("category", c);
   for (const f of state.facetFields) params.append("facets", f);
   const filter = filterJson();
@@ -361,6 +362,13 @@ function drawResults(results, scoring) {
       score.querySelector("b").textContent = `${Math.round(Math.max(0, r.score) * 100)}%`;
     }
     body.append(title, category, score);
+    if (r.variants && r.variants.length > 1) {
+      const variants = document.createElement("div");
+      variants.className = "variants";
+      variants.textContent = `${r.variants.length} variants`;
+      variants.title = r.variants.join(", ");
+      body.append(variants);
+    }
     const more = document.createElement("button");
     more.type = "button"; more.className = "button more";
     more.textContent = "More like this";

@@ -1,0 +1,188 @@
+"""Near-duplicate links and variant groups kept by the write path (vsearch.variants)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageEnhance
+
+from tests.conftest import make_image, write_catalog
+from tests.test_finetune import product_id
+from vsearch import Engine
+from vsearch.api import create_app
+from vsearch.cli import main
+from vsearch.config import ServeConfig
+from vsearch.duplicates import regroup
+from vsearch.errors import ConfigError
+
+
+def jpeg(image: Image.Image, quality: int = 60) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def copies(n: int) -> list[bytes]:
+    """Near-duplicates of catalog product ``n``'s picture: re-encoded, resized, lighter."""
+    picture = make_image(n)
+    w, h = picture.size
+    return [
+        jpeg(picture, 50),
+        jpeg(picture.resize((w // 2, h // 2))),
+        jpeg(ImageEnhance.Brightness(picture).enhance(1.08)),
+    ]
+
+
+def groups(engine: Engine) -> dict[str, str]:
+    return dict(engine.catalog.db.execute("SELECT product_id, group_id FROM variant_groups"))
+
+
+def from_scratch(engine: Engine) -> dict[str, str]:
+    """The groups the stored links imply, computed over the whole catalog."""
+    db = engine.catalog.db
+    product_of = dict(db.execute("SELECT id, product_id FROM images"))
+    edges: dict[str, set[str]] = {}
+    for a, b in db.execute("SELECT a, b FROM image_links"):
+        p, q = product_of[a], product_of[b]
+        if p != q:
+            edges.setdefault(p, set()).add(q)
+            edges.setdefault(q, set()).add(p)
+    fresh = regroup(sorted(product_of.values()), lambda p: edges.get(p, set()))
+    sizes: dict[str, int] = {}
+    for g in fresh.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    return {p: g for p, g in fresh.items() if sizes[g] > 1}
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = Engine.open(tmp_path / "index", model="tiny-test", create=True)
+    engine.ingest(write_catalog(tmp_path / "catalog"), quiet=True)
+    yield engine
+    engine.close()
+
+
+def test_distinct_products_are_not_grouped_and_every_image_is_linked(engine: Engine) -> None:
+    db = engine.catalog.db
+    assert groups(engine) == {} and db.execute("SELECT count(*) FROM image_links").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM variant_pending").fetchone()[0] == 0  # the first ingest linked its images
+    assert db.execute("SELECT count(phash) FROM images").fetchone()[0] == 25
+
+
+def test_copies_join_their_original_and_leave_again(engine: Engine) -> None:
+    original, twin = product_id(3), product_id(5)
+    for i, data in enumerate(copies(3)):
+        engine.put_product(f"copy-{i}", images=[data])
+    engine.put_product("same-bytes", images=[(engine.paths.root.parent / "catalog" / f"{twin}.jpg").read_bytes()])
+    found = groups(engine)
+    group = {p for p in found if found[p] == found[original]}
+    assert group == {original, "copy-0", "copy-1", "copy-2"} and found[original] == min(group)
+    assert found["same-bytes"] == found[twin] == min(twin, "same-bytes")
+    assert found == from_scratch(engine)
+
+    engine.remove_products(["copy-0", "copy-1"])
+    assert groups(engine)["copy-2"] == groups(engine)[original] == min(original, "copy-2")
+    engine.put_product("copy-2", images=[jpeg(make_image(40))])  # its image replaced by one of no other product
+    assert original not in groups(engine) and "copy-2" not in groups(engine)
+    assert groups(engine) == from_scratch(engine)
+
+
+def test_random_writes_keep_groups_equal_to_a_from_scratch_grouping(engine: Engine) -> None:
+    rng = random.Random(0)
+    alive: set[str] = set()
+    for step in range(30):
+        if alive and rng.random() < 0.3:
+            gone = rng.sample(sorted(alive), k=min(len(alive), rng.randint(1, 2)))
+            engine.remove_products(gone)
+            alive -= set(gone)
+        else:
+            n, kind = rng.randrange(6), rng.randrange(3)
+            pid = f"v{step}"
+            engine.put_product(pid, images=[copies(n)[kind]])
+            alive.add(pid)
+        assert groups(engine) == from_scratch(engine), f"step {step}"
+    assert groups(engine)  # the sequence did form groups
+
+
+def test_images_stored_before_there_was_an_index_are_linked_when_the_writer_finishes(tmp_path: Path) -> None:
+    folder = write_catalog(tmp_path / "catalog")
+    first = sorted(folder.rglob("*.jpg"))[0]
+    dup = first.with_name("dup-of-first.jpg")
+    shutil.copy(first, dup)
+    pid = {path: str(path.relative_to(folder).with_suffix("")) for path in (first, dup)}
+    with Engine.open(tmp_path / "index", model="tiny-test", create=True) as engine:
+        engine.ingest(folder, quiet=True)
+        assert groups(engine) == {pid[first]: min(pid.values()), pid[dup]: min(pid.values())}
+        assert engine.catalog.db.execute("SELECT count(*) FROM variant_pending").fetchone()[0] == 0
+
+
+def test_collapse_returns_one_result_per_variant_group_with_its_members(engine: Engine) -> None:
+    original = product_id(3)
+    for i, data in enumerate(copies(3)):
+        engine.put_product(f"copy-{i}", images=[data])
+    group = sorted([original, "copy-0", "copy-1", "copy-2"])
+    plain = engine.search(make_image(3), k=6)
+    assert {h.product_id for h in plain[:4]} == set(group)  # the copies crowd the first places
+    assert all(h.variants == group and h.variant_group == group[0] for h in plain[:4])
+    assert plain[4].variants == [] and plain[4].variant_group == ""
+    collapsed = engine.search(make_image(3), k=6, collapse="variant_group")
+    assert collapsed[0].product_id in group and collapsed[0].variants == group
+    assert [h.product_id for h in collapsed[1:]] == [h.product_id for h in plain[4:]] + [
+        h.product_id for h in engine.search(make_image(3), k=9)[6:9]
+    ]
+    keyword = engine.search(make_image(3), text="nothing-matches-this", k=3, collapse="variant_group")
+    assert [h.product_id for h in keyword][:1] == [collapsed[0].product_id]
+    with pytest.raises(ConfigError, match="collapse must be one of"):
+        engine.search(make_image(3), collapse="brand")
+
+
+def test_cli_dups_and_search_collapse(engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    original = product_id(3)
+    for i, data in enumerate(copies(3)[:2]):
+        engine.put_product(f"copy-{i}", images=[data])
+    photo = engine.paths.root.parent / "again.jpg"
+    photo.write_bytes(copies(7)[0])
+    engine.put_product(product_id(7), images=[str(photo), str(engine.paths.root.parent / "catalog" / f"{product_id(7)}.jpg")])
+    index = str(engine.paths.root)
+    engine.close()
+    assert main(["dups", "--index", index, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    [group] = out["groups"]
+    assert group["group_id"] == min(original, "copy-0") and group["products"] == sorted([original, "copy-0", "copy-1"])
+    assert len(group["links"]) >= 2 and out["images_not_yet_linked"] == 0
+    assert [w["product_id"] for w in out["within_products"]] == [product_id(7)]
+    assert main(["dups", "--index", index]) == 0
+    text = capsys.readouterr().out
+    assert f"{min(original, 'copy-0')}: 3 products" in text and "1 variant group, 1 repeated image within products" in text
+    query = tmp_path / "q.png"
+    make_image(3).save(query)
+    assert main(["search", str(query), "--index", index, "--k", "2", "--collapse", "variant_group"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "(+2 variants)" in lines[0] and "variants" not in lines[1]
+
+
+def test_api_collapse_and_variant_fields(engine: Engine) -> None:
+    for i, data in enumerate(copies(3)[:2]):
+        engine.put_product(f"copy-{i}", images=[data])
+    index = engine.paths.root
+    engine.close()
+    config = ServeConfig(index_dir=str(index))
+    with TestClient(create_app(config)) as client:
+        data = jpeg(make_image(3), 95)
+        files = {"image": ("q.jpg", data, "image/jpeg")}
+        plain = client.post("/v1/search?k=4", files=files).json()["results"]
+        collapsed = client.post("/v1/search?k=4&collapse=variant_group", files=files).json()["results"]
+        assert len(plain[0]["variants"]) == 3 and plain[0]["variant_group"] == min(plain[0]["variants"])
+        assert [r["product_id"] for r in collapsed[1:]] == [r["product_id"] for r in plain[3:]] + [
+            r["product_id"] for r in client.post("/v1/search?k=6", files=files).json()["results"][4:6]
+        ]
+        like = client.post("/v1/search?k=5&collapse=variant_group", data={"product_id": product_id(3)}).json()["results"]
+        assert not {r["product_id"] for r in like} & {product_id(3), "copy-0", "copy-1"}  # "more like this": not its variants
+        bad = client.post("/v1/search?collapse=brand", files=files)
+        assert bad.status_code == 422, bad.text
