@@ -164,7 +164,7 @@ def test_cli_dups_and_search_collapse(engine: Engine, tmp_path: Path, capsys: py
     make_image(3).save(query)
     assert main(["search", str(query), "--index", index, "--k", "2", "--collapse", "variant_group"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "(+2 variants)" in lines[0] and "variants" not in lines[1]
+    assert "(+2 variants)" in lines[0] and "variant" not in lines[1]
 
 
 def test_api_collapse_and_variant_fields(engine: Engine) -> None:
