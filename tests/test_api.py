@@ -84,6 +84,7 @@ def test_openapi_shows_the_query_kinds_and_options(client: TestClient) -> None:
         "crop",
         "text",
         "text_weight",
+        "collapse",
     }
     assert params["filter"]["schema"]["examples"][0] == {"brand": {"in": ["A", "B"]}, "price": {"lt": 50}, "in_stock": True}
     assert (params["k"]["schema"]["minimum"], params["k"]["schema"]["maximum"]) == (1, 100)
@@ -105,7 +106,18 @@ def test_upload_search_shape(client: TestClient) -> None:
     assert len(body["results"]) == 5
     top = body["results"][0]
     assert top["product_id"] == "Dairy/Milk/p02"
-    assert set(top) == {"product_id", "title", "category", "score", "image_id", "image_url", "thumbnail_url", "attributes"}
+    assert set(top) == {
+        "product_id",
+        "title",
+        "category",
+        "score",
+        "image_id",
+        "image_url",
+        "thumbnail_url",
+        "attributes",
+        "variant_group",
+        "variants",
+    }
     assert top["thumbnail_url"] == f"/v1/images/{top['image_id']}/thumbnail"
     assert set(body["timing_ms"]) >= {"decode", "embed", "search", "lookup"}
     shares = [s["share"] for s in body["suggested_categories"]]

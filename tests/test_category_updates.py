@@ -67,8 +67,9 @@ def test_a_filtered_search_votes_from_a_sample_not_a_second_exhaustive_search(
         calls.append(bool(args and args[0] is not None or kwargs.get("blocks") is not None))
         return search(self, xq, k, *args, **kwargs)  # type: ignore[arg-type]
 
+    index = build_small_index(tmp_path)  # its ingest searches too (near-duplicates): not counted
     monkeypatch.setattr(VectorIndex, "search", counted)
-    with Engine.open(build_small_index(tmp_path)) as engine:
+    with Engine.open(index) as engine:
         raw = engine.product_vector("Bakery/p04")
         filtered = SearchOptions(k=3, categories=("Dairy",))
         engine.search_and_suggest(raw, filtered)
