@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vsearch.duplicates import DuplicateConfig, VariantGroups, hamming, merge, near_duplicates, phash, product_links, regroup
+from vsearch.errors import ConfigError
 
 
 def from_scratch(groups: VariantGroups) -> dict[str, str]:
@@ -41,7 +42,7 @@ def reencoded(image: Image.Image, quality: int) -> Image.Image:
 def test_config_validates() -> None:
     assert DuplicateConfig().threshold <= 1
     for bad in ({"threshold": 0}, {"threshold": 1.01}, {"k": 0}, {"phash_distance": -1}, {"phash_distance": 65}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             DuplicateConfig(**bad)  # type: ignore[arg-type]
 
 

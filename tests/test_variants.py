@@ -186,3 +186,31 @@ def test_api_collapse_and_variant_fields(engine: Engine) -> None:
         assert not {r["product_id"] for r in like} & {product_id(3), "copy-0", "copy-1"}  # "more like this": not its variants
         bad = client.post("/v1/search?collapse=brand", files=files)
         assert bad.status_code == 422, bad.text
+
+
+def test_the_rule_is_the_manifests_and_a_reingest_gives_the_same_groups(tmp_path: Path) -> None:
+    folder = write_catalog(tmp_path / "catalog")
+    for i, data in enumerate(copies(4)):
+        (folder / f"copy-{i}.jpg").write_bytes(data)
+    rows = ["id,image"] + [f"{p.relative_to(folder).with_suffix('')},{p}" for p in sorted(folder.rglob("*.jpg"))]
+    forward, backward = tmp_path / "forward.csv", tmp_path / "backward.csv"
+    forward.write_text("\n".join(rows) + "\n")
+    backward.write_text("\n".join([rows[0], *reversed(rows[1:])]) + "\n")
+    found = []
+    for name, manifest in (("a", forward), ("b", backward)):
+        with Engine.open(tmp_path / name, model="tiny-test", create=True) as engine:
+            engine.ingest(manifest, quiet=True)
+            found.append(groups(engine))
+    assert found[0] == found[1] and len(found[0]) == 4  # the original and its 3 copies, whatever the order
+
+    manifest_path = tmp_path / "strict" / "manifest.json"
+    with Engine.open(tmp_path / "strict", model="tiny-test", create=True) as engine:
+        engine.ingest(write_catalog(tmp_path / "catalog2"), quiet=True)
+    data = json.loads(manifest_path.read_text())
+    data["duplicates"] = {"threshold": 1.0, "phash_distance": None, "k": 10}  # the same bytes only
+    manifest_path.write_text(json.dumps(data))
+    with Engine.open(tmp_path / "strict") as engine:
+        assert engine.info()["duplicates"] == data["duplicates"]
+        for i, copy in enumerate(copies(4)):
+            engine.put_product(f"copy-{i}", images=[copy])
+        assert groups(engine) == {}

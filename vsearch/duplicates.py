@@ -30,6 +30,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from .errors import ConfigError
+
 __all__ = ["DuplicateConfig", "VariantGroups", "hamming", "merge", "near_duplicates", "phash", "product_links", "regroup"]
 
 N = TypeVar("N", int, str)  # a node: an image id or a product id (ordered, so a group's id is its smallest)
@@ -60,9 +62,9 @@ class DuplicateConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1 or self.k < 1:
-            raise ValueError("threshold must be in (0, 1] and k >= 1")
+            raise ConfigError("duplicates threshold must be in (0, 1] and k >= 1")
         if self.phash_distance is not None and not 0 <= self.phash_distance <= 64:
-            raise ValueError("phash_distance must be in [0, 64] or None")
+            raise ConfigError("duplicates phash_distance must be in [0, 64] or None")
 
     def matches(self, similarity: float, distance: int | None = None) -> bool:
         """Whether a pair with this raw-vector cosine and phash distance is a near-duplicate."""

@@ -492,6 +492,7 @@ class Engine:
             if snap.model == BASE_MODEL
             else f"part of model version {snap.model} (its zero-shot half)",
             "text_search": snap.has_text,
+            "duplicates": asdict(self.manifest.duplicates),
             "format_version": self.manifest.format_version,
         }
 

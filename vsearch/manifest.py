@@ -24,6 +24,7 @@ from typing import Any
 
 from .catalog import BASE_MODEL
 from .config import IndexConfig, ModelConfig, ProjectionConfig
+from .duplicates import DuplicateConfig
 from .errors import IndexFormatError, IndexNotFoundError, VsearchError
 from .fsutil import atomic_write_bytes
 from .index import IndexTuning
@@ -78,6 +79,9 @@ class IndexManifest:
     model: ModelConfig
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    # when two images are near-duplicates (vsearch.duplicates); edit the file to tune it
+    # for another model: new images are linked by the rule in force when they are stored
+    duplicates: DuplicateConfig = field(default_factory=DuplicateConfig)
     raw_dim: int = 0
     dim: int = 0
     factory: str = ""
@@ -145,6 +149,7 @@ class IndexManifest:
             data["model"] = ModelConfig.from_dict(data["model"])
             data["projection"] = ProjectionConfig(**data["projection"])
             data["index"] = IndexConfig(**{k: v for k, v in data["index"].items() if k != "extra"})  # formats 1-2 had extra: {}
+            data["duplicates"] = DuplicateConfig(**data.get("duplicates", {}))  # absent from older manifests
             tuning = data.get("tuning")
             data["tuning"] = IndexTuning(**tuning) if tuning is not None else None
             known = {f.name for f in fields(cls)}

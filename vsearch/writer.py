@@ -28,7 +28,6 @@ import numpy as np
 from . import linking, variants
 from .catalog import Catalog
 from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
-from .duplicates import DuplicateConfig
 from .errors import IndexBusyError, StorageError, VsearchError
 from .faissthreads import one_thread
 from .gallery import GalleryWeights
@@ -47,9 +46,6 @@ __all__ = ["CHECKPOINT_EVERY", "IndexWriter", "NewImage"]
 _log = logging.getLogger("vsearch")
 SMALL_CHANGE = 256  # vectors; fewer are added on one OpenMP thread (see vsearch.faissthreads)
 CHECKPOINT_EVERY = 64  # catalog generations (write transactions) between index saves of API writes
-
-
-DUPLICATES = DuplicateConfig()  # near-duplicate rule (calibrated in vsearch.duplicates)
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ class IndexWriter:
                     before = self.catalog.generation
                     yield snap
                     variants.settle(self.catalog.db.conn)
-                    linking.link_pending(self.catalog, snap, DUPLICATES, self._stored)
+                    linking.link_pending(self.catalog, snap, self.engine.manifest.duplicates, self._stored)
                     moved = self._categories_since(before, snap)
             except BaseException:
                 self._resync(snap)
@@ -341,7 +337,7 @@ class IndexWriter:
         last = -1
         while True:
             with self.engine._rw.read(), _storage_errors(self.catalog), self.catalog.transaction(bump=False):
-                reached = linking.link_pending(self.catalog, self.snapshot, DUPLICATES, None, after=last)
+                reached = linking.link_pending(self.catalog, self.snapshot, self.engine.manifest.duplicates, None, after=last)
             if reached < 0:
                 return
             last = reached
