@@ -80,6 +80,11 @@ def write_vectors(path: Path, vectors: np.ndarray) -> Path:
     return path
 
 
+def phashes(index: Path) -> dict[int, int | None]:
+    with Engine.open(index) as engine:
+        return dict(engine.catalog.db.execute("SELECT id, phash FROM images"))
+
+
 def searches(index: Path, queries: list[Path]) -> list[list[tuple[str, float]]]:
     with Engine.open(index) as engine:
         return [[(h.product_id, h.score) for h in engine.search(q, k=5)] for q in queries]
@@ -90,7 +95,7 @@ def test_import_of_an_export_rebuilds_the_ingested_index(
 ) -> None:
     table = pq.read_table(shard)
     assert table.schema.metadata[b"vsearch.model"] == MODEL.encode()
-    assert {"id", "image", "sha256", "vector", "category", "title", "width", "height"} <= set(table.column_names)
+    assert {"id", "image", "sha256", "vector", "category", "title", "width", "height", "phash"} <= set(table.column_names)
 
     code = main(["import", str(shard), "--index", str(tmp_path / "B"), "--batch-size", "10", "--quiet"])
     out = capsys.readouterr().out
@@ -103,6 +108,7 @@ def test_import_of_an_export_rebuilds_the_ingested_index(
     np.testing.assert_array_equal(a["ids"], b["ids"])
     np.testing.assert_allclose(a["vectors"], b["vectors"], atol=1e-6)
     assert a["info"] == b["info"]
+    assert phashes(ingested) == phashes(tmp_path / "B") and None not in phashes(ingested).values()  # near-duplicates alike
 
     queries = sorted(catalog_folder.rglob("*.jpg"))[::6]
     for hits_a, hits_b in zip(searches(ingested, queries), searches(tmp_path / "B", queries)):

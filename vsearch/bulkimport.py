@@ -48,6 +48,7 @@ from .ingest import merge_products
 from .manifest import IndexPaths
 from .projection import l2_normalize
 from .sources import Item
+from .variants import from_signed, to_signed
 from .writer import NewImage
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["ImportReject", "ImportReport", "export_parquet", "import_shards", "open_index", "shard_model", "shard_schema"]
 
 REQUIRED = ("id", "image", "sha256", "vector")
-RESERVED = (*REQUIRED, "category", "title", "width", "height")
+RESERVED = (*REQUIRED, "category", "title", "width", "height", "phash")
 META_MODEL = b"vsearch.model"
 META_VERSION = b"vsearch.model_version"
 CHECKPOINT_EVERY_S = 30.0
@@ -175,7 +176,7 @@ def import_shards(
                 rows, vectors = _rows(pa, batch, path, row, dim, attributes, report)
                 rows, vectors = _new(engine, rows, vectors, report)
                 if rows:
-                    images = [NewImage(r.item.product_id, r.item.image, r.sha256, r.width, r.height) for r in rows]
+                    images = [NewImage(r.item.product_id, r.item.image, r.sha256, r.width, r.height, r.phash) for r in rows]
                     products = list(merge_products([r.item for r in rows]).values())
                     writer.add_images(images, vectors, products=products)
                     report.added += len(rows)
@@ -199,6 +200,7 @@ class _Row:
     sha256: str
     width: int
     height: int
+    phash: int | None  # unsigned; None where the shard has none
 
 
 def _expected_dim(engine: Engine) -> int:
@@ -220,6 +222,7 @@ def shard_schema(pa: Any, engine: Engine, attributes: dict[str, Any]) -> Any:
     fixed columns: what ``vsearch export`` and ``vsearch ingest --ray`` write."""
     fixed = [("id", pa.string()), ("image", pa.string()), ("sha256", pa.string()), ("vector", pa.list_(pa.float32()))]
     fixed += [("category", pa.string()), ("title", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
+    fixed += [("phash", pa.int64())]  # signed, as SQLite keeps it; null or 0 (no real pHash is 0): none
     meta = {META_MODEL: engine.manifest.model.name.encode(), META_VERSION: engine.active.encode()}
     return pa.schema([*fixed, *attributes.items()], metadata=meta)
 
@@ -329,7 +332,8 @@ def _rows(
             title=str(title).strip() or None if title is not None else None,
             attributes={k: _plain(v[i]) for k, v in extra.items() if v[i] is not None} if attributes else None,
         )
-        rows.append(_Row(item, sha256, int(optional["width"][i] or 0), int(optional["height"][i] or 0)))
+        width, height, phash = (optional[c][i] or 0 for c in ("width", "height", "phash"))
+        rows.append(_Row(item, sha256, int(width), int(height), from_signed(int(phash)) if phash else None))
         keep.append(i)
     return rows, l2_normalize(vectors[keep])
 
@@ -426,6 +430,7 @@ def _export_batch(pa: Any, engine: Engine, schema: Any, columns: dict[str, Any],
             ("title", product.title),
             ("width", row.width),
             ("height", row.height),
+            ("phash", to_signed(row.phash)),
         ):
             data[name].append(value)
         for key, kind in columns.items():

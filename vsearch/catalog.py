@@ -86,6 +86,7 @@ class ImageRow:
     sha256: str
     width: int
     height: int
+    phash: int | None = None  # perceptual hash (vsearch.duplicates); read by image_by_id only
 
 
 def _locked(method: F) -> F:
@@ -263,9 +264,12 @@ class Catalog:
     @_locked
     def image_by_id(self, image_id: int) -> ImageRow | None:
         row = self.db.execute(
-            "SELECT id, product_id, source, sha256, width, height FROM images WHERE id = ?", [image_id]
+            "SELECT id, product_id, source, sha256, width, height, phash FROM images WHERE id = ?", [image_id]
         ).fetchone()
-        return ImageRow(*row) if row else None
+        if row is None:
+            return None
+        id_, product_id, source, sha256, width, height, phash = row
+        return ImageRow(id_, product_id, source, sha256, width, height, variants.from_signed(phash))
 
     @_locked
     def images_of(self, product_id: str) -> list[ImageRow]:

@@ -302,7 +302,7 @@ class _Run:
                 report.unchanged += 1  # the catalog has this content already
         done = batch["status"] == EMBEDDED
         if done.any():
-            self.shards.add(*(batch[c][done] for c in ("n", "sha256", "width", "height", "vector")))
+            self.shards.add(*(batch[c][done] for c in ("n", "sha256", "width", "height", "phash", "vector")))
             report.computed += int(done.sum())
 
 

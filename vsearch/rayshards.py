@@ -82,7 +82,9 @@ class Columns:
             self.lossy = True  # stored as JSON text by the import; the source's values are put back after it
         return pa.string()
 
-    def table(self, ns: np.ndarray, sha256: np.ndarray, width: np.ndarray, height: np.ndarray, vectors: np.ndarray) -> Any:
+    def table(
+        self, ns: np.ndarray, sha256: np.ndarray, width: np.ndarray, height: np.ndarray, phash: np.ndarray, vectors: np.ndarray
+    ) -> Any:
         pa = self.pa
         items = [self.ordered[int(n)] for n in ns]
         merged = [self.products[i.product_id] for i in items]
@@ -96,6 +98,7 @@ class Columns:
             "title": [p.title for p in merged],
             "width": [int(w) for w in width],
             "height": [int(h) for h in height],
+            "phash": [int(h) for h in phash],  # signed; 0: none
         }
         for key, kind in self.attributes.items():
             values = [(p.attributes or {}).get(key) for p in merged]

@@ -59,7 +59,7 @@ class EmbedActor:
             out = _columns(loaded)
             tensors = [x.tensor for x in loaded]
         else:
-            out = {k: batch[k] for k in ("n", "sha256", "width", "height", "status", "error")}
+            out = {k: batch[k] for k in ("n", "sha256", "width", "height", "phash", "status", "error")}
             tensors = [  # a copy: the batch may be a read-only view of Ray's object store
                 torch.from_numpy(np.array(t, dtype=np.float32)) if out["status"][i] == EMBEDDED else None
                 for i, t in enumerate(batch["tensor"])
@@ -95,6 +95,8 @@ def _load(batch: dict[str, np.ndarray], preprocess: Any) -> list[LoadedImage]:
 
 
 def _columns(loaded: list[LoadedImage]) -> dict[str, Any]:
+    from .variants import to_signed
+
     def status(x: LoadedImage) -> str:
         return FAILED if x.error or (x.tensor is None and not x.unchanged) else UNCHANGED if x.unchanged else EMBEDDED
 
@@ -103,6 +105,7 @@ def _columns(loaded: list[LoadedImage]) -> dict[str, Any]:
         "sha256": np.array([x.sha256 for x in loaded], dtype=object),
         "width": np.array([x.width for x in loaded], dtype=np.int32),
         "height": np.array([x.height for x in loaded], dtype=np.int32),
+        "phash": np.array([to_signed(x.phash) or 0 for x in loaded], dtype=np.int64),  # 0: none (no real pHash is 0)
         "status": np.array([status(x) for x in loaded], dtype=object),
         "error": np.array([x.error or ("unreadable" if status(x) == FAILED else "") for x in loaded], dtype=object),
     }
