@@ -117,6 +117,7 @@ def test_upload_search_shape(client: TestClient) -> None:
         "attributes",
         "variant_group",
         "variants",
+        "variant_count",
     }
     assert top["thumbnail_url"] == f"/v1/images/{top['image_id']}/thumbnail"
     assert set(body["timing_ms"]) >= {"decode", "embed", "search", "lookup"}

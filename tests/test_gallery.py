@@ -122,3 +122,14 @@ def test_versions_without_a_record_of_trained_products_index_as_before(half_trai
     owners = engine.catalog.image_products(list(range(1, 200)))
     ids = sorted(owners)
     np.testing.assert_allclose(_indexed(engine, ids), _stored(engine, ids), atol=1e-5)
+
+
+def test_a_version_that_lost_its_trained_products_file_still_opens(half_trained: tuple[Engine, str]) -> None:
+    engine, name = half_trained
+    engine.use_model(name, quiet=True)
+    (version_dir(engine.paths.root, name) / TRAINED_FILE).unlink()
+    root = engine.paths.root
+    engine.close()
+    with Engine.open(root) as reopened:
+        assert reopened.active == name and reopened.snapshot.gallery is None
+        assert reopened.search(make_image(20), k=1)[0].product_id == product_id(20)

@@ -20,6 +20,7 @@ from vsearch.cli import main
 from vsearch.config import ServeConfig
 from vsearch.duplicates import regroup
 from vsearch.errors import ConfigError
+from vsearch.query import SearchOptions
 
 
 def jpeg(image: Image.Image, quality: int = 60) -> bytes:
@@ -214,3 +215,24 @@ def test_the_rule_is_the_manifests_and_a_reingest_gives_the_same_groups(tmp_path
         for i, copy in enumerate(copies(4)):
             engine.put_product(f"copy-{i}", images=[copy])
         assert groups(engine) == {}
+
+
+def test_products_sharing_one_picture_stay_grouped_when_the_first_ones_go(engine: Engine) -> None:
+    picture = jpeg(make_image(40), 90)
+    for n in range(14):  # each new image is linked to its k = 10 nearest only
+        engine.put_product(f"same-{n:02d}", images=[picture])
+    engine.remove_products([f"same-{n:02d}" for n in range(12)])
+    assert groups(engine) == {"same-12": "same-12", "same-13": "same-12"}
+    assert groups(engine) == from_scratch(engine)
+
+
+def test_collapsed_keyword_and_region_searches(engine: Engine) -> None:
+    for i, data in enumerate(copies(3)):
+        engine.put_product(f"copy-{i}", title="red apple", images=[data])
+    engine.put_product("solo", title="apple", images=[jpeg(make_image(40))])
+    hits = engine.search(text="apple", k=2, collapse="variant_group")
+    assert len(hits) == 2 and "solo" in {h.product_id for h in hits}  # the 3 copies are one result, not the first 2
+    assert sorted(h.variant_count for h in hits) == [1, 4]
+    regions = engine.search_regions(make_image(3), SearchOptions(k=5, collapse="variant_group"))
+    groups_seen = [h.variant_group or h.product_id for h in regions]
+    assert len(groups_seen) == len(set(groups_seen)) == 5

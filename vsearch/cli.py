@@ -512,7 +512,7 @@ def _search(args: argparse.Namespace) -> int:
         _print_json({"results": [h.to_dict() for h in hits], **({"facets": facets_json(facets)} if facets else {})})
         return 0
     for rank, hit in enumerate(hits, start=1):
-        more = f"  (+{_plural(len(hit.variants) - 1, 'variant')})" if len(hit.variants) > 1 else ""
+        more = f"  (+{_plural(hit.variant_count - 1, 'variant')})" if hit.variant_count > 1 else ""
         print(f"{rank:>3}  {hit.score:.4f}  {hit.product_id}  [{hit.category}]  {hit.title}{more}")
     for name, parts in facets.items():
         shown = ", ".join(f"{json.dumps(c.value, ensure_ascii=False)} ({c.count})" for c in parts["all"])

@@ -136,7 +136,8 @@ class Hit:
     attributes: dict[str, Any] = field(default_factory=dict)
     image: str = ""
     variant_group: str = ""  # the product's variant group, "" if it has none (vsearch.variants)
-    variants: list[str] = field(default_factory=list)  # the group's products, this one included
+    variants: list[str] = field(default_factory=list)  # the group's first products (vsearch.variants.LISTED), this one among them
+    variant_count: int = 1  # how many products the group has (1: no group)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "score": round(self.score, 6)}

@@ -79,7 +79,16 @@ def search_out(result: SearchResult, options: SearchOptions) -> SearchOut:
                 {
                     **{
                         k: getattr(h, k)
-                        for k in ("product_id", "title", "category", "image_id", "attributes", "variant_group", "variants")
+                        for k in (
+                            "product_id",
+                            "title",
+                            "category",
+                            "image_id",
+                            "attributes",
+                            "variant_group",
+                            "variants",
+                            "variant_count",
+                        )
                     },
                     "score": round(h.score, 6),
                     "image_url": f"/v1/images/{h.image_id}",

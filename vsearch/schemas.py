@@ -339,7 +339,8 @@ class HitOut(BaseModel):
     variant_group: str = Field(
         "", description="the product's variant group (products whose images are near-duplicates); '' if it has none"
     )
-    variants: list[str] = Field(default_factory=list, description="the products of that group, this one included")
+    variants: list[str] = Field(default_factory=list, description="the group's products (the first 50 by id)")
+    variant_count: int = Field(1, description="how many products the group has (1: the product has no group)")
 
 
 class CategoryShare(BaseModel):

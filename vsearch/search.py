@@ -112,15 +112,22 @@ def search_keywords(
         raise ConfigError("text has no words to search for (letters or digits)")
     if options.categories or options.exclude_categories:
         snap.filters.blocks(options.categories, options.exclude_categories)  # unknown categories: FilterError, as ever
-    start = time.perf_counter()
-    matches = keywords.search(catalog, options, max(options.k + options.offset, neighbours))
-    timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
-    hits: list[Hit] = []
-    for hit in matches:  # relative to the first; never above the hit before (every word ranks before some)
-        score = min(hit.score / matches[0].score, hits[-1].score if hits else 1.0) if matches[0].score > 0 else 1.0
-        hits.append(replace(hit, score=score))
+    want = options.k + options.offset
+    limit = max(want, neighbours)
+    while True:  # collapsing may need more matches than k + offset: 4x more at a time
+        start = time.perf_counter()
+        matches = keywords.search(catalog, options, limit)
+        timings["keywords"] = timings.get("keywords", 0.0) + (time.perf_counter() - start) * 1000
+        hits: list[Hit] = []
+        for hit in matches:  # relative to the first; never above the hit before (every word ranks before some)
+            score = min(hit.score / matches[0].score, hits[-1].score if hits else 1.0) if matches[0].score > 0 else 1.0
+            hits.append(replace(hit, score=score))
+        page = _page(catalog, hits, options)
+        if not options.collapse or len(page) == options.k or len(matches) < limit:
+            break
+        limit *= 4
     votes = suggest_categories([hit.category for hit in hits[:neighbours]]) if neighbours else []
-    return _page(catalog, hits[: options.k + options.offset], options), votes
+    return page, votes
 
 
 def _page(catalog: Catalog, hits: list[Hit], options: SearchOptions) -> list[Hit]:
@@ -161,7 +168,7 @@ def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options
         product_id = owners.get(image_id)
         if product_id is None or product_id in excluded:
             continue
-        key = groups[product_id][0] if product_id in groups else product_id
+        key = groups[product_id].group_id if product_id in groups else product_id
         if (options.group_by_product or options.collapse) and key in seen:
             continue
         seen.add(key)
@@ -174,16 +181,21 @@ def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options
         Hit(pid, iid, score, products[pid].title, products[pid].category, products[pid].attributes, sources.get(iid, ""))
         for score, iid, pid in picked
     ]
-    return with_variants(catalog, hits)
+    return with_variants(catalog, hits, groups or None)
 
 
-def with_variants(catalog: Catalog, hits: list[Hit]) -> list[Hit]:
-    """``hits`` with their products' variant groups filled in (one indexed query)."""
-    groups = variants.groups_of(catalog.read, [h.product_id for h in hits])
-    return [
-        replace(h, variant_group=groups[h.product_id][0], variants=groups[h.product_id][1]) if h.product_id in groups else h
-        for h in hits
-    ]
+def with_variants(catalog: Catalog, hits: list[Hit], groups: dict[str, variants.Membership] | None = None) -> list[Hit]:
+    """``hits`` with their products' variant groups filled in (``groups``: as already
+    read for them, so that a page is collapsed and labelled by one reading)."""
+    if groups is None:
+        groups = variants.groups_of(catalog.read, [h.product_id for h in hits])
+    out = []
+    for hit in hits:
+        group = groups.get(hit.product_id)
+        out.append(
+            hit if group is None else replace(hit, variant_group=group.group_id, variants=group.members, variant_count=group.size)
+        )
+    return out
 
 
 def _collapse(hits: list[Hit]) -> list[Hit]:
@@ -215,4 +227,6 @@ def best_per_product(rows: list[list[Hit]], options: SearchOptions) -> list[Hit]
             if hit.product_id not in best or hit.score > best[hit.product_id].score:
                 best[hit.product_id] = hit
     ranked = sorted(best.values(), key=lambda h: -h.score)
+    if options.collapse:  # each region's list was collapsed; their union is collapsed again
+        ranked = _collapse(ranked)
     return ranked[options.offset : options.offset + options.k]

@@ -30,6 +30,8 @@ __all__ = [
     "BACKFILL",
     "PENDING_BATCH",
     "STATEMENTS",
+    "LISTED",
+    "Membership",
     "VariantGroup",
     "list_groups",
     "from_signed",
@@ -75,6 +77,8 @@ STATEMENTS = [
 BACKFILL = ["INSERT OR IGNORE INTO variant_pending(image_id) SELECT id FROM images"]  # schema 8: link what exists
 
 PENDING_BATCH = 1024  # images linked per transaction when catching up
+RELINK_MAX = 64  # a group this small has its images linked again when it loses a member (settle)
+LISTED = 50  # members a hit lists of its group (its size is always given)
 _SIGN = 1 << 63
 
 
@@ -109,12 +113,22 @@ def link(conn: sqlite3.Connection, pairs: set[tuple[int, int]]) -> None:
     conn.executemany("INSERT OR REPLACE INTO variant_groups(product_id, group_id) VALUES (?, ?)", changes.items())
 
 
-def settle(conn: sqlite3.Connection) -> None:
+def settle(conn: sqlite3.Connection) -> list[int]:
     """Regroup what deletions left (``variant_dirty``): each touched group splits into
-    its remaining connected parts; a part of one product leaves the table."""
+    its remaining connected parts; a part of one product leaves the table.
+
+    The images of a touched group of up to RELINK_MAX products go back to pending and
+    are returned, for the caller to link again: each image was linked to at most ``k``
+    others when it was stored, so the link that held two members together may have
+    gone with the removed image while they are still near-duplicates of each other
+    (many products sharing one picture). A larger group keeps the links it has."""
     dirty = [r[0] for r in conn.execute("SELECT group_id FROM variant_dirty")]
+    requeue: list[int] = []
     for group in dirty:
         members = _members(conn, group)
+        if len(members) <= RELINK_MAX:
+            for product in members:
+                requeue += [r[0] for r in conn.execute("SELECT id FROM images WHERE product_id = ?", [product])]
         fresh = duplicates.regroup(members, lambda p: _product_neighbours(conn, p))
         sizes: dict[str, int] = {}
         for g in fresh.values():
@@ -125,24 +139,42 @@ def settle(conn: sqlite3.Connection) -> None:
         )
     if dirty:
         conn.execute("DELETE FROM variant_dirty")
+    conn.executemany("INSERT OR IGNORE INTO variant_pending(image_id) VALUES (?)", [(i,) for i in requeue])
+    return requeue
 
 
-def groups_of(read: Any, product_ids: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
-    """product id -> (its group id, the group's members, sorted) for those of
-    ``product_ids`` in a group; ``read`` is :meth:`vsearch.catalog.Catalog.read`."""
-    out: dict[str, tuple[str, list[str]]] = {}
+@dataclass(frozen=True)
+class Membership:
+    """A product's variant group: its id, its first LISTED members (sorted) and its size."""
+
+    group_id: str
+    members: list[str]
+    size: int
+
+
+def groups_of(read: Any, product_ids: Sequence[str]) -> dict[str, Membership]:
+    """The variant groups of those of ``product_ids`` in one; ``read`` is
+    :meth:`vsearch.catalog.Catalog.read`. Costs the products asked about and LISTED
+    members per group, however large the group (a shared placeholder picture)."""
+    group_of: dict[str, str] = {}
     ids = sorted(set(product_ids))
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        rows = read(
-            "SELECT v.product_id, m.product_id, v.group_id FROM variant_groups v "
-            f"JOIN variant_groups m ON m.group_id = v.group_id WHERE v.product_id IN ({marks})",
-            chunk,
+        group_of.update(read(f"SELECT product_id, group_id FROM variant_groups WHERE product_id IN ({marks})", chunk))
+    groups: dict[str, Membership] = {}
+    for group in sorted(set(group_of.values())):
+        members = [r[0] for r in read(_MEMBERS, [group, LISTED])]
+        size = (
+            len(members)
+            if len(members) < LISTED
+            else read("SELECT count(*) FROM variant_groups WHERE group_id = ?", [group])[0][0]
         )
-        for product, member, group in rows:
-            out.setdefault(product, (group, []))[1].append(member)
-    return {p: (g, sorted(m)) for p, (g, m) in out.items()}
+        groups[group] = Membership(group, members, size)
+    return {p: groups[g] for p, g in group_of.items()}
+
+
+_MEMBERS = "SELECT product_id FROM variant_groups WHERE group_id = ? ORDER BY product_id LIMIT ?"
 
 
 def _products_of(conn: sqlite3.Connection, images: list[int]) -> dict[int, str]:

@@ -12,6 +12,7 @@ quick; a switch builds the new snapshot aside and installs it with one swap.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ __all__ = [
     "write_version",
 ]
 
+_log = logging.getLogger("vsearch")
 REPORT_FILE = "report.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -179,7 +181,11 @@ def gallery_for(paths: IndexPaths, name: str) -> GalleryWeights | None:
         return None  # a missing version: the index still opens, to switch back (embedder_loader)
     if adapter.untrained_weight is None:
         return None
-    return GalleryWeights.load(folder, adapter.head_dim, adapter.zero_shot_weight, adapter.untrained_weight)
+    try:
+        return GalleryWeights.load(folder, adapter.head_dim, adapter.zero_shot_weight, adapter.untrained_weight)
+    except ModelError as exc:  # the index must still open (and serve, or switch back): as before the blend
+        _log.warning("vsearch: %s; every catalog image is indexed with the version's own blend", exc)
+        return None
 
 
 def projection_for(paths: IndexPaths, name: str, manifest: IndexManifest | None = None) -> Projection:

@@ -90,8 +90,8 @@ class IndexWriter:
                     ours = self._catch_up(snap)
                     before = self.catalog.generation
                     yield snap
-                    variants.settle(self.catalog.db.conn)
-                    linking.link_pending(self.catalog, snap, self.engine.manifest.duplicates, self._stored)
+                    relink = variants.settle(self.catalog.db.conn)  # what a removal left of a group, linked again
+                    linking.link_pending(self.catalog, snap, self.engine.manifest.duplicates, self._stored + relink)
                     moved = self._categories_since(before, snap)
             except BaseException:
                 self._resync(snap)
@@ -313,11 +313,14 @@ class IndexWriter:
         return manifest.catalog_generation < 0 or lag >= max(every, 1)
 
     def finish(self) -> None:
-        """After a batch of writes: fit the projection the first time, move to a bigger
-        index type when the catalog has outgrown it, link the images stored without an
-        index (the first batch, an old catalog's) to their near-duplicates, and save."""
+        """After a batch of writes: fit the projection the first time (and link the
+        images stored before there was an index to their near-duplicates), move to a
+        bigger index type when the catalog has outgrown it, and save. (A catalog from
+        before schema 8 keeps its backlog for ``vsearch dups --link``: one search per
+        image is the catalog's cost, not this write's.)"""
         if not self.engine.manifest.projection_fitted:
             self.engine.fit_projection()
+            self.link_pending()
         else:
             manifest, index = self.engine.manifest, self.snapshot.index
             if (
@@ -328,7 +331,6 @@ class IndexWriter:
                 self.rebuild()
             else:
                 self.save()
-        self.link_pending()
 
     def link_pending(self) -> None:
         """Link every image still waiting for its near-duplicate links (vsearch.variants),

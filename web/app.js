@@ -362,10 +362,10 @@ function drawResults(results, scoring) {
       score.querySelector("b").textContent = `${Math.round(Math.max(0, r.score) * 100)}%`;
     }
     body.append(title, category, score);
-    if (r.variants && r.variants.length > 1) {
+    if (r.variant_count > 1) {
       const variants = document.createElement("div");
       variants.className = "variants";
-      variants.textContent = `${r.variants.length} variants`;
+      variants.textContent = `${r.variant_count} variants`;
       variants.title = r.variants.join(", ");
       body.append(variants);
     }
