@@ -42,6 +42,12 @@ __all__ = [
     "to_signed",
 ]
 
+# An image's links go, and its product's group is marked for settle() to regroup.
+_UNLINK_OLD = """INSERT OR IGNORE INTO variant_dirty(group_id)
+            SELECT group_id FROM variant_groups WHERE product_id = OLD.product_id;
+        DELETE FROM image_links WHERE a = OLD.id;
+        DELETE FROM image_links WHERE b = OLD.id;"""
+
 STATEMENTS = [
     "CREATE TABLE IF NOT EXISTS image_links (a INTEGER NOT NULL, b INTEGER NOT NULL, PRIMARY KEY (a, b)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS image_links_b ON image_links(b)",
@@ -53,19 +59,13 @@ STATEMENTS = [
     """CREATE TRIGGER IF NOT EXISTS images_pending AFTER INSERT ON images BEGIN
         INSERT OR IGNORE INTO variant_pending(image_id) VALUES (NEW.id);
     END""",
-    """CREATE TRIGGER IF NOT EXISTS images_relink AFTER UPDATE OF sha256 ON images WHEN OLD.sha256 != NEW.sha256 BEGIN
-        INSERT OR IGNORE INTO variant_dirty(group_id)
-            SELECT group_id FROM variant_groups WHERE product_id = OLD.product_id;
-        DELETE FROM image_links WHERE a = OLD.id;
-        DELETE FROM image_links WHERE b = OLD.id;
+    f"""CREATE TRIGGER IF NOT EXISTS images_relink AFTER UPDATE OF sha256 ON images WHEN OLD.sha256 != NEW.sha256 BEGIN
+        {_UNLINK_OLD}
         UPDATE images SET phash = NULL WHERE id = NEW.id;
         INSERT OR IGNORE INTO variant_pending(image_id) VALUES (NEW.id);
     END""",
-    """CREATE TRIGGER IF NOT EXISTS images_unlink AFTER DELETE ON images BEGIN
-        INSERT OR IGNORE INTO variant_dirty(group_id)
-            SELECT group_id FROM variant_groups WHERE product_id = OLD.product_id;
-        DELETE FROM image_links WHERE a = OLD.id;
-        DELETE FROM image_links WHERE b = OLD.id;
+    f"""CREATE TRIGGER IF NOT EXISTS images_unlink AFTER DELETE ON images BEGIN
+        {_UNLINK_OLD}
         DELETE FROM variant_pending WHERE image_id = OLD.id;
     END""",
     """CREATE TRIGGER IF NOT EXISTS products_ungroup AFTER DELETE ON products BEGIN
