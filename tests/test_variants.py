@@ -111,14 +111,15 @@ def test_random_writes_keep_groups_equal_to_a_from_scratch_grouping(engine: Engi
     assert groups(engine)  # the sequence did form groups
 
 
-def test_images_stored_before_there_was_an_index_are_linked_when_the_writer_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("center_on", [False, True])
+def test_images_stored_before_there_was_an_index_are_linked_when_it_is_built(tmp_path: Path, center_on: bool) -> None:
     folder = write_catalog(tmp_path / "catalog")
     first = sorted(folder.rglob("*.jpg"))[0]
     dup = first.with_name("dup-of-first.jpg")
     shutil.copy(first, dup)
     pid = {path: str(path.relative_to(folder).with_suffix("")) for path in (first, dup)}
     with Engine.open(tmp_path / "index", model="tiny-test", create=True) as engine:
-        engine.ingest(folder, quiet=True)
+        engine.ingest(folder, quiet=True, center_on=folder if center_on else None)  # the demo centres on photos
         assert groups(engine) == {pid[first]: min(pid.values()), pid[dup]: min(pid.values())}
         assert engine.catalog.db.execute("SELECT count(*) FROM variant_pending").fetchone()[0] == 0
 

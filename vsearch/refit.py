@@ -29,8 +29,16 @@ MIN_QUERIES = 50
 
 def fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None = None) -> None:
     """Fit centring/PCA (on the photos in ``center_on`` if given, else on the catalog),
-    rebuild the index and save. A fine-tuned version's projection is part of the
-    version, so only a rebuild happens while one serves."""
+    rebuild the index and save; then link the images stored before there was an index
+    to their near-duplicates (:mod:`vsearch.variants`: the first ingest's, which had no
+    index to search). A fine-tuned version's projection is part of the version, so only
+    a rebuild happens while one serves."""
+    _fit_projection(engine, center_on)
+    with engine.writer() as writer:
+        writer.link_pending()
+
+
+def _fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None) -> None:
     with engine.writer() as writer:
         snap = writer.snapshot
         if snap.model != BASE_MODEL:

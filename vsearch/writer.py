@@ -313,14 +313,13 @@ class IndexWriter:
         return manifest.catalog_generation < 0 or lag >= max(every, 1)
 
     def finish(self) -> None:
-        """After a batch of writes: fit the projection the first time (and link the
+        """After a batch of writes: fit the projection the first time (which links the
         images stored before there was an index to their near-duplicates), move to a
         bigger index type when the catalog has outgrown it, and save. (A catalog from
         before schema 8 keeps its backlog for ``vsearch dups --link``: one search per
         image is the catalog's cost, not this write's.)"""
         if not self.engine.manifest.projection_fitted:
             self.engine.fit_projection()
-            self.link_pending()
         else:
             manifest, index = self.engine.manifest, self.snapshot.index
             if (
