@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,14 +433,21 @@ class Catalog:
             groups.setdefault(category, []).append(image_id)
         return {c: np.array(ids, dtype=np.int64) for c, ids in groups.items()}
 
-    def read(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    @_locked
+    def select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Rows of one short, indexed query on the main connection, like the search's
+        other look-ups (a product's variant group): never queued behind a long
+        aggregate on :meth:`read`'s connection."""
+        return self.db.execute(sql, list(params)).fetchall()
+
+    def read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Rows of one read-only query, on a connection of its own: a long aggregate
         (facet counts, an attribute filter's image ids) never holds up the searches
         and writes that share the main one. It sees the last committed state."""
         with self._reader_lock:
             if self._reader is None:
                 self._reader = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-            return self._reader.execute(sql, params).fetchall()
+            return self._reader.execute(sql, list(params)).fetchall()
 
     @_locked
     def counts(self) -> dict[str, int]:

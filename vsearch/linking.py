@@ -19,7 +19,7 @@ from .catalog import BASE_MODEL, Catalog
 from .duplicates import DuplicateConfig
 from .indexfile import indexed_vectors
 from .snapshot import Snapshot
-from .variants import PENDING_BATCH, from_signed, link
+from .variants import PENDING_BATCH, from_signed, link, on, rows_in
 
 __all__ = ["find_links", "link_pending"]
 
@@ -70,21 +70,11 @@ _SAME_BYTES = "SELECT o.id FROM images o WHERE o.sha256 = (SELECT sha256 FROM im
 
 
 def _pending_among(conn: sqlite3.Connection, ids: list[int]) -> list[int]:
-    found: list[int] = []
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        found += [r[0] for r in conn.execute(f"SELECT image_id FROM variant_pending WHERE image_id IN ({marks})", chunk)]
-    return sorted(found)
+    return sorted(r[0] for r in rows_in(on(conn), "SELECT image_id FROM variant_pending WHERE image_id IN ({marks})", ids))
 
 
 def _phashes(conn: sqlite3.Connection, ids: list[int]) -> dict[int, int | None]:
-    found: dict[int, int | None] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        found.update((i, from_signed(h)) for i, h in conn.execute(f"SELECT id, phash FROM images WHERE id IN ({marks})", chunk))
-    return found
+    return {i: from_signed(h) for i, h in rows_in(on(conn), "SELECT id, phash FROM images WHERE id IN ({marks})", ids)}
 
 
 def find_links(

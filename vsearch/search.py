@@ -160,7 +160,7 @@ def collect_hits(catalog: Catalog, D: np.ndarray, I: np.ndarray, k: int, options
     """Up to ``k`` hits from one row of faiss output, best first, per the options."""
     valid = [(float(d), int(i)) for d, i in zip(D, I) if i >= 0 and (options.min_score is None or d >= options.min_score)]
     owners = catalog.image_products([i for _, i in valid])
-    groups = variants.groups_of(catalog.read, list(owners.values())) if options.collapse else {}
+    groups = variants.groups_of(catalog.select, list(owners.values())) if options.collapse else {}
     excluded = set(options.exclude_products)
     picked: list[tuple[float, int, str]] = []
     seen: set[str] = set()
@@ -188,7 +188,7 @@ def with_variants(catalog: Catalog, hits: list[Hit], groups: dict[str, variants.
     """``hits`` with their products' variant groups filled in (``groups``: as already
     read for them, so that a page is collapsed and labelled by one reading)."""
     if groups is None:
-        groups = variants.groups_of(catalog.read, [h.product_id for h in hits])
+        groups = variants.groups_of(catalog.select, [h.product_id for h in hits])
     out = []
     for hit in hits:
         group = groups.get(hit.product_id)

@@ -380,7 +380,7 @@ def _product(service: SearchService, snap: Snapshot, query: ProductQuery, option
     raw = service.engine.product_vector(query.product_id, snap)
     itself = [query.product_id]
     if options.collapse:  # its variants are the same product to the shopper
-        group = groups_of(service.engine.catalog.read, itself).get(query.product_id)
+        group = groups_of(service.engine.catalog.select, itself).get(query.product_id)
         itself = [query.product_id, *(group.members if group else [])]
     options = replace(options, exclude_products=(*options.exclude_products, *itself))
     return _Prepared(options, {"lookup": _ms(start)}, raw=raw)

@@ -20,7 +20,7 @@ Every change costs the groups it touches: a new link merges two groups
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from . import duplicates
 __all__ = [
     "BACKFILL",
     "PENDING_BATCH",
+    "Select",
     "STATEMENTS",
     "LISTED",
     "Membership",
@@ -37,6 +38,8 @@ __all__ = [
     "from_signed",
     "groups_of",
     "link",
+    "on",
+    "rows_in",
     "settle",
     "store_phashes",
     "to_signed",
@@ -80,6 +83,7 @@ PENDING_BATCH = 1024  # images linked per transaction when catching up
 RELINK_MAX = 64  # a group this small has its images linked again when it loses a member (settle)
 LISTED = 50  # members a hit lists of its group (its size is always given)
 _SIGN = 1 << 63
+Select = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]  # runs one query: (sql, params) -> rows
 
 
 def to_signed(h: int | None) -> int | None:
@@ -152,23 +156,20 @@ class Membership:
     size: int
 
 
-def groups_of(read: Any, product_ids: Sequence[str]) -> dict[str, Membership]:
-    """The variant groups of those of ``product_ids`` in one; ``read`` is
-    :meth:`vsearch.catalog.Catalog.read`. Costs the products asked about and LISTED
-    members per group, however large the group (a shared placeholder picture)."""
-    group_of: dict[str, str] = {}
-    ids = sorted(set(product_ids))
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        group_of.update(read(f"SELECT product_id, group_id FROM variant_groups WHERE product_id IN ({marks})", chunk))
+def groups_of(select: Select, product_ids: Sequence[str]) -> dict[str, Membership]:
+    """The variant groups of those of ``product_ids`` in one; ``select`` runs a query
+    (:meth:`vsearch.catalog.Catalog.select` on a search's path). Costs the products
+    asked about and LISTED members per group, however large the group (a shared
+    placeholder picture)."""
+    sql = "SELECT product_id, group_id FROM variant_groups WHERE product_id IN ({marks})"
+    group_of: dict[str, str] = {p: g for p, g in rows_in(select, sql, sorted(set(product_ids)))}
     groups: dict[str, Membership] = {}
     for group in sorted(set(group_of.values())):
-        members = [r[0] for r in read(_MEMBERS, [group, LISTED])]
+        members = [r[0] for r in select(_MEMBERS, [group, LISTED])]
         size = (
             len(members)
             if len(members) < LISTED
-            else read("SELECT count(*) FROM variant_groups WHERE group_id = ?", [group])[0][0]
+            else select("SELECT count(*) FROM variant_groups WHERE group_id = ?", [group])[0][0]
         )
         groups[group] = Membership(group, members, size)
     return {p: groups[g] for p, g in group_of.items()}
@@ -177,13 +178,23 @@ def groups_of(read: Any, product_ids: Sequence[str]) -> dict[str, Membership]:
 _MEMBERS = "SELECT product_id FROM variant_groups WHERE group_id = ? ORDER BY product_id LIMIT ?"
 
 
+def rows_in(select: Select, sql: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The rows of ``sql``, whose ``{marks}`` is an IN list, over ``values``, 500 at a
+    time (SQLite's limit on bound parameters)."""
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(values), 500):
+        chunk = list(values[start : start + 500])
+        rows += select(sql.format(marks=",".join("?" * len(chunk))), chunk)
+    return rows
+
+
+def on(conn: sqlite3.Connection) -> Select:
+    """``conn`` as a :data:`Select` (the writer's connection, inside its transaction)."""
+    return lambda sql, params: conn.execute(sql, list(params)).fetchall()
+
+
 def _products_of(conn: sqlite3.Connection, images: list[int]) -> dict[int, str]:
-    found: dict[int, str] = {}
-    for start in range(0, len(images), 500):
-        chunk = images[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        found.update(conn.execute(f"SELECT id, product_id FROM images WHERE id IN ({marks})", chunk).fetchall())
-    return found
+    return {i: p for i, p in rows_in(on(conn), "SELECT id, product_id FROM images WHERE id IN ({marks})", images)}
 
 
 def _group_of(conn: sqlite3.Connection, product: str) -> str | None:
@@ -218,7 +229,7 @@ class VariantGroup:
         return {"group_id": self.group_id, "products": self.products, "links": [list(pair) for pair in self.links]}
 
 
-def list_groups(read: Any) -> tuple[list[VariantGroup], list[tuple[str, int, int]]]:
+def list_groups(read: Select) -> tuple[list[VariantGroup], list[tuple[str, int, int]]]:
     """Every variant group (largest first), and the near-duplicate image pairs within
     single products (``(product, image, image)``: a product listing one picture twice);
     ``read`` is :meth:`vsearch.catalog.Catalog.read`. Costs the groups and links, not
