@@ -133,12 +133,12 @@ def search_keywords(
 def _page(catalog: Catalog, hits: list[Hit], options: SearchOptions) -> list[Hit]:
     """``options``' page of a ranking: variant groups filled in (and collapsed if
     asked), scores below ``min_score`` out, then offset and k."""
-    hits = with_variants(catalog, hits)
-    if options.collapse:
-        hits = _collapse(hits)
+    if options.collapse:  # the whole ranking needs its groups; else only the page does
+        hits = _collapse(with_variants(catalog, hits))
     if options.min_score is not None:
         hits = [hit for hit in hits if hit.score >= options.min_score]
-    return hits[options.offset : options.offset + options.k]
+    page = hits[options.offset : options.offset + options.k]
+    return page if options.collapse else with_variants(catalog, page)
 
 
 def _vote_neighbours(snap: Snapshot, xq: np.ndarray, neighbours: int) -> np.ndarray:
