@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .cli_common import Command, index_arg, plural, print_json, verb
 
 if TYPE_CHECKING:
+    from .config import IndexConfig, ProjectionConfig
     from .errors import NothingIngestedError
     from .ingest import IngestReport
     from .settings import Settings
@@ -26,16 +27,8 @@ def add_ingest(command: Command, env: Settings) -> None:
         "--pooling", nargs="+", choices=["mean", "gem"], help="how the layers' maps are pooled: one for all, or one per layer"
     )
     p.add_argument("--gem-p", type=float, help="GeM exponent")
-    p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
-    p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
     p.add_argument("--center-on", metavar="SOURCE", help="folder/manifest of unlabelled shopper photos to centre on")
-    p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
-    p.add_argument(
-        "--raw-vectors",
-        choices=["float16", "float32"],
-        default="float16",
-        help="how the catalog stores raw vectors (new index only; default float16: half the bytes, no recall lost)",
-    )
+    _new_index_args(p)
     p.add_argument("--prune", action="store_true", help="remove products and images the source no longer lists")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="image decoding processes (default: by device and cores; 0 decodes in-process)")
@@ -55,6 +48,27 @@ def add_ingest(command: Command, env: Settings) -> None:
     p.add_argument("--keep-shards", action="store_true", help="with --ray: keep the shards (DIR/ray-shards/) once imported")
 
 
+def _new_index_args(p: argparse.ArgumentParser) -> None:
+    """What shapes a new index (an existing one keeps its own): ingest's and import's."""
+    p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
+    p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
+    p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
+    p.add_argument(
+        "--raw-vectors",
+        choices=["float16", "float32"],
+        default="float16",
+        help="how the catalog stores raw vectors (new index only; default float16: half the bytes, no recall lost)",
+    )
+
+
+def _new_index_configs(args: argparse.Namespace) -> tuple[ProjectionConfig, IndexConfig]:
+    """The configs ``_new_index_args`` describe."""
+    from .config import IndexConfig, ProjectionConfig
+
+    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
+    return projection, IndexConfig(factory=args.factory, raw_vectors=args.raw_vectors)
+
+
 def add_import(command: Command, env: Settings) -> None:
     p = command(
         "import",
@@ -71,15 +85,7 @@ def add_import(command: Command, env: Settings) -> None:
     p.add_argument(
         "--model", default=env.model, help="model for a new index (default: the shards' vsearch.model, else efficientnet-lite2)"
     )
-    p.add_argument("--pca", type=int, default=256, metavar="DIM", help="PCA dimension for a new index (default 256; 0: none)")
-    p.add_argument("--no-center", action="store_true", help="do not centre vectors (new index only)")
-    p.add_argument("--factory", help="faiss factory string (default: chosen by catalog size)")
-    p.add_argument(
-        "--raw-vectors",
-        choices=["float16", "float32"],
-        default="float16",
-        help="how the catalog stores raw vectors (new index only; default float16: half the bytes, no recall lost)",
-    )
+    _new_index_args(p)
     p.add_argument("--batch-size", type=int, default=4096, help="rows per transaction (default 4096)")
     p.add_argument("--device", default=env.device, help="where the model runs if a new index needs its dimension")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -107,7 +113,6 @@ def add_info(command: Command, env: Settings) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from .config import IndexConfig, ProjectionConfig
     from .engine import DEFAULT_MODEL, Engine
     from .errors import ConfigError
     from .presets import resolve_model
@@ -123,12 +128,12 @@ def _ingest(args: argparse.Namespace) -> int:
     model = None  # an existing index keeps the model it was built with
     if args.model or args.layers or args.pooling or args.gem_p:
         model = resolve_model(args.model or DEFAULT_MODEL, layers=args.layers, pooling=args.pooling, gem_p=args.gem_p)
-    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
+    projection, index = _new_index_configs(args)
     with Engine.open(
         args.index,
         model=model,
         projection=projection,
-        index=IndexConfig(factory=args.factory, raw_vectors=args.raw_vectors),
+        index=index,
         create=True,
         device=args.device,
     ) as engine:
@@ -225,16 +230,15 @@ def _nothing_ingested(report: IngestReport, source: str, rejects: Path) -> Nothi
 
 def _import(args: argparse.Namespace) -> int:
     from .bulkimport import import_shards, open_index
-    from .config import IndexConfig, ProjectionConfig
     from .errors import NothingIngestedError
 
-    projection = ProjectionConfig(center=not args.no_center, pca_dim=args.pca or None)
+    projection, index = _new_index_configs(args)
     with open_index(
         args.index,
         args.shards,
         model=args.model,
         projection=projection,
-        index=IndexConfig(factory=args.factory, raw_vectors=args.raw_vectors),
+        index=index,
         device=args.device,
     ) as engine:
         report = import_shards(engine, args.shards, batch_size=args.batch_size, quiet=args.quiet)
