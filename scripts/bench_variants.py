@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vsearch import Engine, linking, variants
+from vsearch import Engine, linking, refit, variants
 from vsearch.sources import Item
 from vsearch.writer import NewImage
 
@@ -65,7 +65,8 @@ def build(root: Path, n: int, dim: int, centres: np.ndarray, rng: np.random.Gene
             vectors = unit(centres[rng.integers(0, len(centres), m)] + noise)
             rows = [image(start + i, rng) for i in range(m)]
             writer.add_images([r[1] for r in rows], vectors, products=[r[0] for r in rows])
-        engine.fit_projection()  # the first build: what ingest's finish() does before linking
+    refit._fit_projection(engine, None)  # the first build, without the linking fit_projection ends with
+    with engine.writer() as writer:
         start_link = time.perf_counter()
         writer.link_pending()
         backlog = (time.perf_counter() - start_link) * 1000 / n
