@@ -28,9 +28,10 @@ For each size N it
    exact among the category's images), hits compared by image id. VectorIndex.search and raw
    faiss run on one OpenMP thread, as the engine runs batch-1 searches
    (``vsearch/faissthreads.py``; faiss's default team is far slower on busy cores);
-6. times one-image product writes with a server's checkpoint policy
-   (``engine.checkpoint_every = 10_000`` and a thread calling ``engine.checkpoint()``
-   every 2 s while writes run): ``Engine.put_product`` with a small PNG and the
+6. times one-image product writes with a server's checkpoint and linking policy
+   (``engine.checkpoint_every = 10_000``, ``engine.link_in_background``, and a thread
+   linking the written images to their near-duplicates in batches, then calling
+   ``engine.checkpoint()``, every 2 s while writes run): ``Engine.put_product`` with a small PNG and the
    precomputed vector as the model's output (the API path less the model), and
    ``IndexWriter.add_images`` + ``checkpoint`` (the core); raw faiss: one
    ``add_with_ids`` on one OpenMP thread (as the engine adds small changes). Writes
@@ -277,11 +278,17 @@ def child_import(index: str, shards: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     engine = open_index(index, shards, model=MODEL)
     report = import_shards(engine, shards, quiet=True)
+    seconds = time.perf_counter() - start
+    backlog = engine.images_not_linked()  # a large import leaves linking to the server (vsearch.refit)
+    start = time.perf_counter()
+    engine.link_variants()  # what a server then does in the background; timed apart
+    link_s = time.perf_counter() - start
     info = engine.info()
     engine.close()
-    seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
+        "backlog_images": backlog,
+        "link_backlog_s": link_s,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": rss0,
         "added": report.added,
@@ -364,8 +371,9 @@ def child_writer(index: str, seed: int) -> None:
     mix = Mixture.load(Path(index).parent / "mixture.npz")
     engine = Engine.open(index)
     engine.checkpoint_every = CHECKPOINT_EVERY
+    engine.link_in_background = True
     stop = threading.Event()
-    threading.Thread(target=_checkpoints, args=(engine, stop, []), daemon=True).start()
+    threading.Thread(target=_checkpoints, args=(engine, stop, [], []), daemon=True).start()
     print("ready", flush=True)
     for j in range(1_000_000):
         vector = mix.one(seed, j)
@@ -420,10 +428,34 @@ CHILDREN: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def _checkpoints(engine: Any, stop: threading.Event, saves: list[tuple[float, float]]) -> None:
-    """A server's background checkpoint loop (service.watch_index), every 2 s; the
-    (start, end) of each checkpoint that saved goes to ``saves``."""
+def _checkpoints(engine: Any, stop: threading.Event, saves: list[tuple[float, float]], batches: list[float]) -> None:
+    """A server's background loop (service.watch_index), every 2 s: link the images
+    written since (BACKGROUND_LINK_BATCH per transaction, each batch's seconds to
+    ``batches``), then checkpoint; the (start, end) of each checkpoint that saved goes
+    to ``saves``."""
+    from vsearch.service import BACKGROUND_LINK_BATCH
+    from vsearch.writer import IndexWriter
+
+    link_pending = IndexWriter.link_pending
+
+    def timed(writer: Any, *args: Any, **kw: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return link_pending(writer, *args, **kw)
+        finally:
+            batches.append(time.perf_counter() - start)
+
     while not stop.wait(CHECKPOINT_INTERVAL_S):
+        deadline = time.monotonic() + CHECKPOINT_INTERVAL_S
+
+        def until(deadline: float = deadline) -> bool:
+            return stop.is_set() or time.monotonic() > deadline
+
+        IndexWriter.link_pending = timed  # type: ignore[method-assign]
+        try:
+            engine.link_variants(BACKGROUND_LINK_BATCH, until=until)
+        finally:
+            IndexWriter.link_pending = link_pending  # type: ignore[method-assign]
         start = time.perf_counter()
         if engine.checkpoint():
             saves.append((start, time.perf_counter()))
@@ -619,13 +651,16 @@ def measure_writes(engine: Any, raw: Any, mix: Mixture, count: int) -> dict[str,
     """One-image product writes, a server's checkpoint policy, beside raw faiss adds."""
     import faiss
 
+    from vsearch.service import BACKGROUND_LINK_BATCH
     from vsearch.sources import Item
     from vsearch.writer import NewImage
 
     engine.checkpoint_every = CHECKPOINT_EVERY
+    engine.link_in_background = True
     saves: list[tuple[float, float]] = []
+    batches: list[float] = []  # seconds of each background link batch: what a write may wait for
     stop = threading.Event()
-    thread = threading.Thread(target=_checkpoints, args=(engine, stop, saves), daemon=True)
+    thread = threading.Thread(target=_checkpoints, args=(engine, stop, saves, batches), daemon=True)
     thread.start()
     uploads = [png(j) for j in range(count)]
     vectors = [mix.one(7, j) for j in range(2 * count)]
@@ -648,6 +683,11 @@ def measure_writes(engine: Any, raw: Any, mix: Mixture, count: int) -> dict[str,
     finally:
         stop.set()
         thread.join()
+    lagging = engine.images_not_linked()
+    start = time.perf_counter()
+    engine.link_variants(BACKGROUND_LINK_BATCH)
+    drained = time.perf_counter() - start
+    engine.link_in_background = False
     projected = engine.snapshot.projection.apply(np.concatenate(vectors))
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
@@ -662,6 +702,11 @@ def measure_writes(engine: Any, raw: Any, mix: Mixture, count: int) -> dict[str,
         "put_product": _write_stats(put, saves),
         "add_images": _write_stats(core, saves),
         "faiss_add": {"p50_ms": ms(add, 50), "p99_ms": ms(add, 99), "max_ms": ms(add, 100)},
+        "link_batches": len(batches),
+        "link_batch_p50_ms": ms(batches, 50),
+        "link_batch_max_ms": ms(batches, 100),
+        "not_linked_at_end": lagging,
+        "drain_s": drained,
         "checkpoints": len(saves),
         "checkpoint_max_s": max((end - start for start, end in saves), default=0.0),
     }
@@ -853,6 +898,8 @@ def size_table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
         f"| build s (import: catalog + fit + index) | {b['engine']['seconds']:.1f} | {b['faiss']['seconds']:.1f} | "
         f"{_ratio(b['engine']['seconds'], b['faiss']['seconds'])} |",
+        f"| near-duplicate linking of the import's {b['engine']['backlog_images']:,} images s (a server's background work) "
+        f"| {b['engine']['link_backlog_s']:.1f} | | |",
         f"| build peak RSS MB | {b['engine']['peak_rss_mb']:.0f} | {b['faiss']['peak_rss_mb']:.0f} | "
         f"{_ratio(b['engine']['peak_rss_mb'], b['faiss']['peak_rss_mb'])} |",
         f"| disk bytes / image | {r['disk']['engine_bytes_per_image']:.0f} | {r['disk']['faiss_bytes_per_image']:.0f} | "
@@ -900,6 +947,11 @@ def size_table(r: dict[str, Any]) -> str:
         f"({w['checkpoint_max_s']:.2f}); {w['put_product']['during_checkpoints']} "
         f"({w['put_product']['max_during_checkpoints_ms']:.0f}) [{w['add_images']['during_checkpoints']} "
         f"({w['add_images']['max_during_checkpoints_ms']:.0f})] | | |"
+    )
+    lines.append(
+        f"| background near-duplicate link batches during writes: count, p50 / max ms; images not yet linked when "
+        f"the writes ended (s to link them) | {w['link_batches']}, {w['link_batch_p50_ms']:.1f} / "
+        f"{w['link_batch_max_ms']:.1f}; {w['not_linked_at_end']} ({w['drain_s']:.2f}) | | |"
     )
     if "filled_store" in w:
         f = w["filled_store"]

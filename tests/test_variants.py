@@ -6,6 +6,7 @@ import io
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,57 @@ def test_images_stored_before_there_was_an_index_are_linked_when_it_is_built(tmp
         assert engine.catalog.db.execute("SELECT count(*) FROM variant_pending").fetchone()[0] == 0
 
 
+def pending(engine: Engine) -> int:
+    return int(engine.catalog.db.execute("SELECT count(*) FROM variant_pending").fetchone()[0])
+
+
+def test_writes_linked_in_the_background_join_their_group_in_batches(engine: Engine) -> None:
+    engine.link_in_background = True  # what a server does: the write skips its own k-NN search
+    for i, data in enumerate(copies(3)):
+        engine.put_product(f"copy-{i}", images=[data])
+    assert groups(engine) == {} and pending(engine) == 3 and engine.images_not_linked() == 3
+    calls = iter([False, True])
+    assert engine.link_variants(batch=2, until=lambda: next(calls)) is False  # one batch, then asked to stop
+    assert pending(engine) == 1
+    assert engine.link_variants(batch=2) is True and pending(engine) == 0
+    assert set(groups(engine)) == {product_id(3), "copy-0", "copy-1", "copy-2"} and groups(engine) == from_scratch(engine)
+    engine.remove_products(["copy-0"])  # a removal's regrouping still happens in the write; its relinking waits
+    assert pending(engine) > 0 and groups(engine) == from_scratch(engine)
+    engine.link_variants()
+    assert set(groups(engine)) == {product_id(3), "copy-1", "copy-2"} and groups(engine) == from_scratch(engine)
+
+
+def test_a_server_links_api_writes_from_its_background_thread(engine: Engine) -> None:
+    index = engine.paths.root
+    engine.close()
+    config = ServeConfig(index_dir=str(index), api_key="k", reload_interval_s=0.05)
+    with TestClient(create_app(config)) as client:
+        for i, data in enumerate(copies(3)[:2]):
+            files = {"image": (f"{i}.jpg", data, "image/jpeg")}
+            answer = client.post("/v1/products", data={"id": f"copy-{i}"}, files=files, headers={"X-API-Key": "k"})
+            assert answer.status_code == 201, answer.text
+        query = {"image": ("q.jpg", jpeg(make_image(3), 95), "image/jpeg")}
+        deadline = time.monotonic() + 20
+        found: list[str] = []
+        while time.monotonic() < deadline and len(found) < 3:
+            found = client.post("/v1/search?k=1", files=query).json()["results"][0]["variants"]
+            time.sleep(0.05)
+        assert sorted(found) == sorted([product_id(3), "copy-0", "copy-1"])
+
+
+def test_a_large_first_build_leaves_its_backlog_to_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("vsearch.refit.LINK_INLINE_MAX", 10)  # the catalog's 25 images are "many"
+    folder = write_catalog(tmp_path / "catalog")
+    shutil.copy(sorted(folder.rglob("*.jpg"))[0], folder / "dup.jpg")
+    assert main(["ingest", str(folder), "--index", str(tmp_path / "index"), "--quiet"]) == 0
+    assert "26 images not linked to their near-duplicates yet: vsearch serve links them" in capsys.readouterr().out
+    assert main(["dups", "--index", str(tmp_path / "index"), "--link"]) == 0
+    out = capsys.readouterr().out
+    assert "1 variant group," in out and "not linked" not in out
+
+
 def test_collapse_returns_one_result_per_variant_group_with_its_members(engine: Engine) -> None:
     original = product_id(3)
     for i, data in enumerate(copies(3)):
@@ -212,7 +264,7 @@ def test_the_rule_is_the_manifests_and_a_reingest_gives_the_same_groups(tmp_path
     data["duplicates"] = {"threshold": 1.0, "phash_distance": None, "k": 10}  # the same bytes only
     manifest_path.write_text(json.dumps(data))
     with Engine.open(tmp_path / "strict") as engine:
-        assert engine.info()["duplicates"] == data["duplicates"]
+        assert engine.info()["duplicates"] == {**data["duplicates"], "images_not_linked": 0}
         for i, copy in enumerate(copies(4)):
             engine.put_product(f"copy-{i}", images=[copy])
         assert groups(engine) == {}

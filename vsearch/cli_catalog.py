@@ -192,6 +192,15 @@ def _print_ingest_summary(report: IngestReport, index: Path, info: dict[str, Any
     if len(report.rejected) > 20:
         print(f"  ... {len(report.rejected) - 20} more in {index / 'rejects.jsonl'}")
     print(f"index {index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
+    _print_not_linked(info)
+
+
+def _print_not_linked(info: dict[str, Any]) -> None:
+    if pending := info["duplicates"]["images_not_linked"]:
+        print(
+            f"{plural(pending, 'image')} not linked to their near-duplicates yet: "
+            "vsearch serve links them in the background, or run vsearch dups --link"
+        )
 
 
 def _ingest_notes(report: IngestReport) -> list[str]:
@@ -255,6 +264,7 @@ def _import(args: argparse.Namespace) -> int:
         if len(report.rejected) > 20:
             print(f"  ... {len(report.rejected) - 20} more in {args.index / 'rejects.jsonl'}")
         print(f"index {args.index}: {info['products']} products, {info['images']} images, {info['vectors']} vectors")
+        _print_not_linked(info)
     if report.failed:
         first = report.rejected[0]
         raise NothingIngestedError(
@@ -282,7 +292,7 @@ def _dups(args: argparse.Namespace) -> int:
         if args.link:
             engine.link_variants()
         groups, within = engine.variant_groups()
-        pending = engine.catalog.read("SELECT count(*) FROM variant_pending", [])[0][0]
+        pending = engine.images_not_linked()
     if args.json:
         print_json(
             {

@@ -49,7 +49,7 @@ from .query import Hit, SearchOptions
 from .search import Votes, best_per_product, region_boxes, search_keywords, search_with_text
 from .snapshot import EmbedderSlot, Snapshot
 from .sources import Item
-from .variants import VariantGroup, list_groups
+from .variants import PENDING_BATCH, VariantGroup, list_groups
 from .versions import ReindexReport, VersionInfo
 from .writer import CHECKPOINT_EVERY, IndexWriter
 
@@ -94,6 +94,10 @@ class Engine:
         # API-style writes save the index every this many catalog generations; a server
         # raises it and checkpoints from a background thread instead (service.py)
         self.checkpoint_every = CHECKPOINT_EVERY
+        # A write links its new images to their near-duplicates before it commits; a
+        # server sets this and links them from its background thread instead, in
+        # batches (link_variants), so a write does not pay for a k-NN search of its own.
+        self.link_in_background = False
         name = manifest.active_model
         self._snapshot = self.new_snapshot(name, versions.projection_for(paths, name, manifest), None)
 
@@ -434,11 +438,23 @@ class Engine:
         with self._rw.read():
             return facet_counts(self.catalog, options, hits, self._facet_cache)
 
-    def link_variants(self) -> None:
-        """Find the near-duplicates of every image still waiting for them (stored before
-        there was an index, or before catalog schema 8): one k-NN search per image."""
-        with self.writer() as writer:
-            writer.link_pending()
+    def link_variants(self, batch: int = PENDING_BATCH, until: Callable[[], bool] | None = None) -> bool:
+        """Find the near-duplicates of the images still waiting for them (stored before
+        there was an index, before catalog schema 8, or while ``link_in_background``):
+        one k-NN search per image, ``batch`` images per transaction, writes going on
+        between batches. Stops early once ``until()`` is true; returns whether every
+        image was looked at."""
+        last = -1
+        while until is None or not until():
+            with self.writer() as writer:
+                last = writer.link_pending(after=last, batch=batch)
+            if last < 0:
+                return True
+        return False
+
+    def images_not_linked(self) -> int:
+        """How many images wait for their near-duplicate links (see :meth:`link_variants`)."""
+        return int(self.catalog.read("SELECT count(*) FROM variant_pending", [])[0][0])
 
     def variant_groups(self) -> tuple[list[VariantGroup], list[tuple[str, int, int]]]:
         """Variant groups, largest first, and near-duplicate images within one product
@@ -492,7 +508,7 @@ class Engine:
             if snap.model == BASE_MODEL
             else f"part of model version {snap.model} (its zero-shot half)",
             "text_search": snap.has_text,
-            "duplicates": asdict(self.manifest.duplicates),
+            "duplicates": {**asdict(self.manifest.duplicates), "images_not_linked": self.images_not_linked()},
             "format_version": self.manifest.format_version,
         }
 

@@ -26,11 +26,16 @@ __all__ = ["find_links", "link_pending"]
 
 
 def link_pending(
-    catalog: Catalog, snap: Snapshot, config: DuplicateConfig, image_ids: Sequence[int] | None, after: int = -1
+    catalog: Catalog,
+    snap: Snapshot,
+    config: DuplicateConfig,
+    image_ids: Sequence[int] | None,
+    after: int = -1,
+    batch: int = PENDING_BATCH,
 ) -> int:
     """Link pending images to their near-duplicates, inside the caller's transaction:
-    those among ``image_ids``, or (None) the next batch of up to PENDING_BATCH with ids
-    above ``after``. Returns the highest id looked at (-1: none were pending).
+    those among ``image_ids``, or (None) the next ``batch`` with ids above ``after``.
+    Returns the highest id looked at (-1: none were pending).
 
     Candidates are each image's ``config.k`` nearest in the served index; the
     embedding test runs on the base model's vectors only (the threshold was
@@ -41,7 +46,7 @@ def link_pending(
     conn = catalog.db.conn
     if image_ids is None:
         sql = "SELECT image_id FROM variant_pending WHERE image_id > ? ORDER BY image_id LIMIT ?"
-        todo = [r[0] for r in conn.execute(sql, [after, PENDING_BATCH])]
+        todo = [r[0] for r in conn.execute(sql, [after, batch])]
     else:
         todo = _pending_among(conn, sorted(set(image_ids)))
     if not todo:

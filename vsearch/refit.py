@@ -25,17 +25,21 @@ __all__ = ["MIN_QUERIES", "embed_photos", "fit_projection", "refit_from_queries"
 # (scripts/bench_day_one.py) centring on 25 photos gave Recall@1 0.473 and 50-2,000
 # gave 0.473-0.500 (from 0.436 on the catalog's own fit); PCA needs 2 x pca_dim.
 MIN_QUERIES = 50
+LINK_INLINE_MAX = 20_000  # images a first build links itself (~5-10 s on 2 cores); more are left to the server
 
 
 def fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None = None) -> None:
     """Fit centring/PCA (on the photos in ``center_on`` if given, else on the catalog),
     rebuild the index and save; then link the images stored before there was an index
     to their near-duplicates (:mod:`vsearch.variants`: the first ingest's, which had no
-    index to search). A fine-tuned version's projection is part of the version, so only
-    a rebuild happens while one serves."""
+    index to search), if there are at most LINK_INLINE_MAX of them: a larger backlog
+    (a bulk import) is linked by ``vsearch serve`` in the background or by ``vsearch
+    dups --link``, so the import does not end with a k-NN search per image. A
+    fine-tuned version's projection is part of the version, so only a rebuild happens
+    while one serves."""
     _fit_projection(engine, center_on)
-    with engine.writer() as writer:
-        writer.link_pending()
+    if engine.images_not_linked() <= LINK_INLINE_MAX:
+        engine.link_variants()
 
 
 def _fit_projection(engine: Engine, center_on: str | os.PathLike[str] | None) -> None:

@@ -91,7 +91,8 @@ class IndexWriter:
                     before = self.catalog.generation
                     yield snap
                     relink = variants.settle(self.catalog.db.conn)  # what a removal left of a group, linked again
-                    linking.link_pending(self.catalog, snap, self.engine.manifest.duplicates, self._stored + relink)
+                    if not engine.link_in_background:  # else they stay pending for Engine.link_variants
+                        linking.link_pending(self.catalog, snap, engine.manifest.duplicates, self._stored + relink)
                     moved = self._categories_since(before, snap)
             except BaseException:
                 self._resync(snap)
@@ -331,17 +332,14 @@ class IndexWriter:
             else:
                 self.save()
 
-    def link_pending(self) -> None:
-        """Link every image still waiting for its near-duplicate links (vsearch.variants),
-        a batch per transaction; the served vectors do not change, so neither does the
-        catalog generation."""
-        last = -1
-        while True:
-            with self.engine._rw.read(), _storage_errors(self.catalog), self.catalog.transaction(bump=False):
-                reached = linking.link_pending(self.catalog, self.snapshot, self.engine.manifest.duplicates, None, after=last)
-            if reached < 0:
-                return
-            last = reached
+    def link_pending(self, after: int = -1, batch: int = variants.PENDING_BATCH) -> int:
+        """Link the next ``batch`` of images waiting for their near-duplicate links
+        (vsearch.variants) with ids above ``after``, in one transaction; the served
+        vectors do not change, so neither does the catalog generation. Returns the
+        highest id looked at, -1 when none were waiting (see :meth:`Engine.link_variants`)."""
+        with self.engine._rw.read(), _storage_errors(self.catalog), self.catalog.transaction(bump=False):
+            duplicates = self.engine.manifest.duplicates
+            return linking.link_pending(self.catalog, self.snapshot, duplicates, None, after=after, batch=batch)
 
     # internals ---------------------------------------------------------------------
     def _upsert(self, items: Sequence[Item]) -> None:
