@@ -56,9 +56,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "t01": {"temperature": 0.1, "margin": 0.0},
     "lr3e-4": {"lr_backbone": 3e-4, "margin": 0.0},
     "wd1e-2": {"weight_decay": 1e-2, "margin": 0.0},
+    "cosine": {"lr_schedule": "cosine"},  # margin 0.2, both learning rates on a half cosine to 0
+    "cosine-lr2x": {"lr_schedule": "cosine", "lr_backbone": 2e-4, "lr_head": 2e-3},
+    "cosine-m03": {"lr_schedule": "cosine", "margin": 0.3},
     "subcentre3": {},  # margin 0.2 (the default) with 3 proxies per product: see SUBCENTRES
+    "proxyanchor": {},  # Proxy Anchor loss (Kim et al., CVPR 2020) instead of the normalised softmax: PROXY_ANCHOR
 }
 SUBCENTRES = {"subcentre3": 3}
+PROXY_ANCHOR = {"proxyanchor": (32.0, 0.1)}  # the paper's alpha and delta
 BLENDS = (0.5, 0.7, 0.85, 1.0)
 
 
@@ -120,6 +125,8 @@ def main() -> None:
             k = SUBCENTRES.get(name, 1)
             if k > 1:
                 trainer = subcentre_trainer(net, cache, data, config, cpu, k)
+            elif name in PROXY_ANCHOR:
+                trainer = proxy_anchor_trainer(net, cache, data, config, cpu, *PROXY_ANCHOR[name])
             else:
                 trainer = Trainer(net, cache, data, config, cpu)
             curve = [trainer.validate() or {}]
@@ -240,6 +247,27 @@ def subcentre_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any,
             return cosines - self.config.margin * F.one_hot(labels, cosines.shape[1])
 
     return _SubCentre()
+
+
+def proxy_anchor_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, alpha: float, delta: float) -> Any:
+    """Proxy Anchor loss on vsearch's Trainer: each proxy pulls its batch photos in and
+    pushes the others out, weighted by how hard each is (a soft hard-negative mining
+    over the whole batch, where the softmax weighs each photo's own proxies)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vsearch.training import Trainer
+
+    class _ProxyAnchor(Trainer):
+        def _loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            cos = out @ self._proxy_matrix().T
+            pos = F.one_hot(labels, cos.shape[1]).bool()
+            pull = torch.exp(-alpha * (cos - delta)).masked_fill(~pos, 0).sum(0)
+            push = torch.exp(alpha * (cos + delta)).masked_fill(pos, 0).sum(0)
+            present = pos.any(0)
+            return torch.log1p(pull)[present].sum() / present.sum() + torch.log1p(push).sum() / cos.shape[1]
+
+    return _ProxyAnchor(net, cache, data, config, device)
 
 
 def _recall(sims: Any, gal_y: Any, val_y: Any, seen: Any, n: int) -> dict[str, tuple[float, float]]:

@@ -1057,7 +1057,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--10m", dest="ten_m", action="store_true", help="add 10,000,000 to the sizes (~24 GB RAM, ~40 GB disk)")
     parser.add_argument("--queries", type=int, default=500, help="held-out queries, searched one at a time (default 500)")
-    parser.add_argument("--writes", type=int, default=300, help="product writes of each kind (default 300)")
+    parser.add_argument(
+        "--writes", type=int, default=1000, help="product writes of each kind (default 1000: several background ticks)"
+    )
     parser.add_argument("--crashes", type=int, default=3, help="writers killed with SIGKILL (default 3)")
     parser.add_argument(
         "--fill-store",

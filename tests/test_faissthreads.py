@@ -58,3 +58,33 @@ def test_searches_use_one_thread_for_single_queries_and_the_team_for_batches(
         engine.search_vectors(raw, SearchOptions(k=3))
         engine.search_vectors(np.repeat(raw, BATCH_MIN, axis=0), SearchOptions(k=3))
     assert threads == [1, faiss.omp_get_max_threads()]
+
+
+def test_tune_blas_moves_faiss_1_15s_switch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vsearch import faissthreads
+
+    before = faiss.cvar.distance_compute_blas_threshold
+    try:
+        faiss.cvar.distance_compute_blas_threshold = 128_000  # faiss >= 1.15's default: nq * d
+        faissthreads.tune_blas()
+        assert faiss.cvar.distance_compute_blas_threshold == faissthreads.BLAS_FROM
+        faiss.cvar.distance_compute_blas_threshold = 20  # an older faiss's (queries), or the user's own choice
+        faissthreads.tune_blas()
+        assert faiss.cvar.distance_compute_blas_threshold == 20
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
+
+
+def test_single_core_limits_every_blas_library_and_faiss_then_restores_them() -> None:
+    from threadpoolctl import threadpool_info
+
+    from vsearch.faissthreads import single_core
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    default, outside = faiss.omp_get_max_threads(), blas_threads()
+    assert outside  # numpy's and faiss's OpenBLAS are loaded
+    with single_core():
+        assert blas_threads() == [1] * len(outside) and faiss.omp_get_max_threads() == 1
+    assert blas_threads() == outside and faiss.omp_get_max_threads() == default

@@ -418,3 +418,41 @@ def test_a_margin_asks_the_true_proxy_to_win_by_more(tiny: tuple[Engine, Path]) 
     assert margin.epochs[0]["loss"] > plain.epochs[0]["loss"] + 1.0  # 0.3 / temperature 0.05 = 6 nats at the start
     with pytest.raises(TrainingDataError, match="margin"):
         FinetuneConfig(margin=1.0)
+
+
+def test_a_cosine_schedule_decays_both_learning_rates_to_zero_and_resumes_exactly(
+    tiny: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, pairs = tiny
+    config = replace(SMALL, lr_schedule="cosine")
+    seen: list[tuple[float, float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        seen.append((self.param_groups[0]["lr"], self.param_groups[1]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    whole = finetune(engine, pairs, name="whole", config=config, quiet=True, log=lambda _: None)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert seen[0] == (config.lr_backbone, config.lr_head)  # the configured rates at the first step
+    assert all(b[0] < a[0] and b[1] < a[1] for a, b in zip(seen, seen[1:]))  # falling at every step
+    assert seen[-1][0] < 0.05 * config.lr_backbone and seen[-1][1] < 0.05 * config.lr_head
+    halfway = seen[len(seen) // 2][0] / config.lr_backbone
+    assert 0.4 < halfway < 0.6  # a half cosine, not a straight line to zero or a step
+
+    real_epoch = Trainer.run_epoch
+
+    def stop_in_epoch_2(self: Trainer, quiet: bool) -> dict[str, float]:
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, quiet)
+
+    monkeypatch.setattr(Trainer, "run_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
+    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
+    resumed = finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
+    assert resumed.resumed_from_epoch == 1 and curve(resumed) == curve(whole)
+    with pytest.raises(TrainingDataError, match="lr_schedule"):
+        FinetuneConfig(lr_schedule="step")

@@ -115,6 +115,9 @@ class IndexConfig:
             raise ConfigError(f"raw_vectors must be one of {RAW_VECTORS}, not {self.raw_vectors!r}")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """How ``vsearch finetune`` trains (see :mod:`vsearch.finetune` for the recipe)."""
@@ -135,6 +138,9 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.05
     margin: float = 0.2  # additive cosine margin of the true proxy (CosFace); 0 = plain normalised softmax
+    # "constant", or "cosine": both learning rates decay along a half cosine to 0 at
+    # the last planned epoch, batch by batch (a function of the step: resumes exactly).
+    lr_schedule: str = "constant"
     val_fraction: float = 0.1
     patience: int = 2  # epochs without a better validation Recall@1 before stopping
     seed: int = 0
@@ -146,6 +152,8 @@ class FinetuneConfig:
             raise TrainingDataError("margin must be in [0, 1)")
         if not 0 < self.feature_crop <= 1:
             raise TrainingDataError("feature_crop must be in (0, 1]")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingDataError(f"lr_schedule must be one of {LR_SCHEDULES}, not {self.lr_schedule!r}")
         if not 0 <= self.val_fraction < 1:
             raise TrainingDataError("val_fraction must be in [0, 1)")
         if not 0 <= self.untrained_weight <= 1:

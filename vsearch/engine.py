@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import checkpoint, families, footprint, products, refit, versions
+from . import checkpoint, faissthreads, families, footprint, products, refit, versions
 from . import ingest as _ingest
 from .attributes import AttributeFilter
 from .catalog import BASE_MODEL, Catalog, ImageRow, Product
@@ -78,6 +78,7 @@ class Engine:
         device: str | None,
         block_cache_bytes: int = DEFAULT_BLOCK_CACHE_BYTES,
     ) -> None:
+        faissthreads.tune_blas()  # batched searches (linking, evaluation, regions) on few cores
         self.paths = paths
         self.manifest = manifest
         self.catalog = catalog

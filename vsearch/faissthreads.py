@@ -8,18 +8,43 @@ vector to a 300k IVF index took 10 ms against 0.07 ms. A server's parallelism co
 from its concurrent requests, so small calls run on one thread and big batches get
 the team. The setting is per calling thread (an OpenMP ICV of the thread that sets
 it), so it never changes what other threads' calls use.
+
+faiss 1.15 computes a flat search's distances with BLAS only once the queries hold
+128,000 numbers (``nq * d``; 20 queries before), tuned for many-core machines. On few
+threads BLAS wins far sooner: at 100k vectors of 256 numbers on one thread, 32
+queries took 149 ms without it and 27 ms with it, 4 queries 19 and 13 ms, while one
+query stays faster without (5 against 13 ms). :func:`tune_blas` moves the switch to
+1,024 numbers, where the two cross on 1 and 2 threads (faiss PR #5109 measured the
+same crossover, ~640-1,280, at one thread).
+
+numpy brings its own OpenBLAS, whose threads spin for a while after each product of
+matrices: a projection of 32 vectors right before a batched faiss search left them
+spinning on both cores and took the search from 15 to ~110 ms (100k vectors).
+:func:`single_core` runs both libraries' work on the calling thread's core, which is
+also what background work in a server should take.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from typing import Any
 
 import faiss
 
-__all__ = ["BATCH_MIN", "one_thread"]
+__all__ = ["BATCH_MIN", "BLAS_FROM", "one_thread", "single_core", "tune_blas"]
 
 BATCH_MIN = 32  # queries (or vectors added) in one call before it gets faiss's whole team
+BLAS_FROM = 1024  # numbers in a flat search's queries (nq * d) from which faiss uses BLAS
+_NQ_TIMES_D = 128_000  # faiss >= 1.15's default, which compares nq * d (before: nq, default 20)
+
+
+def tune_blas() -> None:
+    """Let a flat search use BLAS from BLAS_FROM query numbers on (process-wide; a
+    faiss older than 1.15, whose threshold counts queries, is left alone)."""
+    if faiss.cvar.distance_compute_blas_threshold == _NQ_TIMES_D:
+        faiss.cvar.distance_compute_blas_threshold = BLAS_FROM
 
 
 @contextmanager
@@ -34,3 +59,18 @@ def one_thread(small: bool = True) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+@contextmanager
+def single_core() -> Iterator[None]:
+    """Run the faiss calls and the numpy/BLAS products of matrices inside on the
+    calling thread alone (every BLAS library in the process limited to one thread)."""
+    with _controller().limit(limits=1, user_api="blas"), one_thread():
+        yield
+
+
+@cache
+def _controller() -> Any:
+    from threadpoolctl import ThreadpoolController  # finds the loaded BLAS libraries: once, on first use
+
+    return ThreadpoolController()

@@ -80,10 +80,10 @@ class CatalogImage:
 Embeddable = Image.Image | str | CatalogImage  # what the model queue embeds: a query image, a text, a catalog image
 
 
-# Images linked to their near-duplicates per transaction in the background: one batched
-# k-NN search (~10 ms at 100k exact vectors, scripts/bench_scale.py), which is what a
-# write may wait for.
-BACKGROUND_LINK_BATCH = 32
+# Images linked to their near-duplicates per transaction in the background, on one
+# core: one batched k-NN search, ~23 ms for 16 images at 100k exact vectors (1.4 ms an
+# image, against ~4 ms alone), which is what a write may wait for (bench_scale.py).
+BACKGROUND_LINK_BATCH = 16
 BACKGROUND_CHECKPOINT_BOUND = 10_000  # generations a request's write may still save at, with background checkpoints
 
 

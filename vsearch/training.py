@@ -11,6 +11,7 @@ where an uninterrupted one does.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -79,12 +80,13 @@ class Trainer:
             unit="batch",
             disable=quiet or not sys.stderr.isatty(),
         )
-        for start in bar:
+        steps = len(range(0, len(order), self.config.batch_size))
+        for step, start in enumerate(bar):
+            self._schedule(self.epoch * steps + step, self.config.epochs * steps)
             idx = order[start : start + self.config.batch_size]
             maps = self._crop(x[idx].to(self.device).float())
             out = self.net.combine(z[idx].to(self.device), self.net.adapted(maps))
-            labels = y[idx].to(self.device)
-            loss = F.cross_entropy(self._cosines(out, labels) / self.config.temperature, labels)
+            loss = self._loss(out, y[idx].to(self.device))
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -100,6 +102,20 @@ class Trainer:
             self.best_epoch, self.best_metrics = self.epoch, metrics  # no validation: keep the latest
             self.best_state = {k: v.detach().clone() for k, v in self.net.trainable_state().items()}
         return row
+
+    def _schedule(self, step: int, total: int) -> None:
+        """Set this batch's learning rates: the configured ones, or a half cosine
+        from them down to 0 at the last planned step."""
+        factor = 1.0
+        if self.config.lr_schedule == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+        base = (self.config.lr_backbone, self.config.lr_head)
+        for group, lr in zip(self.optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * factor
+
+    def _loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Normalised softmax over every label's proxy, with the margin."""
+        return F.cross_entropy(self._cosines(out, labels) / self.config.temperature, labels)
 
     def _cosines(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each sample's cosine to every label's proxy, the true label's lowered by the margin."""
