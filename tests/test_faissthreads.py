@@ -73,18 +73,3 @@ def test_tune_blas_moves_faiss_1_15s_switch_only(monkeypatch: pytest.MonkeyPatch
         assert faiss.cvar.distance_compute_blas_threshold == 20
     finally:
         faiss.cvar.distance_compute_blas_threshold = before
-
-
-def test_single_core_limits_every_blas_library_and_faiss_then_restores_them() -> None:
-    from threadpoolctl import threadpool_info
-
-    from vsearch.faissthreads import single_core
-
-    def blas_threads() -> list[int]:
-        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
-
-    default, outside = faiss.omp_get_max_threads(), blas_threads()
-    assert outside  # numpy's and faiss's OpenBLAS are loaded
-    with single_core():
-        assert blas_threads() == [1] * len(outside) and faiss.omp_get_max_threads() == 1
-    assert blas_threads() == outside and faiss.omp_get_max_threads() == default

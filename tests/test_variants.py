@@ -6,8 +6,10 @@ import io
 import json
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +17,7 @@ from PIL import Image, ImageEnhance
 
 from tests.conftest import make_image, write_catalog
 from tests.test_finetune import product_id
-from vsearch import Engine
+from vsearch import Engine, linking
 from vsearch.api import create_app
 from vsearch.cli import main
 from vsearch.config import ServeConfig
@@ -145,9 +147,17 @@ def test_writes_linked_in_the_background_join_their_group_in_batches(engine: Eng
     assert set(groups(engine)) == {product_id(3), "copy-1", "copy-2"} and groups(engine) == from_scratch(engine)
 
 
-def test_a_server_links_api_writes_from_its_background_thread(engine: Engine) -> None:
+def test_a_server_links_api_writes_from_its_background_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     index = engine.paths.root
     engine.close()
+    callers: list[str] = []
+    link_pending = linking.link_pending
+
+    def recording(*args: Any, **kwargs: Any) -> int:
+        callers.append(threading.current_thread().name)
+        return link_pending(*args, **kwargs)
+
+    monkeypatch.setattr(linking, "link_pending", recording)
     config = ServeConfig(index_dir=str(index), api_key="k", reload_interval_s=0.05)
     with TestClient(create_app(config)) as client:
         for i, data in enumerate(copies(3)[:2]):
@@ -161,6 +171,7 @@ def test_a_server_links_api_writes_from_its_background_thread(engine: Engine) ->
             found = client.post("/v1/search?k=1", files=query).json()["results"][0]["variants"]
             time.sleep(0.05)
         assert sorted(found) == sorted([product_id(3), "copy-0", "copy-1"])
+    assert callers and set(callers) == {"vsearch-reload"}  # never inside a request's write
 
 
 def test_a_large_first_build_leaves_its_backlog_to_the_server(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -65,6 +66,9 @@ QueryImage = bytes | str | os.PathLike[str] | Image.Image
 class ProductView:
     product: Product
     images: list[ImageRow] = field(default_factory=list)
+
+
+_WAITING = "SELECT 1 FROM variant_pending WHERE image_id > ? LIMIT 1"
 
 
 class Engine:
@@ -439,18 +443,22 @@ class Engine:
         with self._rw.read():
             return facet_counts(self.catalog, options, hits, self._facet_cache)
 
-    def link_variants(self, batch: int = PENDING_BATCH, until: Callable[[], bool] | None = None) -> bool:
+    def link_variants(self, batch: int = PENDING_BATCH, until: Callable[[], bool] | None = None, pause_s: float = 0.0) -> bool:
         """Find the near-duplicates of the images still waiting for them (stored before
         there was an index, before catalog schema 8, or while ``link_in_background``):
         one k-NN search per image, ``batch`` images per transaction, writes going on
-        between batches. Stops early once ``until()`` is true; returns whether every
-        image was looked at."""
+        between batches (``pause_s`` apart: the write lock is not fair, so a waiting
+        write gets it first). Stops early once ``until()`` is true; returns whether
+        every waiting image was looked at. Takes no write lock when none wait."""
         last = -1
         while until is None or not until():
+            if self._snapshot.index is None or not self.catalog.read(_WAITING, [last]):
+                return True
             with self.writer() as writer:
                 last = writer.link_pending(after=last, batch=batch)
             if last < 0:
                 return True
+            time.sleep(pause_s)
         return False
 
     def images_not_linked(self) -> int:

@@ -14,29 +14,29 @@ faiss 1.15 computes a flat search's distances with BLAS only once the queries ho
 threads BLAS wins far sooner: at 100k vectors of 256 numbers on one thread, 32
 queries took 149 ms without it and 27 ms with it, 4 queries 19 and 13 ms, while one
 query stays faster without (5 against 13 ms). :func:`tune_blas` moves the switch to
-1,024 numbers, where the two cross on 1 and 2 threads (faiss PR #5109 measured the
-same crossover, ~640-1,280, at one thread).
+2,048 numbers (8 such queries: 38 against 12 ms on one thread, 17 against 12 on two),
+past the crossover, ~1,024, so a single query of up to 2,047 numbers keeps the
+faster path (faiss PR #5109 measured the crossover at ~640-1,280 on one thread). It
+is process-wide: another user of faiss in the same process sees it too.
 
 numpy brings its own OpenBLAS, whose threads spin for a while after each product of
-matrices: a projection of 32 vectors right before a batched faiss search left them
-spinning on both cores and took the search from 15 to ~110 ms (100k vectors).
-:func:`single_core` runs both libraries' work on the calling thread's core, which is
-also what background work in a server should take.
+matrices: a projection of 32 vectors right before a batched faiss search on faiss's
+whole team left them competing for both cores and took the search from 15 to ~110
+ms (100k vectors). A search on one thread is not slowed (the spinning takes the
+other core), so batches of a background task stay below BATCH_MIN.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
-from typing import Any
 
 import faiss
 
-__all__ = ["BATCH_MIN", "BLAS_FROM", "one_thread", "single_core", "tune_blas"]
+__all__ = ["BATCH_MIN", "BLAS_FROM", "one_thread", "tune_blas"]
 
 BATCH_MIN = 32  # queries (or vectors added) in one call before it gets faiss's whole team
-BLAS_FROM = 1024  # numbers in a flat search's queries (nq * d) from which faiss uses BLAS
+BLAS_FROM = 2048  # numbers in a flat search's queries (nq * d) from which faiss uses BLAS
 _NQ_TIMES_D = 128_000  # faiss >= 1.15's default, which compares nq * d (before: nq, default 20)
 
 
@@ -59,18 +59,3 @@ def one_thread(small: bool = True) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-@contextmanager
-def single_core() -> Iterator[None]:
-    """Run the faiss calls and the numpy/BLAS products of matrices inside on the
-    calling thread alone (every BLAS library in the process limited to one thread)."""
-    with _controller().limit(limits=1, user_api="blas"), one_thread():
-        yield
-
-
-@cache
-def _controller() -> Any:
-    from threadpoolctl import ThreadpoolController  # finds the loaded BLAS libraries: once, on first use
-
-    return ThreadpoolController()

@@ -188,7 +188,10 @@ def _seed(seed: int) -> None:
 def _plan_key(engine: Engine, data: TrainingData, config: FinetuneConfig) -> str:
     """What a resumed run must agree on: data, settings and base model."""
     digest = hashlib.sha256()
-    key = [asdict(config), engine.manifest.model.to_dict(), data.level, data.train, data.val]
+    settings = asdict(config)
+    if settings["lr_schedule"] == "constant":  # added later: a run interrupted before it still resumes
+        del settings["lr_schedule"]
+    key = [settings, engine.manifest.model.to_dict(), data.level, data.train, data.val]
     digest.update(json.dumps(key).encode())
     digest.update(b"".join(hashlib.sha256(b).digest() for b, _ in data.gallery))
     return digest.hexdigest()[:16]

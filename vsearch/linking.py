@@ -17,7 +17,7 @@ import numpy as np
 from . import duplicates
 from .catalog import BASE_MODEL, Catalog
 from .duplicates import DuplicateConfig
-from .faissthreads import single_core
+from .faissthreads import BATCH_MIN, one_thread
 from .indexfile import indexed_vectors
 from .snapshot import Snapshot
 from .variants import PENDING_BATCH, from_signed, link, on, rows_in
@@ -61,8 +61,8 @@ def link_pending(
 def _link_batch(catalog: Catalog, snap: Snapshot, config: DuplicateConfig, ids: list[int], raw: np.ndarray) -> None:
     assert snap.index is not None
     conn = catalog.db.conn
-    with single_core():  # a write's or a background batch's images: one core, as a shopper's query takes
-        xq = snap.projection.apply(indexed_vectors(catalog, snap.gallery, np.array(ids, dtype=np.int64), raw))
+    xq = snap.projection.apply(indexed_vectors(catalog, snap.gallery, np.array(ids, dtype=np.int64), raw))
+    with one_thread(len(xq) < BATCH_MIN):  # a write's or a background batch's images: one core, as a shopper's query
         _, found = snap.index.search(xq, min(config.k + 1, snap.index.ntotal))  # +1: the image itself
     candidates = sorted({int(i) for i in found.ravel() if i >= 0} | set(ids))
     candidate_raw = None

@@ -84,6 +84,7 @@ Embeddable = Image.Image | str | CatalogImage  # what the model queue embeds: a 
 # core: one batched k-NN search, ~23 ms for 16 images at 100k exact vectors (1.4 ms an
 # image, against ~4 ms alone), which is what a write may wait for (bench_scale.py).
 BACKGROUND_LINK_BATCH = 16
+BACKGROUND_LINK_PAUSE_S = 0.002  # between batches, so a waiting write takes the write lock first
 BACKGROUND_CHECKPOINT_BOUND = 10_000  # generations a request's write may still save at, with background checkpoints
 
 
@@ -176,7 +177,6 @@ class SearchService:
             while not self._stop.wait(self.config.reload_interval_s):
                 try:
                     self.engine.refresh()
-                    self._link_variants()
                     due = interval > 0 and time.monotonic() - last_checkpoint >= interval
                     self.learner.tick(save=due)  # a refit on the shoppers' photos when due, built aside
                     if due:
@@ -185,6 +185,10 @@ class SearchService:
                         last_checkpoint = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - keep serving the current version; say why
                     print(f"vsearch: could not reload {self.engine.paths.root}: {exc}", flush=True)
+                try:
+                    self._link_variants()
+                except Exception as exc:  # noqa: BLE001 - they stay queued for the next tick; say why
+                    print(f"vsearch: could not link near-duplicates in {self.engine.paths.root}: {exc}", flush=True)
 
         self._watcher = threading.Thread(target=loop, name="vsearch-reload", daemon=True)
         self._watcher.start()
@@ -194,7 +198,11 @@ class SearchService:
         import's) to their near-duplicates, BACKGROUND_LINK_BATCH per transaction so
         a write waits for one batch at most, for up to one reload interval a tick."""
         deadline = time.monotonic() + self.config.reload_interval_s
-        self.engine.link_variants(BACKGROUND_LINK_BATCH, until=lambda: self._stop.is_set() or time.monotonic() > deadline)
+
+        def until() -> bool:
+            return self._stop.is_set() or time.monotonic() > deadline
+
+        self.engine.link_variants(BACKGROUND_LINK_BATCH, until=until, pause_s=BACKGROUND_LINK_PAUSE_S)
 
     def close(self) -> None:
         self._stop.set()

@@ -317,8 +317,9 @@ class IndexWriter:
         """After a batch of writes: fit the projection the first time (which links the
         images stored before there was an index to their near-duplicates), move to a
         bigger index type when the catalog has outgrown it, and save. (A catalog from
-        before schema 8 keeps its backlog for ``vsearch dups --link``: one search per
-        image is the catalog's cost, not this write's.)"""
+        before schema 8 keeps its backlog for a server's background linking or
+        ``vsearch dups --link``: one search per image is the catalog's cost, not this
+        write's.)"""
         if not self.engine.manifest.projection_fitted:
             self.engine.fit_projection()
         else:
@@ -336,10 +337,20 @@ class IndexWriter:
         """Link the next ``batch`` of images waiting for their near-duplicate links
         (vsearch.variants) with ids above ``after``, in one transaction; the served
         vectors do not change, so neither does the catalog generation. Returns the
-        highest id looked at, -1 when none were waiting (see :meth:`Engine.link_variants`)."""
-        with self.engine._rw.read(), _storage_errors(self.catalog), self.catalog.transaction(bump=False):
-            duplicates = self.engine.manifest.duplicates
-            return linking.link_pending(self.catalog, self.snapshot, duplicates, None, after=after, batch=batch)
+        highest id looked at, -1 when none were waiting (see :meth:`Engine.link_variants`).
+
+        The index is first caught up with what other processes committed (a write to
+        another server on this directory), so every waiting image's near-duplicates
+        are in it; if it cannot be (its change log is gone), nothing is linked."""
+        engine = self.engine
+        with _storage_errors(self.catalog), self.catalog.transaction(bump=False):
+            with engine._rw.write():
+                current = self._catch_up(engine.snapshot)
+            if not current:
+                return -1  # they stay pending until the index is rebuilt
+            with engine._rw.read():
+                duplicates = engine.manifest.duplicates
+                return linking.link_pending(self.catalog, self.snapshot, duplicates, None, after=after, batch=batch)
 
     # internals ---------------------------------------------------------------------
     def _upsert(self, items: Sequence[Item]) -> None:
