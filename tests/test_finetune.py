@@ -71,12 +71,8 @@ def curve(report: FinetuneReport) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in report.epochs]
 
 
-def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
-    tiny: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    engine, pairs = tiny
-    whole = finetune(engine, pairs, name="whole", config=SMALL, quiet=True, log=lambda _: None)
-
+def interrupt_in_epoch_2(engine: Engine, pairs: Path, config: FinetuneConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``finetune`` until a KeyboardInterrupt in its second epoch (after one checkpoint)."""
     real_epoch = Trainer.run_epoch
 
     def stop_in_epoch_2(self: Trainer, quiet: bool) -> dict[str, float]:
@@ -84,12 +80,21 @@ def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
             raise KeyboardInterrupt
         return real_epoch(self, quiet)
 
-    monkeypatch.setattr(Trainer, "run_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run_epoch", stop_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
+
+
+def test_an_interrupted_run_resumes_and_ends_where_an_uninterrupted_one_does(
+    tiny: tuple[Engine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, pairs = tiny
+    whole = finetune(engine, pairs, name="whole", config=SMALL, quiet=True, log=lambda _: None)
+
+    interrupt_in_epoch_2(engine, pairs, SMALL, monkeypatch)
     partial = list((engine.paths.root / "models").glob(".partial-*"))
     assert len(partial) == 1 and (partial[0] / "checkpoint.pt").exists()
-    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
     resumed = finetune(engine, pairs, config=SMALL, quiet=True, log=lambda _: None)
     assert resumed.resumed_from_epoch == 1
     assert curve(resumed) == curve(whole)
@@ -441,17 +446,7 @@ def test_a_cosine_schedule_decays_both_learning_rates_to_zero_and_resumes_exactl
     halfway = seen[len(seen) // 2][0] / config.lr_backbone
     assert 0.4 < halfway < 0.6  # a half cosine, not a straight line to zero or a step
 
-    real_epoch = Trainer.run_epoch
-
-    def stop_in_epoch_2(self: Trainer, quiet: bool) -> dict[str, float]:
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(self, quiet)
-
-    monkeypatch.setattr(Trainer, "run_epoch", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
-    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
+    interrupt_in_epoch_2(engine, pairs, config, monkeypatch)
     resumed = finetune(engine, pairs, config=config, quiet=True, log=lambda _: None)
     assert resumed.resumed_from_epoch == 1 and curve(resumed) == curve(whole)
     with pytest.raises(TrainingDataError, match="lr_schedule"):

@@ -147,6 +147,35 @@ def test_writes_linked_in_the_background_join_their_group_in_batches(engine: Eng
     assert set(groups(engine)) == {product_id(3), "copy-1", "copy-2"} and groups(engine) == from_scratch(engine)
 
 
+def test_background_linking_never_deadlocks_with_reads_and_writes(engine: Engine) -> None:
+    engine.link_in_background = True
+    for i in range(12):
+        engine.put_product(f"queued-{i}", images=[copies(i % 6)[i % 3]])
+    errors: list[BaseException] = []
+
+    def link() -> None:
+        try:
+            while engine.images_not_linked() and not errors:
+                engine.link_variants(batch=1)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def requests() -> None:  # reads and writes interleaved with the batches (each takes both locks)
+        for i in range(12):
+            engine.product(product_id(i))
+            engine.put_product(f"more-{i}", images=[copies(i % 6)[(i + 1) % 3]])
+
+    threads = [threading.Thread(target=link, daemon=True), threading.Thread(target=requests, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "the background linker and a request deadlocked"
+    assert not errors
+    engine.link_variants()
+    assert engine.images_not_linked() == 0 and groups(engine) == from_scratch(engine)
+
+
 def test_a_server_links_api_writes_from_its_background_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     index = engine.paths.root
     engine.close()

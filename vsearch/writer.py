@@ -337,20 +337,20 @@ class IndexWriter:
         """Link the next ``batch`` of images waiting for their near-duplicate links
         (vsearch.variants) with ids above ``after``, in one transaction; the served
         vectors do not change, so neither does the catalog generation. Returns the
-        highest id looked at, -1 when none were waiting (see :meth:`Engine.link_variants`).
+        highest id looked at, -1 when none were (see :meth:`Engine.link_variants`).
 
-        The index is first caught up with what other processes committed (a write to
-        another server on this directory), so every waiting image's near-duplicates
-        are in it; if it cannot be (its change log is gone), nothing is linked."""
-        engine = self.engine
-        with _storage_errors(self.catalog), self.catalog.transaction(bump=False):
-            with engine._rw.write():
-                current = self._catch_up(engine.snapshot)
-            if not current:
-                return -1  # they stay pending until the index is rebuilt
-            with engine._rw.read():
-                duplicates = engine.manifest.duplicates
-                return linking.link_pending(self.catalog, self.snapshot, duplicates, None, after=after, batch=batch)
+        The index must hold every committed image (another server on this directory
+        may have written), so it is caught up first; if it cannot be (its change log
+        is gone), or another process commits in between, nothing is linked this time
+        and the images stay pending. Locks in the write path's order: ``_rw``, then
+        the catalog transaction."""
+        engine, catalog = self.engine, self.catalog
+        if engine.index_generation != catalog.generation and not self.catch_up():
+            return -1
+        with engine._rw.read(), _storage_errors(catalog), catalog.transaction(bump=False):
+            if engine.index_generation != catalog.generation:  # no one commits while we hold the transaction
+                return -1
+            return linking.link_pending(catalog, self.snapshot, engine.manifest.duplicates, None, after=after, batch=batch)
 
     # internals ---------------------------------------------------------------------
     def _upsert(self, items: Sequence[Item]) -> None:
