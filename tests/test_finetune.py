@@ -451,3 +451,29 @@ def test_a_cosine_schedule_decays_both_learning_rates_to_zero_and_resumes_exactl
     assert resumed.resumed_from_epoch == 1 and curve(resumed) == curve(whole)
     with pytest.raises(TrainingDataError, match="lr_schedule"):
         FinetuneConfig(lr_schedule="step")
+
+
+def test_hue_jitter_bounds_how_far_the_augmented_views_turn_a_colour(tiny: tuple[Engine, Path]) -> None:
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from vsearch.training_cache import _augmented
+
+    engine, _ = tiny
+    base = engine.manifest.model
+    net = SimpleNamespace(config=SimpleNamespace(base=base))
+    mean, std = torch.tensor(base.mean).view(3, 1, 1), torch.tensor(base.std).view(3, 1, 1)
+    red = Image.new("RGB", (64, 64), (200, 30, 30))
+
+    def colours(hue: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        augment = _augmented(net, None, hue)  # type: ignore[arg-type]
+        return [(augment(red) * std + mean).mean(dim=(1, 2)) for _ in range(30)]
+
+    assert all(c[0] > 2 * max(c[1], c[2]) for c in colours(0.0))  # still red: only brightness, contrast, saturation
+    assert any(max(c[1], c[2]) > c[0] for c in colours(0.5))  # a half turn of the colour circle leaves red
+    assert FinetuneConfig().hue_for("product") == 0.0 and FinetuneConfig().hue_for("category") == 0.05
+    assert FinetuneConfig(hue_jitter=0.1).hue_for("product") == 0.1
+    with pytest.raises(TrainingDataError, match="hue_jitter"):
+        FinetuneConfig(hue_jitter=0.6)

@@ -75,6 +75,13 @@ def add_finetune(command: Command, env: Settings) -> None:
         default=tune.margin,
         help="cosine margin the true proxy must win by (CosFace; default %(default)s)",
     )
+    p.add_argument(
+        "--hue-jitter",
+        type=float,
+        default=tune.hue_jitter,
+        help="largest hue shift of the augmented views, a share of the colour circle "
+        "(default: 0 for product ids, where a colour can tell products apart; 0.05 for categories)",
+    )
     p.add_argument("--batch-size", type=int, default=tune.batch_size, help="default %(default)s")
     p.add_argument("--seed", type=int, default=tune.seed, help="default %(default)s")
     p.add_argument("--device", default=env.device, help="cpu, cuda or mps (default: best available)")
@@ -133,6 +140,7 @@ def _finetune(args: argparse.Namespace) -> int:
         views=args.views,
         feature_crop=args.feature_crop,
         margin=args.margin,
+        hue_jitter=args.hue_jitter,
         batch_size=args.batch_size,
         seed=args.seed,
     )

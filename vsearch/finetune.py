@@ -5,8 +5,9 @@ Recipe (chosen by measurement on the grocery benchmark; see README):
 
 * the trunk up to ``train_from`` stays frozen, so its activations are computed
   once per augmented view and cached (random resized crop 0.4-1, flip, colour
-  jitter, +-10 degree rotation); training then runs only the tail, which is what
-  makes a CPU run take minutes rather than hours;
+  jitter, +-10 degree rotation; no hue shift for product labels: +0.7 to +5.4
+  points of Recall@1 per epoch on grocery protocol A); training then runs only the
+  tail, which is what makes a CPU run take minutes rather than hours;
 * normalised-softmax loss with a cosine margin (CosFace, ``margin`` 0.2: +4 points
   of Recall@1 on grocery protocol A) against one learnable proxy per product,
   initialised from the product's catalog images; the catalog images are also training
@@ -185,12 +186,16 @@ def _seed(seed: int) -> None:
 
 
 # resuming -----------------------------------------------------------------------
+_UNSET = object()
+_ADDED_LATER: dict[str, object] = {"lr_schedule": "constant", "hue_jitter": None}
+
+
 def _plan_key(engine: Engine, data: TrainingData, config: FinetuneConfig) -> str:
     """What a resumed run must agree on: data, settings and base model."""
     digest = hashlib.sha256()
-    settings = asdict(config)
-    if settings["lr_schedule"] == "constant":  # added later: a run interrupted before it still resumes
-        del settings["lr_schedule"]
+    # Fields added later are left out while they hold their default, so a run
+    # interrupted before they existed still resumes.
+    settings = {k: v for k, v in asdict(config).items() if _ADDED_LATER.get(k, _UNSET) != v}
     key = [settings, engine.manifest.model.to_dict(), data.level, data.train, data.val]
     digest.update(json.dumps(key).encode())
     digest.update(b"".join(hashlib.sha256(b).digest() for b, _ in data.gallery))

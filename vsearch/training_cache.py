@@ -37,7 +37,7 @@ def load_or_build_cache(
         cache: dict[str, torch.Tensor] = torch.load(path, weights_only=True)
         return cache
     preprocess = Preprocess(net.config.base)
-    augmented = _augmented(net, preprocess)
+    augmented = _augmented(net, preprocess, config.hue_for(data.level))
 
     def cropped(image: Image.Image) -> torch.Tensor:
         return preprocess(center_crop(image, 0.8))
@@ -75,9 +75,10 @@ def load_or_build_cache(
     return cache
 
 
-def _augmented(net: AdaptedNet, preprocess: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
-    """Random resized crop 0.4-1, flip, colour jitter, +-10 degree rotation, then the
-    base model's normalisation (the crop replaces its resize)."""
+def _augmented(net: AdaptedNet, preprocess: Preprocess, hue: float) -> Callable[[Image.Image], torch.Tensor]:
+    """Random resized crop 0.4-1, flip, colour jitter (hue by up to ``hue`` of the
+    colour circle), +-10 degree rotation, then the base model's normalisation (the
+    crop replaces its resize)."""
     from torchvision import transforms as T
 
     base = net.config.base
@@ -85,7 +86,7 @@ def _augmented(net: AdaptedNet, preprocess: Preprocess) -> Callable[[Image.Image
         [
             T.RandomResizedCrop(base.image_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
-            T.ColorJitter(0.3, 0.3, 0.3, 0.05),
+            T.ColorJitter(0.3, 0.3, 0.3, hue),
             T.RandomRotation(10),
         ]
     )
