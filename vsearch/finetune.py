@@ -187,7 +187,9 @@ def _seed(seed: int) -> None:
 
 # resuming -----------------------------------------------------------------------
 _UNSET = object()
-_ADDED_LATER: dict[str, object] = {"lr_schedule": "constant", "hue_jitter": None}
+# Not hue_jitter: its default changed what a product-level run caches, so a run
+# interrupted before it existed must not resume with the old views.
+_ADDED_LATER: dict[str, object] = {"lr_schedule": "constant"}
 
 
 def _plan_key(engine: Engine, data: TrainingData, config: FinetuneConfig) -> str:
