@@ -149,10 +149,11 @@ def main() -> None:
                 trainer = Trainer(net, cache, data, config, cpu)
             curve = [trainer.validate() or {}]
             saved = args.work / f"trained-{tag}{name}-e{args.epochs}.pt"
-            if args.reuse and saved.exists():  # score the saved weights again, no training
+            reuse = args.reuse and saved.exists()
+            if reuse:  # score the saved weights again, no training
                 trainer.restore(saved)
                 curve = [curve[0], *trainer.history]
-            for _ in range(0 if args.reuse and saved.exists() else args.epochs):  # 0: the untrained head only
+            for _ in range(0 if reuse else args.epochs):  # 0: the untrained head only
                 row = trainer.run_epoch(quiet=True)
                 curve.append(row)
                 print(f"{name} epoch {int(row['epoch'])}: {json.dumps(row)}", flush=True)
@@ -251,7 +252,7 @@ def final_scores(
         out["+train photos"] = _recall(sims, labels, val_y, seen, len(products))
         # one extra vector per trained product: the mean of its training photos' vectors
         t_y = torch.tensor([index[p] for p in t_labels])
-        means = class_means(torch.cat([w**0.5 * tz, (1 - w) ** 0.5 * ta], dim=1), t_y, len(products))
+        means = class_means(net.combine(tz, ta), t_y, len(products))
         has = means.norm(dim=1) > 0
         proto = q @ means[has].T
         proto_y = torch.arange(len(products))[has]

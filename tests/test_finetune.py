@@ -468,7 +468,7 @@ def test_hue_jitter_bounds_how_far_the_augmented_views_turn_a_colour(tiny: tuple
 
     def colours(hue: float) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        augment = _augmented(net, None, hue)  # type: ignore[arg-type]
+        augment = _augmented(net, hue)  # type: ignore[arg-type]
         return [(augment(red) * std + mean).mean(dim=(1, 2)) for _ in range(30)]
 
     assert all(c[0] > 2 * max(c[1], c[2]) for c in colours(0.0))  # still red: only brightness, contrast, saturation

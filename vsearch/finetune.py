@@ -186,18 +186,14 @@ def _seed(seed: int) -> None:
 
 
 # resuming -----------------------------------------------------------------------
-_UNSET = object()
-# Not hue_jitter: its default changed what a product-level run caches, so a run
-# interrupted before it existed must not resume with the old views.
-_ADDED_LATER: dict[str, object] = {"lr_schedule": "constant"}
-
-
 def _plan_key(engine: Engine, data: TrainingData, config: FinetuneConfig) -> str:
     """What a resumed run must agree on: data, settings and base model."""
     digest = hashlib.sha256()
-    # Fields added later are left out while they hold their default, so a run
-    # interrupted before they existed still resumes.
-    settings = {k: v for k, v in asdict(config).items() if _ADDED_LATER.get(k, _UNSET) != v}
+    settings = asdict(config)
+    if settings["lr_schedule"] == "constant":  # added later: a run interrupted before it still resumes
+        del settings["lr_schedule"]
+    # hue_jitter stays in: its default changed what a product-level run caches, so a
+    # run interrupted before it existed must not resume with the old views.
     key = [settings, engine.manifest.model.to_dict(), data.level, data.train, data.val]
     digest.update(json.dumps(key).encode())
     digest.update(b"".join(hashlib.sha256(b).digest() for b, _ in data.gallery))

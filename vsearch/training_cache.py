@@ -37,7 +37,7 @@ def load_or_build_cache(
         cache: dict[str, torch.Tensor] = torch.load(path, weights_only=True)
         return cache
     preprocess = Preprocess(net.config.base)
-    augmented = _augmented(net, preprocess, config.hue_for(data.level))
+    augmented = _augmented(net, config.hue_for(data.level))
 
     def cropped(image: Image.Image) -> torch.Tensor:
         return preprocess(center_crop(image, 0.8))
@@ -75,7 +75,7 @@ def load_or_build_cache(
     return cache
 
 
-def _augmented(net: AdaptedNet, preprocess: Preprocess, hue: float) -> Callable[[Image.Image], torch.Tensor]:
+def _augmented(net: AdaptedNet, hue: float) -> Callable[[Image.Image], torch.Tensor]:
     """Random resized crop 0.4-1, flip, colour jitter (hue by up to ``hue`` of the
     colour circle), +-10 degree rotation, then the base model's normalisation (the
     crop replaces its resize)."""
