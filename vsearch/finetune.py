@@ -176,7 +176,7 @@ def _metrics(row: dict[str, float], level: str) -> str:
 
     if level == "category":
         return f"val category P@10 {fmt('val_precision_at_10')}"
-    return f"val R@1 {fmt('val_recall_at_1')}  R@10 {fmt('val_recall_at_10')}"
+    return f"val R@1 {fmt('val_recall_at_1')}  R@10 {fmt('val_recall_at_10')}  MRR {fmt('val_mrr')}"
 
 
 def _seed(seed: int) -> None:
