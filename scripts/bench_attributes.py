@@ -47,8 +47,8 @@ from vsearch.attributes import AttributeFilter, parse_where  # noqa: E402
 from vsearch.catalog import Catalog  # noqa: E402
 from vsearch.categories import CategoryFilter  # noqa: E402
 from vsearch.facets import facet_counts  # noqa: E402
-from vsearch.index import recall_at_k  # noqa: E402
 from vsearch.query import SearchOptions  # noqa: E402
+from vsearch.topk import recall_at_k  # noqa: E402
 
 FILTERS = {
     "random 1%": ["bucket<1"],

@@ -43,8 +43,10 @@ import numpy as np
 
 import vsearch.index
 from vsearch.categories import BlockCache
-from vsearch.index import FLAT_MAX, VectorIndex, choose_factory, ivf_nlist, recall_at_k
+from vsearch.index import VectorIndex
 from vsearch.projection import l2_normalize
+from vsearch.sizing import FLAT_MAX, choose_factory, ivf_nlist
+from vsearch.topk import recall_at_k
 
 K = 10
 CLUSTERS = 1000

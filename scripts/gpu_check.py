@@ -67,11 +67,13 @@ from PIL import Image, ImageDraw
 from vsearch.config import ServeConfig
 from vsearch.embed import Embedder, default_workers, pool
 from vsearch.engine import DEFAULT_MODEL, Engine
-from vsearch.index import DEFAULT_NPROBE, VectorIndex, gpu_available, ivf_nlist, recall_at_k
+from vsearch.index import DEFAULT_NPROBE, VectorIndex, gpu_available
 from vsearch.projection import l2_normalize
 from vsearch.query import ImageQuery, SearchOptions
 from vsearch.service import SearchService, default_batch_max
+from vsearch.sizing import ivf_nlist
 from vsearch.sources import Item
+from vsearch.topk import recall_at_k
 
 K = 10
 TIE = 1e-4  # scores closer than this may rank either way (GPU and CPU sum in different orders)

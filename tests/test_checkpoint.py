@@ -69,7 +69,7 @@ def test_a_checkpoint_that_is_not_due_writes_nothing(index: Path) -> None:
 
 
 def test_an_outgrown_index_is_rebuilt_aside_with_writes_going_on(index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vsearch.index.FLAT_MAX", 30)  # past 30 vectors: IVF
+    monkeypatch.setattr("vsearch.sizing.FLAT_MAX", 30)  # past 30 vectors: IVF
     build = checkpoint_module.build_index
     during: list[bool] = []
 

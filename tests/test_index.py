@@ -7,8 +7,11 @@ import pytest
 
 from vsearch.categories import BlockCache
 from vsearch.errors import ConfigError
-from vsearch.index import FLAT_MAX, VectorIndex, choose_factory, merge_topk
+from vsearch.index import VectorIndex
+from vsearch.ivflists import ListFilter, ListMap
 from vsearch.projection import l2_normalize
+from vsearch.sizing import FLAT_MAX, choose_factory
+from vsearch.topk import merge_topk
 
 D = 32
 
@@ -174,16 +177,14 @@ def clustered(n: int, seed: int = 0, clusters: int = 20) -> tuple[np.ndarray, np
 def kept_filters_are_current(index: VectorIndex) -> None:
     """The id -> list map and every kept filter's per-list counts, updated write by
     write, equal what reading the lists afresh gives."""
-    import vsearch.index as vi
-
     assert index._lists is not None
-    fresh = vi._ListMap.read(index.index, index._id_limit())
+    fresh = ListMap.read(index.index, index._id_limit())
     assert fresh is not None
     np.testing.assert_array_equal(index._lists.of[: len(fresh.of)], fresh.of)
     assert (index._lists.of[len(fresh.of) :] == -1).all()
     np.testing.assert_array_equal(index._lists.sizes, fresh.sizes)
     for kept in index._filters.values():
-        rebuilt = vi._Filter.build(kept.blocks, fresh, index.nlist, index._id_limit())
+        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index._id_limit())
         assert rebuilt is not None
         np.testing.assert_array_equal(kept.per_list, rebuilt.per_list)
 
@@ -291,8 +292,8 @@ def test_manifest_tuning_is_optional_and_old_manifests_load(tmp_path: Path) -> N
     import json
 
     from vsearch.config import ModelConfig
-    from vsearch.index import IndexTuning
     from vsearch.manifest import IndexManifest, IndexPaths
+    from vsearch.sizing import IndexTuning
 
     paths = IndexPaths(tmp_path)
     model = ModelConfig(name="efficientnet-lite2", family="timm-efficientnet-lite", arch="efficientnet_lite2")

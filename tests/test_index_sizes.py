@@ -22,8 +22,11 @@ import numpy as np
 import pytest
 
 from vsearch.categories import BlockCache
-from vsearch.index import FLAT_MAX, VectorIndex, choose_factory, ivf_nlist, recall_at_k, tune_nprobe
+from vsearch.index import VectorIndex
+from vsearch.ivflists import ListFilter, ListMap
 from vsearch.projection import l2_normalize
+from vsearch.sizing import FLAT_MAX, choose_factory, ivf_nlist, tune_nprobe
+from vsearch.topk import recall_at_k
 
 N, D, CLUSTERS, K = 20_000, 64, 100, 10
 TARGET = 0.95
@@ -82,15 +85,13 @@ def check_filtered(index: VectorIndex, w: World, filters: dict[str, dict[str, np
 
 def assert_filters_current(index: VectorIndex) -> None:
     """What the index keeps of each filter, updated write by write, equals it built afresh."""
-    import vsearch.index
-
     lists = index._lists
     if lists is None:
         return
-    fresh = vsearch.index._ListMap.read(index.index, index._id_limit())
+    fresh = ListMap.read(index.index, index._id_limit())
     assert fresh is not None and np.array_equal(lists.of[: len(fresh.of)], fresh.of) and (lists.of[len(fresh.of) :] == -1).all()
     for kept in index._filters.values():
-        rebuilt = vsearch.index._Filter.build(kept.blocks, fresh, index.nlist, index._id_limit())
+        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index._id_limit())
         assert rebuilt is not None
         np.testing.assert_array_equal(kept.per_list, rebuilt.per_list)
 

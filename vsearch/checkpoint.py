@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import faiss
 
 from .errors import VsearchError
-from .index import VectorIndex, choose_factory
+from .index import VectorIndex
 from .indexfile import build_index
 from .manifest import IndexManifest
+from .sizing import choose_factory
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -108,7 +109,7 @@ def checkpoint(engine: Engine, every: int = 1) -> bool:
 
 def upgrade_index(engine: Engine) -> bool:
     """Move to the index type the catalog has grown into (Flat -> IVF -> IVF-PQ,
-    :func:`~vsearch.index.choose_factory`; never with a configured factory). The new
+    :func:`~vsearch.sizing.choose_factory`; never with a configured factory). The new
     index is built aside from the stored vectors while searches and writes go on,
     then swapped in and caught up with the writes made meanwhile (the change log).
     False if the current type still fits. A server runs it after its background

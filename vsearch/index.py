@@ -24,11 +24,8 @@ array). Every add and remove updates those counts, and the map of which list hol
 each id, at the cost of the change. ``VectorIndex.paths`` counts which path each query
 row took (SEARCH_PATHS; "all" is unfiltered).
 
-Sizes. ``choose_factory`` keeps nlist within what the catalog can train (faiss wants
->= 39 training points per list); :meth:`VectorIndex.train_size` says how many points
-to train on; :func:`tune_nprobe` picks the smallest nprobe whose recall@10 against an
-exact search reaches a target, which the index file keeps (faiss saves nprobe with an
-IVF index) and :class:`IndexTuning` records.
+Sizes and nprobe tuning: :mod:`vsearch.sizing`; the lists' bookkeeping:
+:mod:`vsearch.ivflists`.
 """
 
 from __future__ import annotations
@@ -36,8 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -46,21 +42,12 @@ import numpy as np
 from .categories import BlockCache
 from .errors import ConfigError, IndexFormatError
 from .fsutil import atomic_write
+from .ivflists import FEW, ListFilter, ListMap, ivf_of, nearest_first
+from .sizing import TRAIN_BASE, TRAIN_PER_LIST, IndexTuning, tune_nprobe
+from .topk import merge_topk
 
-__all__ = [
-    "SEARCH_PATHS",
-    "ExactTopK",
-    "IndexTuning",
-    "VectorIndex",
-    "choose_factory",
-    "gpu_available",
-    "ivf_nlist",
-    "merge_topk",
-    "recall_at_k",
-    "tune_nprobe",
-]
+__all__ = ["DEFAULT_NPROBE", "SEARCH_PATHS", "VectorIndex", "gpu_available"]
 
-FLAT_MAX = 100_000
 DEFAULT_NPROBE = 16  # until tuned
 # A filtered IVF query probes, nearest first, the lists holding allowed ids until it
 # has scanned this many lists' worth (ntotal / nlist each) of allowed vectors: NEAR
@@ -73,313 +60,13 @@ DEFAULT_NPROBE = 16  # until tuned
 FILTER_NEAR_LISTS = 2
 FILTER_FAR_LISTS = 64
 FILTER_SCAN_FACTOR = 2.0
-FILTER_SPREAD = 0.9  # see _Filter.spread
 FILTER_CACHE_ENTRIES = 64  # filters whose bitmap and per-list counts are kept
 DENSE_IDS_PER_VECTOR = 16  # the id -> list map is an array indexed by id while ids stay below this many per vector
-FEW = 32  # changes of up to this many ids update the filter structures in a loop: numpy's calls cost more
-TRAIN_MIN_PER_LIST = 39  # faiss warns below this many training points per centroid
-TRAIN_PER_LIST = 64  # what train_size asks for (faiss subsamples past 256 per centroid)
-TRAIN_BASE = 100_000  # ... and at least this many, where the catalog has them
 SEARCH_PATHS = ("all", "empty", "exact", "selector", "selector_more", "exact_fallback")
-
-
-def choose_factory(n: int, d: int) -> str:
-    """The default faiss factory string for ``n`` vectors of dimension ``d``.
-
-    Exact search while it is cheap; past FLAT_MAX, IVF with 8-bit scalar quantisation,
-    nlist ~ 4 sqrt(n) (the faiss rule of thumb), at every size. Not IVF-PQ: on
-    clustered data (``scripts/bench_filtered.py --factories``) PQ codes of d/4 bytes
-    reach recall@10 0.61-0.67 at any nprobe, and re-ranked from SQ8 codes they reach
-    0.95-0.98 but hold d/4 + d bytes a vector, more than SQ8 alone (d bytes, 0.98);
-    faiss's IndexRefine cannot hold catalog ids anyway (no add_with_ids or remove_ids,
-    and its labels must be below ntotal).
-    """
-    if n < 0 or d <= 0:
-        raise ConfigError(f"bad index size n={n}, d={d}")
-    if n <= FLAT_MAX:
-        return "IDMap2,Flat"
-    return f"IVF{ivf_nlist(n)},SQ8"
-
-
-def ivf_nlist(n: int) -> int:
-    """nlist for ``n`` vectors: the power of two nearest 4 sqrt(n), lowered until the
-    catalog holds TRAIN_PER_LIST training points per list (at least 1)."""
-    nlist = 1 << max(round(math.log2(4 * math.sqrt(max(n, 1)))), 0)
-    while nlist > 1 and nlist * TRAIN_PER_LIST > n:
-        nlist //= 2
-    return nlist
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean share of each row's true top-k (``truth[:, :k]``, -1 ignored) found in
-    ``found[:, :k]``: 10-recall@10 for k=10."""
-    hits = total = 0
-    for f, t in zip(found[:, :k], truth[:, :k]):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f, t))
-        total += len(t)
-    return hits / total if total else 1.0
-
-
-@dataclass(frozen=True)
-class IndexTuning:
-    """How :meth:`VectorIndex.tune` set an IVF index's nprobe: the smallest whose
-    recall@10 on ``queries`` of its own vectors reached ``target`` (or, where none does,
-    99% of what the exhaustive search reaches), ``recall_at_10`` at it, measured with
-    ``vectors`` indexed; against an exact search of the vectors (``exact``) or, without
-    them, of the index's own codes."""
-
-    nprobe: int
-    recall_at_10: float
-    vectors: int
-    queries: int
-    target: float
-    exact: bool = True
-
-
-def tune_nprobe(
-    index: VectorIndex, xq: np.ndarray, target: float = 0.95, k: int = 10, truth: np.ndarray | None = None
-) -> tuple[int, float]:
-    """The smallest nprobe whose recall@k reaches ``target``, and that recall.
-
-    ``xq`` are queries drawn from the indexed vectors (e.g. 200 of them), each one's own
-    vector its first hit, left out on both sides. ``truth``: each query's k nearest
-    others by an exact search of the indexed vectors (:class:`ExactTopK`);
-    without it, the exhaustive search of the index's own codes (nprobe = nlist), which
-    hides what quantisation loses. Where no nprobe reaches ``target``, the target is 99%
-    of the exhaustive search's recall. Searched at powers of two, then bisected. Leaves
-    nprobe as it found it.
-    """
-    ivf = _ivf(index.index)
-    if ivf is None or index.ntotal == 0 or len(xq) == 0:
-        return index.nprobe, 1.0
-    xq = np.ascontiguousarray(xq, dtype=np.float32)
-    kk = min(k + 1, index.ntotal)
-    nlist = int(ivf.nlist)
-
-    def measure(nprobe: int) -> np.ndarray:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
-        return np.asarray(index.index.search(xq, kk, params=params)[1])
-
-    others = measure(nlist)[:, 1:] if truth is None else truth  # the query itself comes first
-    seen: dict[int, float] = {}
-
-    def recall(nprobe: int) -> float:
-        if nprobe not in seen:  # k true others in k+1 slots (one is the query)
-            seen[nprobe] = 1.0 if truth is None and nprobe == nlist else recall_at_k(measure(nprobe), others, kk)
-        return seen[nprobe]
-
-    nprobe = _smallest_reaching(recall, target, nlist)
-    if nprobe is None:
-        nprobe = _smallest_reaching(recall, 0.99 * recall(nlist), nlist)
-        assert nprobe is not None
-    return nprobe, recall(nprobe)
-
-
-def _smallest_reaching(recall: Callable[[int], float], target: float, nlist: int) -> int | None:
-    """The smallest nprobe in [1, nlist] with recall(nprobe) >= target (recall grows with
-    nprobe): powers of two, then bisection; None if nlist falls short."""
-    low, high = 0, 1
-    while recall(min(high, nlist)) < target:
-        if high >= nlist:
-            return None
-        low, high = high, high * 2
-    high = min(high, nlist)
-    while high - low > 1:
-        mid = (low + high) // 2
-        if recall(mid) >= target:
-            high = mid
-        else:
-            low = mid
-    return high
-
-
-class ExactTopK:
-    """The exact top-k ids of some queries over vectors fed a batch at a time (an
-    index build's own pass over the catalog), for :func:`tune_nprobe`'s truth."""
-
-    def __init__(self, xq: np.ndarray, k: int = 11) -> None:
-        self.xq = np.ascontiguousarray(xq, dtype=np.float32)
-        self.k = k
-        self.D = np.full((len(xq), 0), -np.inf, dtype=np.float32)
-        self.I = np.zeros((len(xq), 0), dtype=np.int64)
-
-    def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
-        if len(ids) == 0 or len(self.xq) == 0:
-            return
-        scores = self.xq @ np.ascontiguousarray(xb, dtype=np.float32).T
-        self.D, self.I = merge_topk(
-            np.concatenate([self.D, scores], 1), np.concatenate([self.I, np.broadcast_to(ids, scores.shape)], 1), self.k
-        )
-
-    def others(self) -> np.ndarray:
-        """Each query's nearest ids but the first (the query's own vector)."""
-        return self.I[:, 1:]
 
 
 def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def merge_topk(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the k best columns per row of concatenated partial results."""
-    I = np.where(I < 0, -1, I)
-    D = np.where(I < 0, -np.inf, D).astype(np.float32)
-    if D.shape[1] > k:
-        part = np.argpartition(-D, k - 1, axis=1)[:, :k]
-        D, I = np.take_along_axis(D, part, 1), np.take_along_axis(I, part, 1)
-    order = np.argsort(-D, axis=1, kind="stable")
-    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-    if D.shape[1] < k:
-        pad = k - D.shape[1]
-        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
-        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-    return D, I
-
-
-class _ListMap:
-    """Which inverted list holds each id of an IVF index (-1: none), as an array indexed
-    by id, and how many ids each list holds: read from the lists once, then kept
-    current by every add and remove."""
-
-    def __init__(self, nlist: int) -> None:
-        self.of = np.full(0, -1, dtype=np.int32)
-        self.sizes = np.zeros(nlist, dtype=np.int64)
-
-    @classmethod
-    def read(cls, ivf: faiss.IndexIVF, limit: int) -> _ListMap | None:
-        """The map of ``ivf``'s lists; None if an id is negative or past ``limit``."""
-        invlists, parts, owners = ivf.invlists, [], []
-        assert invlists is not None
-        for n in range(int(ivf.nlist)):
-            size = invlists.list_size(n)
-            if size:
-                ptr = invlists.get_ids(n)
-                parts.append(faiss.rev_swig_ptr(ptr, size).copy())
-                invlists.release_ids(n, ptr)  # type: ignore[attr-defined]
-                owners.append(np.full(size, n, dtype=np.int32))
-        lists = cls(int(ivf.nlist))
-        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        ok = lists.set(ids, np.concatenate(owners) if owners else np.zeros(0, dtype=np.int32), limit)
-        return lists if ok else None
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        inside = (ids >= 0) & (ids < len(self.of))
-        out = np.full(len(ids), -1, dtype=np.int32)
-        out[inside] = self.of[ids[inside]]
-        return out
-
-    def set(self, ids: np.ndarray, lists: np.ndarray, limit: int) -> bool:
-        """Record ``ids`` (none of them held) in ``lists``; False (nothing recorded)
-        if an id does not fit."""
-        if len(ids) == 0:
-            return True
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= limit:
-            return False
-        if high >= len(self.of):
-            grown = np.full(max(high + 1, len(self.of) * 5 // 4), -1, dtype=np.int32)
-            grown[: len(self.of)] = self.of
-            self.of = grown
-        if len(ids) <= FEW:
-            for i, n in zip(ids.tolist(), lists.tolist()):
-                self.of[i] = n
-                self.sizes[n] += 1
-            return True
-        self.of[ids] = lists
-        self.sizes += np.bincount(lists, minlength=len(self.sizes))
-        return True
-
-    def clear(self, ids: np.ndarray) -> np.ndarray:
-        """Forget ``ids``; returns the lists that held them (-1: none)."""
-        if len(ids) <= FEW:
-            out, of, end = [], self.of, len(self.of)
-            for i in ids.tolist():
-                n = int(of[i]) if 0 <= i < end else -1
-                out.append(n)
-                if n >= 0:
-                    of[i] = -1
-                    self.sizes[n] -= 1
-            return np.array(out, dtype=np.int32)
-        old = self.lookup(ids)
-        held = old >= 0
-        self.of[ids[held]] = -1
-        self.sizes -= np.bincount(old[held], minlength=len(self.sizes))
-        return old
-
-
-@dataclass
-class _Filter:
-    """What a filtered IVF search needs of one filter, built once: the bitmap selector
-    of its ids, and how many of them each list holds (kept current by adds/removes)."""
-
-    blocks: tuple[np.ndarray, ...]  # the caller's arrays: held, so that the ids in the cache key stay theirs
-    bits: np.ndarray  # bit i of byte i >> 3: id i is allowed
-    selector: faiss.IDSelector
-    per_list: np.ndarray
-    view: memoryview  # of bits, for quick lookups one id at a time
-    _nonzero: tuple[np.ndarray, np.ndarray] | None = None
-    _spread: bool | None = None
-
-    @classmethod
-    def build(cls, blocks: tuple[np.ndarray, ...], lists: _ListMap, nlist: int, limit: int) -> _Filter | None:
-        """The filter of ``blocks``; None if an id is negative or past ``limit``."""
-        allowed = np.concatenate(blocks)
-        if int(allowed.min()) < 0 or int(allowed.max()) >= limit:
-            return None
-        bits = np.zeros(int(allowed.max()) + 1, dtype=bool)
-        bits[allowed] = True
-        packed = np.packbits(bits, bitorder="little")
-        where = lists.lookup(allowed)
-        per_list = np.bincount(where[where >= 0], minlength=nlist).astype(np.int64)
-        selector = faiss.IDSelectorBitmap(packed)  # type: ignore[call-arg,arg-type]
-        return cls(blocks, packed, selector, per_list, packed.data)
-
-    @property
-    def present(self) -> int:
-        return int(self.per_list.sum())
-
-    def spread(self, sizes: np.ndarray) -> bool:
-        """Whether the lists holding FILTER_SPREAD of the vectors (``sizes``: per list)
-        each hold allowed ids at least half as densely as the whole index does: then
-        no query is far from allowed ids (a filter at random, not whole categories)."""
-        if self._spread is None:
-            dense = self.per_list >= 0.5 * (self.present / max(int(sizes.sum()), 1)) * sizes
-            self._spread = bool(sizes[dense].sum() >= FILTER_SPREAD * sizes.sum())
-        return self._spread
-
-    def nonzero(self) -> tuple[np.ndarray, np.ndarray]:
-        """The lists holding allowed ids, and how many each holds."""
-        cached = self._nonzero
-        if cached is None:
-            lists = np.flatnonzero(self.per_list)
-            cached = self._nonzero = (lists, self.per_list[lists])
-        return cached
-
-    def moved(self, ids: np.ndarray, old: np.ndarray | None, new: np.ndarray | None) -> None:
-        """``ids`` left lists ``old`` and/or joined lists ``new`` (-1: none)."""
-        inside = (ids >= 0) & (ids < 8 * len(self.bits))
-        member = np.zeros(len(ids), dtype=bool)
-        member[inside] = (self.bits[ids[inside] >> 3] >> (ids[inside] & 7)) & 1 == 1
-        if not member.any():
-            return
-        for lists, sign in ((old, -1), (new, 1)):
-            if lists is not None:
-                self.per_list += sign * np.bincount(lists[member & (lists >= 0)], minlength=len(self.per_list))
-        self._nonzero = self._spread = None
-
-    def moved_few(self, changes: list[tuple[int, int, int]]) -> None:
-        """:meth:`moved` for a few (id, old list, new list): a loop beats numpy's calls."""
-        bits, end, hit = self.view, 8 * len(self.view), False
-        for i, old, new in changes:
-            if 0 <= i < end and (bits[i >> 3] >> (i & 7)) & 1:
-                hit = True
-                if old >= 0:
-                    self.per_list[old] -= 1
-                if new >= 0:
-                    self.per_list[new] += 1
-        if hit:
-            self._nonzero = self._spread = None
 
 
 class VectorIndex:
@@ -389,7 +76,7 @@ class VectorIndex:
         """``nprobe`` None keeps the one the faiss index holds (a loaded file's: tuned)."""
         self.index = index
         self.factory = factory
-        ivf = _ivf(index)
+        ivf = ivf_of(index)
         self.nprobe = nprobe if nprobe is not None else int(ivf.nprobe) if ivf is not None else DEFAULT_NPROBE
         self.tuning: IndexTuning | None = None  # set by tune(), or by whoever loads a tuned index
         # which path each query row took (see search); read by the metrics layer
@@ -397,9 +84,9 @@ class VectorIndex:
         self._gpu: faiss.Index | None = None
         self._gpu_wanted = False
         self._lock = threading.Lock()  # the structures below, built lazily by concurrent searches
-        self._lists: _ListMap | None = None
+        self._lists: ListMap | None = None
         self._sparse_ids = False  # ids too far apart for the dense list map: filtered IVF searches go exact
-        self._filters: OrderedDict[tuple[int, ...], _Filter] = OrderedDict()
+        self._filters: OrderedDict[tuple[int, ...], ListFilter] = OrderedDict()
         self._centroid_cache: np.ndarray | None = None
         self._ivf_index = ivf  # the IVF inside (a view: self.index owns it)
         self._apply_nprobe()
@@ -428,7 +115,7 @@ class VectorIndex:
             index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise ConfigError(f"invalid faiss factory string {factory!r}: {exc}") from exc
-        ivf = _ivf(index)
+        ivf = ivf_of(index)
         if ivf is not None:
             # Reconstruct and remove by id need a direct map from ids to list entries.
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
@@ -444,7 +131,7 @@ class VectorIndex:
     def train_size(self) -> int:
         """How many vectors :meth:`train` wants: TRAIN_PER_LIST per IVF list (and per
         PQ centroid), at least TRAIN_BASE, at most 256 per list (faiss's own cap)."""
-        ivf = _ivf(self.index)
+        ivf = ivf_of(self.index)
         if ivf is None or self.index.is_trained:
             return 0
         centroids = int(ivf.nlist)
@@ -575,8 +262,8 @@ class VectorIndex:
         want = max(FILTER_NEAR_LISTS, FILTER_SCAN_FACTOR * self.nprobe * share) * self.ntotal / self.nlist
         return want / share < allowed
 
-    def _search_spread(self, xq: np.ndarray, k: int, found: _Filter) -> tuple[np.ndarray, np.ndarray]:
-        """A filter spread evenly over the lists (:meth:`_Filter.spread`): what
+    def _search_spread(self, xq: np.ndarray, k: int, found: ListFilter) -> tuple[np.ndarray, np.ndarray]:
+        """A filter spread evenly over the lists (:meth:`ListFilter.spread`): what
         :meth:`_scan_targets` asks of every query, FILTER_NEAR_LISTS lists' worth of
         allowed ids and FILTER_SCAN_FACTOR times those in its nprobe nearest lists, is
         its nearest max(NEAR / share, FACTOR * nprobe) lists: faiss probes them itself."""
@@ -588,7 +275,7 @@ class VectorIndex:
         D[I < 0] = -np.inf
         return merge_topk(D, I, k) if kk < k else (D, I)
 
-    def _scan_targets(self, coarse: np.ndarray, found: _Filter) -> np.ndarray:
+    def _scan_targets(self, coarse: np.ndarray, found: ListFilter) -> np.ndarray:
         """Per query row (``coarse``: its scores for every list), how many allowed
         vectors to scan: FILTER_NEAR_LISTS lists' worth where the nprobe lists nearest
         to it hold allowed ids as densely as the whole index (or more), FILTER_FAR_LISTS
@@ -608,7 +295,7 @@ class VectorIndex:
         worth = (FILTER_NEAR_LISTS + (FILTER_FAR_LISTS - FILTER_NEAR_LISTS) * far) * (self.ntotal / nlist)
         return np.maximum(worth, FILTER_SCAN_FACTOR * allowed)
 
-    def _filter(self, blocks: dict[str, np.ndarray]) -> _Filter | None:
+    def _filter(self, blocks: dict[str, np.ndarray]) -> ListFilter | None:
         """The filter of ``blocks``, built on first use and kept; None if this index
         cannot map its ids to lists (not IVF at the top, or ids too sparse)."""
         key = tuple(map(id, blocks.values()))  # the arrays, held by the filter: never another's
@@ -620,7 +307,7 @@ class VectorIndex:
             lists = self._list_map()
         if lists is None:
             return None
-        found = _Filter.build(tuple(blocks.values()), lists, self.nlist, self._id_limit())
+        found = ListFilter.build(tuple(blocks.values()), lists, self.nlist, self._id_limit())
         if found is None:
             return None
         with self._lock:
@@ -629,11 +316,11 @@ class VectorIndex:
                 self._filters.popitem(last=False)
         return found
 
-    def _list_map(self) -> _ListMap | None:
+    def _list_map(self) -> ListMap | None:
         """Which list holds each id (under self._lock): read on first use, then kept
         current by add and remove; None for ids too sparse for an array."""
         if self._lists is None and not self._sparse_ids and isinstance(self.index, faiss.IndexIVF):
-            self._lists = _ListMap.read(self.index, self._id_limit())
+            self._lists = ListMap.read(self.index, self._id_limit())
             self._sparse_ids = self._lists is None
         return self._lists
 
@@ -665,13 +352,13 @@ class VectorIndex:
 
     def _centroids(self) -> np.ndarray:
         if self._centroid_cache is None:
-            ivf = _ivf(self.index)
+            ivf = ivf_of(self.index)
             assert ivf is not None
             self._centroid_cache = np.asarray(ivf.quantizer.reconstruct_n(0, int(ivf.nlist)), dtype=np.float32)
         return self._centroid_cache
 
     def _search_lists(
-        self, xq: np.ndarray, k: int, found: _Filter, coarse: np.ndarray, want: np.ndarray
+        self, xq: np.ndarray, k: int, found: ListFilter, coarse: np.ndarray, want: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search among the filter's ids, each query row probing its nearest of the
         lists that hold them (``coarse``: its scores for every list) until it has
@@ -680,7 +367,7 @@ class VectorIndex:
         assert ivf is not None
         lists, counts = found.nonzero()
         sub = coarse[:, lists]
-        order = _nearest_first(sub, counts, want)
+        order = nearest_first(sub, counts, want)
         held = counts[order]
         probe = np.cumsum(held, axis=1) - held < want[:, None]  # a prefix of each row
         nprobe = int(probe.sum(axis=1).max())
@@ -733,7 +420,7 @@ class VectorIndex:
     def _search_selected(self, xq: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Search among ``ids`` with an ``IDSelector``; IVF: at the index's nprobe."""
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
-        ivf = _ivf(self.index)
+        ivf = ivf_of(self.index)
         if ivf is not None:
             params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)  # type: ignore[call-arg]
         else:
@@ -760,7 +447,7 @@ class VectorIndex:
         self._gpu = None  # re-mirrored lazily on the next search, not on every added batch
 
     def _apply_nprobe(self) -> None:
-        ivf = _ivf(self.index)
+        ivf = ivf_of(self.index)
         if ivf is not None:
             ivf.nprobe = self.nprobe
 
@@ -794,25 +481,3 @@ class VectorIndex:
         except RuntimeError as exc:
             raise IndexFormatError(f"cannot read faiss index {path}: {exc}") from exc
         return cls(index, factory, nprobe)
-
-
-def _nearest_first(coarse: np.ndarray, counts: np.ndarray, want: np.ndarray) -> np.ndarray:
-    """Each row's columns of ``coarse`` (scores of lists holding ``counts`` allowed
-    ids), best first, at least as many as each row needs to scan its ``want`` ids: a
-    partial sort of the likely few, a full one where they fall short."""
-    n = coarse.shape[1]
-    guess = min(n, 2 * math.ceil(float(want.max()) / max(float(counts.mean()), 1.0)) + 8)
-    if guess < n:
-        part = np.argpartition(coarse, n - guess, axis=1)[:, n - guess :]  # the guess best, in no order
-        rows = np.arange(len(coarse))[:, None]
-        order = part[rows, np.argsort(-coarse[rows, part], axis=1, kind="stable")]
-        if (counts[order].sum(axis=1) >= want).all():
-            return order
-    return np.argsort(-coarse, axis=1, kind="stable")
-
-
-def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None

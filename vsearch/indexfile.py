@@ -11,9 +11,11 @@ import numpy as np
 from .catalog import Catalog
 from .errors import IndexFormatError
 from .gallery import GalleryWeights
-from .index import ExactTopK, VectorIndex, choose_factory
+from .index import VectorIndex
 from .manifest import IndexManifest, IndexPaths
 from .projection import Projection
+from .sizing import choose_factory
+from .topk import ExactTopK
 
 __all__ = ["FIT_SAMPLE", "TUNE_QUERIES", "build_index", "indexed_vectors", "load_saved_index"]
 

@@ -27,7 +27,7 @@ from .config import IndexConfig, ModelConfig, ProjectionConfig
 from .duplicates import DuplicateConfig
 from .errors import IndexFormatError, IndexNotFoundError, VsearchError
 from .fsutil import atomic_write_bytes
-from .index import IndexTuning
+from .sizing import IndexTuning
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "IndexManifest", "IndexPaths"]

@@ -31,10 +31,11 @@ from .checkpoint import IndexImage, copy_index, log_save_failure, superseded
 from .errors import IndexBusyError, StorageError, VsearchError
 from .faissthreads import one_thread
 from .gallery import GalleryWeights
-from .index import VectorIndex, choose_factory
+from .index import VectorIndex
 from .indexfile import build_index, indexed_vectors
 from .manifest import IndexManifest
 from .projection import Projection
+from .sizing import choose_factory
 from .snapshot import Snapshot
 from .sources import Item
 
