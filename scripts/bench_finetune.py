@@ -72,7 +72,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hue0": {"hue_jitter": 0.0},  # margin 0.2, no hue shift in the cached views' colour jitter
     "hue0-ema": {"hue_jitter": 0.0},  # the same, plus EMA
     "ema": {},  # margin 0.2 (the default), scored with an exponential moving average of the weights: EMA
+    # fresh views: 4 cached views, epoch e trains on view e only (FRESH), instead of
+    # every epoch on the same 2 views: half the steps per epoch, new views each epoch
+    "fresh4": {"hue_jitter": 0.0, "views": 4},
+    "views4-hue0": {"hue_jitter": 0.0, "views": 4},  # its control: all 4 views every epoch
 }
+FRESH = {"fresh4"}
 SUBCENTRES = {"subcentre3": 3}
 PROXY_ANCHOR = {"proxyanchor": (32.0, 0.1)}  # the paper's alpha and delta
 EMA = {"ema": 0.995, "hue0-ema": 0.995}  # decay per batch: a horizon of ~200 batches, about 2 epochs
@@ -145,6 +150,8 @@ def main() -> None:
                 trainer = proxy_anchor_trainer(net, cache, data, config, cpu, *PROXY_ANCHOR[name])
             elif name in EMA:
                 trainer = ema_trainer(net, cache, data, config, cpu, EMA[name])
+            elif name in FRESH:
+                trainer = fresh_trainer(net, cache, data, config, cpu)
             else:
                 trainer = Trainer(net, cache, data, config, cpu)
             curve = [trainer.validate() or {}]
@@ -313,6 +320,27 @@ def proxy_anchor_trainer(net: Any, cache: Any, data: Any, config: Any, device: A
             return torch.log1p(pull)[present].sum() / present.sum() + torch.log1p(push).sum() / cos.shape[1]
 
     return _ProxyAnchor(net, cache, data, config, device)
+
+
+def fresh_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any) -> Any:
+    """vsearch's Trainer, each epoch on one of the cached views only (epoch e: view
+    e mod views), so that no epoch sees a view an earlier one saw while there are
+    views left: fresh augmentation, paid for once in the cache."""
+    from vsearch.training import Trainer
+
+    per_view = len(cache["train_y"]) // config.views
+
+    class _Fresh(Trainer):
+        def run_epoch(self, quiet: bool) -> dict[str, float]:
+            full = {k: self.cache[k] for k in ("train_x", "train_z", "train_y")}
+            view = slice((self.epoch % config.views) * per_view, (self.epoch % config.views + 1) * per_view)
+            self.cache.update({k: v[view] for k, v in full.items()})
+            try:
+                return super().run_epoch(quiet)
+            finally:
+                self.cache.update(full)
+
+    return _Fresh()
 
 
 def ema_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, decay: float) -> Any:
