@@ -41,7 +41,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-import vsearch.index
+import vsearch.filtered
 from vsearch.categories import BlockCache
 from vsearch.index import VectorIndex
 from vsearch.projection import l2_normalize
@@ -220,15 +220,15 @@ def main() -> None:
     parser.add_argument("--factories", action="store_true", help="compare factories for the largest catalogs instead")
     parser.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads (1: a fair ratio on a busy machine)")
     parser.add_argument("--factory", default=None, help="faiss factory (default: choose_factory's IVF one, even at 100k)")
-    parser.add_argument("--near-lists", type=float, default=None, help="override vsearch.index.FILTER_NEAR_LISTS")
-    parser.add_argument("--far-lists", type=float, default=None, help="override vsearch.index.FILTER_FAR_LISTS")
+    parser.add_argument("--near-lists", type=float, default=None, help="override vsearch.filtered.FILTER_NEAR_LISTS")
+    parser.add_argument("--far-lists", type=float, default=None, help="override vsearch.filtered.FILTER_FAR_LISTS")
     parser.add_argument("--cache", type=Path, default=None, help="keep built indexes here and reuse them")
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     if args.near_lists is not None:
-        vsearch.index.FILTER_NEAR_LISTS = args.near_lists
+        vsearch.filtered.FILTER_NEAR_LISTS = args.near_lists
     if args.far_lists is not None:
-        vsearch.index.FILTER_FAR_LISTS = args.far_lists
+        vsearch.filtered.FILTER_FAR_LISTS = args.far_lists
     for n in args.sizes:
         if args.factories:
             factories(n, args.dim)

@@ -177,14 +177,14 @@ def clustered(n: int, seed: int = 0, clusters: int = 20) -> tuple[np.ndarray, np
 def kept_filters_are_current(index: VectorIndex) -> None:
     """The id -> list map and every kept filter's per-list counts, updated write by
     write, equal what reading the lists afresh gives."""
-    assert index._lists is not None
-    fresh = ListMap.read(index.index, index._id_limit())
+    assert index.filtered.lists is not None
+    fresh = ListMap.read(index.index, index.filtered.id_limit())
     assert fresh is not None
-    np.testing.assert_array_equal(index._lists.of[: len(fresh.of)], fresh.of)
-    assert (index._lists.of[len(fresh.of) :] == -1).all()
-    np.testing.assert_array_equal(index._lists.sizes, fresh.sizes)
-    for kept in index._filters.values():
-        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index._id_limit())
+    np.testing.assert_array_equal(index.filtered.lists.of[: len(fresh.of)], fresh.of)
+    assert (index.filtered.lists.of[len(fresh.of) :] == -1).all()
+    np.testing.assert_array_equal(index.filtered.lists.sizes, fresh.sizes)
+    for kept in index.filtered.filters.values():
+        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index.filtered.id_limit())
         assert rebuilt is not None
         np.testing.assert_array_equal(kept.per_list, rebuilt.per_list)
 
@@ -207,7 +207,7 @@ def test_filtered_ivf_keeps_what_a_filter_needs_current_through_writes() -> None
         allowed = held & np.isin(ids, np.concatenate(list(blocks.values())))
         _, I_bf = brute_force(xq, xb[allowed], ids[allowed], 10)
         assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(I_, I_bf)]) >= 9.5, step
-        assert len(index._filters) == 1  # built once, found again by the blocks' identity
+        assert len(index.filtered.filters) == 1  # built once, found again by the blocks' identity
         kept_filters_are_current(index)
         if step == 0:
             index.add(ids[4000:], xb[4000:], new=True)  # past the map's end: it grows
@@ -224,7 +224,7 @@ def test_filtered_ivf_keeps_what_a_filter_needs_current_through_writes() -> None
 
 
 def test_a_changed_block_is_a_new_filter_and_old_ones_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vsearch.index as vi
+    import vsearch.filtered as vi
 
     monkeypatch.setattr(vi, "FILTER_CACHE_ENTRIES", 3)
     ids, xb, labels = clustered(4000)
@@ -234,13 +234,13 @@ def test_a_changed_block_is_a_new_filter_and_old_ones_are_dropped(monkeypatch: p
     half = {"a": ids[labels < 10], "b": ids[labels >= 15]}
     index.search(xb[:2], 5, half)
     index.search(xb[:2], 5, dict(half))  # another dict of the same arrays: the same filter
-    assert len(index._filters) == 1
+    assert len(index.filtered.filters) == 1
     changed = {"a": np.union1d(half["a"], ids[labels == 12]), "b": half["b"]}  # a write makes a new array
     _, I_ = index.search(xb[:2], 5, changed)
-    assert len(index._filters) == 2 and np.isin(I_, np.concatenate(list(changed.values()))).all()
+    assert len(index.filtered.filters) == 2 and np.isin(I_, np.concatenate(list(changed.values()))).all()
     for c in range(5):
         index.search(xb[:2], 5, {"x": ids[labels != c]})
-    assert len(index._filters) == 3
+    assert len(index.filtered.filters) == 3
 
 
 def test_ids_too_sparse_for_the_list_map_search_exactly() -> None:
@@ -251,11 +251,11 @@ def test_ids_too_sparse_for_the_list_map_search_exactly() -> None:
     allowed = ids[::2]
     xq = xb[:5] + 0.01
     index.search(xq, 10, {"half": allowed})
-    assert index._lists is not None and index.paths["selector"] == 5
+    assert index.filtered.lists is not None and index.paths["selector"] == 5
     huge = np.array([1 << 40], dtype=np.int64)  # far past 16 ids a vector
     extra = l2_normalize(xb[:1] + 0.05)
     index.add(huge, extra, new=True)
-    assert index._lists is None and index._sparse_ids and not index._filters
+    assert index.filtered.lists is None and index.filtered.sparse_ids and not index.filtered.filters
     D_, I_ = index.search(xq, 10, {"half": np.append(allowed, huge)})
     assert index.paths["exact"] == 5
     mask = np.isin(ids, allowed)
@@ -323,6 +323,6 @@ def test_a_filter_spread_evenly_is_probed_by_faiss_and_whole_clusters_are_planne
     whole = {"c": ids[labels < 10]}
     for blocks, expected in ((spread, True), (whole, False)):
         _, I_ = index.search(xb[:3], 5, blocks)
-        found = index._filter(blocks)
-        assert index._lists is not None and found is not None and found.spread(index._lists.sizes) is expected
+        found = index.filtered.filter(blocks)
+        assert index.filtered.lists is not None and found is not None and found.spread(index.filtered.lists.sizes) is expected
         assert np.isin(I_, blocks[next(iter(blocks))]).all()

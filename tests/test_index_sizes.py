@@ -85,13 +85,13 @@ def check_filtered(index: VectorIndex, w: World, filters: dict[str, dict[str, np
 
 def assert_filters_current(index: VectorIndex) -> None:
     """What the index keeps of each filter, updated write by write, equals it built afresh."""
-    lists = index._lists
+    lists = index.filtered.lists
     if lists is None:
         return
-    fresh = ListMap.read(index.index, index._id_limit())
+    fresh = ListMap.read(index.index, index.filtered.id_limit())
     assert fresh is not None and np.array_equal(lists.of[: len(fresh.of)], fresh.of) and (lists.of[len(fresh.of) :] == -1).all()
-    for kept in index._filters.values():
-        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index._id_limit())
+    for kept in index.filtered.filters.values():
+        rebuilt = ListFilter.build(kept.blocks, fresh, index.nlist, index.filtered.id_limit())
         assert rebuilt is not None
         np.testing.assert_array_equal(kept.per_list, rebuilt.per_list)
 
@@ -271,10 +271,10 @@ def test_build_index_trains_on_enough_vectors_and_tunes_nprobe(tmp_path: Path) -
 
 def test_filtered_rows_the_probes_cannot_fill_escalate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows short of k after probing: 4x the probes, then the exact scan; each counted."""
-    import vsearch.index
+    import vsearch.filtered
 
     for name in ("FILTER_SCAN_FACTOR", "FILTER_NEAR_LISTS", "FILTER_FAR_LISTS"):
-        monkeypatch.setattr(vsearch.index, name, 0.01)  # probe next to nothing
+        monkeypatch.setattr(vsearch.filtered, name, 0.01)  # probe next to nothing
     rng = np.random.default_rng(0)
     centers = l2_normalize(rng.standard_normal((CLUSTERS, D)).astype(np.float32))
     xb, _ = mixture(4000, 1, centers)

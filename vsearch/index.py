@@ -10,29 +10,17 @@ index, is searched exactly on the blocks' vectors, reconstructed once and kept i
 bounded :class:`~vsearch.categories.BlockCache`, so a query restricted to a 1%
 category touches 1% of the data. A larger set on an IVF index goes through faiss with
 an ``IDSelectorBitmap``, each query probing, nearest first, only the lists that hold
-allowed ids until it has scanned as many allowed vectors as it needs: a couple of
-lists' worth where the lists an unfiltered query would probe hold allowed ids as
-densely as the index does (a filter spread evenly), many where they hold none (the
-query's own category excluded: its nearest allowed vectors spread over many lists;
-see FILTER_NEAR_LISTS). Rows the probed lists cannot fill are searched again with 4x
-the probes, then exactly.
-
-What that needs of a filter (its bitmap, how many allowed ids each list holds) is
-built once per filter and kept (FILTER_CACHE_ENTRIES filters): a filter is known by
-its blocks' arrays, which are never changed in place (a changed category is a new
-array). Every add and remove updates those counts, and the map of which list holds
-each id, at the cost of the change. ``VectorIndex.paths`` counts which path each query
-row took (SEARCH_PATHS; "all" is unfiltered).
+allowed ids (:mod:`vsearch.filtered`); rows the probes cannot fill are searched
+exactly. ``VectorIndex.paths`` counts which path each query row took (SEARCH_PATHS;
+"all" is unfiltered).
 
 Sizes and nprobe tuning: :mod:`vsearch.sizing`; the lists' bookkeeping:
-:mod:`vsearch.ivflists`.
+:mod:`vsearch.ivflists`; filtered probing: :mod:`vsearch.filtered`.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,27 +29,15 @@ import numpy as np
 
 from .categories import BlockCache
 from .errors import ConfigError, IndexFormatError
+from .filtered import FilteredIVF
 from .fsutil import atomic_write
-from .ivflists import FEW, ListFilter, ListMap, ivf_of, nearest_first
+from .ivflists import ivf_of
 from .sizing import TRAIN_BASE, TRAIN_PER_LIST, IndexTuning, tune_nprobe
 from .topk import merge_topk
 
 __all__ = ["DEFAULT_NPROBE", "SEARCH_PATHS", "VectorIndex", "gpu_available"]
 
 DEFAULT_NPROBE = 16  # until tuned
-# A filtered IVF query probes, nearest first, the lists holding allowed ids until it
-# has scanned this many lists' worth (ntotal / nlist each) of allowed vectors: NEAR
-# where its nprobe nearest lists hold allowed ids as densely as the whole index does
-# (or more), FAR where half as densely or less, in proportion between; and at least
-# FILTER_SCAN_FACTOR times the allowed ids those nprobe lists hold. Measured on 100k
-# and 1M vectors of a Gaussian mixture (scripts/bench_filtered.py): filters spread at
-# random reach recall@10 0.98 at 2 lists' worth; filters of whole clusters, for
-# queries outside them, 0.95-0.98 at 32-64 lists' worth (0.48-0.77 at 2).
-FILTER_NEAR_LISTS = 2
-FILTER_FAR_LISTS = 64
-FILTER_SCAN_FACTOR = 2.0
-FILTER_CACHE_ENTRIES = 64  # filters whose bitmap and per-list counts are kept
-DENSE_IDS_PER_VECTOR = 16  # the id -> list map is an array indexed by id while ids stay below this many per vector
 SEARCH_PATHS = ("all", "empty", "exact", "selector", "selector_more", "exact_fallback")
 
 
@@ -83,11 +59,7 @@ class VectorIndex:
         self.paths: Counter[str] = Counter()
         self._gpu: faiss.Index | None = None
         self._gpu_wanted = False
-        self._lock = threading.Lock()  # the structures below, built lazily by concurrent searches
-        self._lists: ListMap | None = None
-        self._sparse_ids = False  # ids too far apart for the dense list map: filtered IVF searches go exact
-        self._filters: OrderedDict[tuple[int, ...], ListFilter] = OrderedDict()
-        self._centroid_cache: np.ndarray | None = None
+        self.filtered = FilteredIVF(index)  # what filtered IVF searches keep
         self._ivf_index = ivf  # the IVF inside (a view: self.index owns it)
         self._apply_nprobe()
 
@@ -174,11 +146,11 @@ class VectorIndex:
         ivf = self.index if isinstance(self.index, faiss.IndexIVF) else None
         if ivf is None:
             self.index.add_with_ids(xb, ids)
-            self._forget_lists()
+            self.filtered.forget()
         else:  # assigned here (what add_with_ids does) so that the filter structures learn the lists
             lists = np.ascontiguousarray(ivf.quantizer.assign(xb, 1).ravel(), dtype=np.int64)
             ivf.add_core(len(ids), faiss.swig_ptr(xb), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-            self._moved(ids, None, lists)
+            self.filtered.added(ids, lists)
         self._changed()
 
     def remove(self, ids: np.ndarray | Sequence[int]) -> int:
@@ -191,9 +163,9 @@ class VectorIndex:
         removed = int(self.index.remove_ids(selector))
         if removed:
             if isinstance(self.index, faiss.IndexIVF):
-                self._moved(ids, self._lists.clear(ids) if self._lists is not None else None, None)
+                self.filtered.removed(ids)
             else:
-                self._forget_lists()
+                self.filtered.forget()
         self._changed()
         return removed
 
@@ -222,170 +194,14 @@ class VectorIndex:
         if allowed == 0:
             self.paths["empty"] += len(xq)
             return merge_topk(np.zeros((len(xq), 0)), np.zeros((len(xq), 0), dtype=np.int64), k)
-        found = self._filter(blocks) if self._probing_pays(allowed) else None
+        found = self.filtered.filter(blocks) if self.filtered.pays(allowed, self.nprobe) else None
         if found is None or found.present == 0:  # Flat, or the exact scan of the set costs less than probing
             self.paths["exact"] += len(xq)
             return self._search_exact(xq, k, blocks, cache)
-        lists = self._lists
-        assert lists is not None  # found: the map exists
-        if found.spread(lists.sizes):  # every query is near allowed ids: faiss's own probing does
-            D, I = self._search_spread(xq, k, found)
-        else:
-            coarse = xq @ self._centroids().T  # inner products with every list's centroid
-            D, I = self._search_lists(xq, k, found, coarse, self._scan_targets(coarse, found))
-        short = np.flatnonzero(I[:, min(k, found.present) - 1] < 0)  # the probed lists held too few allowed ids
-        self.paths["selector"] += len(xq) - len(short)
-        if len(short):
-            coarse = xq[short] @ self._centroids().T
-            D2, I2 = self._search_lists(xq[short], k, found, coarse, 4 * self._scan_targets(coarse, found))
-            D[short], I[short] = D2, I2
-            filled = I2[:, min(k, found.present) - 1] >= 0
-            self.paths["selector_more"] += int(filled.sum())
-            short = short[~filled]
+        D, I, short = self.filtered.search(xq, k, found, self.nprobe, self.paths)
         if len(short):
             self.paths["exact_fallback"] += len(short)
             D[short], I[short] = self._search_exact(xq[short], k, blocks, cache)
-        return D, I
-
-    def _probing_pays(self, allowed: int) -> bool:
-        """Whether an IVF index should probe its lists for a filter of ``allowed`` ids.
-
-        Unfiltered, a query scans nprobe lists, about nprobe * ntotal / nlist vectors.
-        Filtered, it probes the lists holding allowed ids nearest first until it has
-        scanned enough *allowed* vectors (:meth:`_scan_targets`): for a filter spread
-        evenly, FILTER_NEAR_LISTS lists' worth, about that over the filter's share of
-        the index in all. Where that is more vectors than the filter allows, the exact
-        scan of the allowed vectors is cheaper."""
-        if self.nlist == 0 or self.ntotal == 0 or self._sparse_ids:
-            return False
-        share = allowed / self.ntotal
-        want = max(FILTER_NEAR_LISTS, FILTER_SCAN_FACTOR * self.nprobe * share) * self.ntotal / self.nlist
-        return want / share < allowed
-
-    def _search_spread(self, xq: np.ndarray, k: int, found: ListFilter) -> tuple[np.ndarray, np.ndarray]:
-        """A filter spread evenly over the lists (:meth:`ListFilter.spread`): what
-        :meth:`_scan_targets` asks of every query, FILTER_NEAR_LISTS lists' worth of
-        allowed ids and FILTER_SCAN_FACTOR times those in its nprobe nearest lists, is
-        its nearest max(NEAR / share, FACTOR * nprobe) lists: faiss probes them itself."""
-        share = found.present / self.ntotal
-        nprobe = min(self.nlist, math.ceil(max(FILTER_NEAR_LISTS / share, FILTER_SCAN_FACTOR * self.nprobe)))
-        params = faiss.SearchParametersIVF(sel=found.selector, nprobe=nprobe)  # type: ignore[call-arg]
-        kk = min(k, self.ntotal)
-        D, I = self.index.search(xq, kk, params=params)
-        D[I < 0] = -np.inf
-        return merge_topk(D, I, k) if kk < k else (D, I)
-
-    def _scan_targets(self, coarse: np.ndarray, found: ListFilter) -> np.ndarray:
-        """Per query row (``coarse``: its scores for every list), how many allowed
-        vectors to scan: FILTER_NEAR_LISTS lists' worth where the nprobe lists nearest
-        to it hold allowed ids as densely as the whole index (or more), FILTER_FAR_LISTS
-        where half as densely or less (far), in proportion between; and at least
-        FILTER_SCAN_FACTOR times as many as those lists hold."""
-        lists = self._lists
-        assert lists is not None
-        nlist = coarse.shape[1]
-        local = min(self.nprobe, nlist)
-        if local == 1:
-            near = coarse.argmax(axis=1)[:, None]
-        else:  # the local largest, in no order
-            near = np.argpartition(coarse, nlist - local, axis=1)[:, nlist - local :]
-        allowed = found.per_list[near].sum(axis=1)
-        density = allowed / np.maximum(lists.sizes[near].sum(axis=1), 1)
-        far = np.clip(2 - 2 * density * (self.ntotal / found.present), 0, 1)  # half as dense or less: far
-        worth = (FILTER_NEAR_LISTS + (FILTER_FAR_LISTS - FILTER_NEAR_LISTS) * far) * (self.ntotal / nlist)
-        return np.maximum(worth, FILTER_SCAN_FACTOR * allowed)
-
-    def _filter(self, blocks: dict[str, np.ndarray]) -> ListFilter | None:
-        """The filter of ``blocks``, built on first use and kept; None if this index
-        cannot map its ids to lists (not IVF at the top, or ids too sparse)."""
-        key = tuple(map(id, blocks.values()))  # the arrays, held by the filter: never another's
-        with self._lock:
-            found = self._filters.get(key)
-            if found is not None:
-                self._filters.move_to_end(key)
-                return found
-            lists = self._list_map()
-        if lists is None:
-            return None
-        found = ListFilter.build(tuple(blocks.values()), lists, self.nlist, self._id_limit())
-        if found is None:
-            return None
-        with self._lock:
-            found = self._filters.setdefault(key, found)
-            while len(self._filters) > FILTER_CACHE_ENTRIES:
-                self._filters.popitem(last=False)
-        return found
-
-    def _list_map(self) -> ListMap | None:
-        """Which list holds each id (under self._lock): read on first use, then kept
-        current by add and remove; None for ids too sparse for an array."""
-        if self._lists is None and not self._sparse_ids and isinstance(self.index, faiss.IndexIVF):
-            self._lists = ListMap.read(self.index, self._id_limit())
-            self._sparse_ids = self._lists is None
-        return self._lists
-
-    def _id_limit(self) -> int:
-        return max(DENSE_IDS_PER_VECTOR * self.ntotal, 1 << 20)
-
-    def _moved(self, ids: np.ndarray, old: np.ndarray | None, new: np.ndarray | None) -> None:
-        """Keep the list map and the kept filters' counts current: ``ids`` left lists
-        ``old`` and/or joined lists ``new`` (at the cost of the change)."""
-        if self._lists is None:
-            return  # nothing built yet: built from the lists when first needed
-        if new is not None and not self._lists.set(ids, new, self._id_limit()):
-            self._forget_lists()
-            self._sparse_ids = True
-            return
-        if len(ids) <= FEW:
-            none = [-1] * len(ids)
-            few = list(zip(ids.tolist(), none if old is None else old.tolist(), none if new is None else new.tolist()))
-            for found in self._filters.values():
-                found.moved_few(few)
-            return
-        for found in self._filters.values():
-            found.moved(ids, old, new)
-
-    def _forget_lists(self) -> None:
-        with self._lock:
-            self._lists = None
-            self._filters.clear()
-
-    def _centroids(self) -> np.ndarray:
-        if self._centroid_cache is None:
-            ivf = ivf_of(self.index)
-            assert ivf is not None
-            self._centroid_cache = np.asarray(ivf.quantizer.reconstruct_n(0, int(ivf.nlist)), dtype=np.float32)
-        return self._centroid_cache
-
-    def _search_lists(
-        self, xq: np.ndarray, k: int, found: ListFilter, coarse: np.ndarray, want: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Search among the filter's ids, each query row probing its nearest of the
-        lists that hold them (``coarse``: its scores for every list) until it has
-        scanned its ``want`` allowed vectors."""
-        ivf = self._ivf_index
-        assert ivf is not None
-        lists, counts = found.nonzero()
-        sub = coarse[:, lists]
-        order = nearest_first(sub, counts, want)
-        held = counts[order]
-        probe = np.cumsum(held, axis=1) - held < want[:, None]  # a prefix of each row
-        nprobe = int(probe.sum(axis=1).max())
-        order, probe = order[:, :nprobe], probe[:, :nprobe]
-        Iq = np.where(probe, lists[order], -1)  # -1: not probed
-        Dq = np.ascontiguousarray(sub[np.arange(len(sub))[:, None], order], dtype=np.float32)
-        params = faiss.SearchParametersIVF(sel=found.selector, nprobe=nprobe)  # type: ignore[call-arg]
-        kk = min(k, self.ntotal)
-        D = np.empty((len(xq), kk), dtype=np.float32)
-        I = np.empty((len(xq), kk), dtype=np.int64)
-        # the python wrapper of search_preassigned takes no params (the selector): the C++ call does
-        ivf.search_preassigned_c(  # type: ignore[attr-defined]
-            len(xq), faiss.swig_ptr(xq), kk, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
-            faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
-        )  # fmt: skip
-        D[I < 0] = -np.inf  # faiss sorts each row, best first, and pads with id -1
-        if kk < k:
-            return merge_topk(D, I, k)
         return D, I
 
     def _search_all(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -403,19 +219,10 @@ class VectorIndex:
         try:
             return self._search_blocks(xq, k, blocks, cache)
         except RuntimeError:  # a block names ids this index lacks (a swap retired it, or the blocks are newer)
-            held = self._held(blocks)
+            held = self.filtered.held(blocks)
             if held is not None:
                 return self._search_blocks(xq, k, held, None)
             return self._search_selected(xq, k, np.concatenate(list(blocks.values())))
-
-    def _held(self, blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """The blocks less the ids this IVF index lacks; None where it cannot tell
-        (then :meth:`_search_selected`, exact on a Flat index, only at nprobe on IVF)."""
-        with self._lock:
-            lists = self._list_map()
-        if lists is None:
-            return None
-        return {key: ids[lists.lookup(ids) >= 0] for key, ids in blocks.items()}
 
     def _search_selected(self, xq: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Search among ``ids`` with an ``IDSelector``; IVF: at the index's nprobe."""

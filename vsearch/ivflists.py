@@ -2,7 +2,7 @@
 and, per filter, its bitmap selector and how many allowed ids each list holds.
 
 Both are read from the lists once and then kept current by every add and remove, at
-the cost of the change (:class:`vsearch.index.VectorIndex` does the bookkeeping).
+the cost of the change (:class:`vsearch.filtered.FilteredIVF` does the bookkeeping).
 """
 
 from __future__ import annotations
