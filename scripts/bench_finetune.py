@@ -340,7 +340,7 @@ def fresh_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any) -> 
             finally:
                 self.cache.update(full)
 
-    return _Fresh()
+    return _Fresh(net, cache, data, config, device)
 
 
 def ema_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, decay: float) -> Any:
