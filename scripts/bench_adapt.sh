@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The adaptation table of README.md: protocols A (seen products), B (unseen
 # products) and C (regions, zero-shot) on ../shared/datasets/grocery-store.
-# Grocery takes ~50 minutes on a 2-core CPU (two fine-tuning runs and the reindexing
-# of 2,640 photos as product images), clothing (class level) ~15 more.
+# Grocery takes ~45 minutes on a 2-core CPU (two fine-tuning runs and the reindexing
+# of 2,640 photos as product images), clothing (class level) ~20 more.
 # Writes under artifacts/adapt/.
 #
 #   scripts/bench_adapt.sh [DATASETS_DIR [PART]]   (default ../shared/datasets, all)
