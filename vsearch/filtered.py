@@ -54,6 +54,7 @@ class FilteredIVF:
     def __init__(self, index: faiss.Index) -> None:
         self.index = index
         self.ivf = index if isinstance(index, faiss.IndexIVF) else None  # IVF at the top: ids map to lists
+        self._inner = ivf_of(index)  # the IVF inside, wherever it is (a view: index owns it)
         self.lists: ListMap | None = None
         self.sparse_ids = False  # ids too far apart for the dense list map: filtered searches go exact
         self.filters: OrderedDict[tuple[int, ...], ListFilter] = OrderedDict()
@@ -66,8 +67,7 @@ class FilteredIVF:
 
     @property
     def nlist(self) -> int:
-        ivf = ivf_of(self.index)
-        return int(ivf.nlist) if ivf is not None else 0
+        return int(self._inner.nlist) if self._inner is not None else 0
 
     def id_limit(self) -> int:
         return max(DENSE_IDS_PER_VECTOR * self.ntotal, 1 << 20)
@@ -183,7 +183,7 @@ class FilteredIVF:
 
     def _centroids(self) -> np.ndarray:
         if self._centroid_cache is None:
-            ivf = ivf_of(self.index)
+            ivf = self._inner
             assert ivf is not None
             self._centroid_cache = np.asarray(ivf.quantizer.reconstruct_n(0, int(ivf.nlist)), dtype=np.float32)
         return self._centroid_cache
@@ -227,7 +227,7 @@ class FilteredIVF:
         """Search among the filter's ids, each query row probing its nearest of the
         lists that hold them (``coarse``: its scores for every list) until it has
         scanned its ``want`` allowed vectors."""
-        ivf = ivf_of(self.index)
+        ivf = self._inner
         assert ivf is not None
         lists, counts = found.nonzero()
         sub = coarse[:, lists]
