@@ -31,7 +31,9 @@ last weights in ``--work``; ``--reuse`` scores them again without training.
 
 ``subcentre3`` is sub-centre ArcFace's proxy side (3 proxies per product, a photo
 scored against its nearest) with the CosFace margin, trained here by a subclass of
-``Trainer`` (not a library option: it did not help).
+``Trainer`` (not a library option: it did not help). ``fresh4`` trains each epoch
+on one of 4 cached views (fresh augmentation); ``fresh4-hardneg`` adds hard negatives
+between look-alike products (HARD_NEGATIVES).
 
     python scripts/bench_finetune.py --work DIR [--variants base crop60 ...] [--epochs 5] [--protocol A|B] [--reuse]
 """
@@ -76,8 +78,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # every epoch on the same 2 views: half the steps per epoch, new views each epoch
     "fresh4": {"hue_jitter": 0.0, "views": 4},
     "views4-hue0": {"hue_jitter": 0.0, "views": 4},  # its control: all 4 views every epoch
+    "fresh4-hardneg": {"hue_jitter": 0.0, "views": 4},  # fresh4 plus HARD_NEGATIVES
 }
-FRESH = {"fresh4"}
+FRESH = {"fresh4", "fresh4-hardneg"}
+# hard negatives between look-alike products: each product's k nearest proxies (by
+# the proxies' own similarity, recomputed every batch) must be beaten by this much
+# more than the margin; compared with fresh4, on the same cache
+HARD_NEGATIVES = {"fresh4-hardneg": (3, 0.1)}
 SUBCENTRES = {"subcentre3": 3}
 PROXY_ANCHOR = {"proxyanchor": (32.0, 0.1)}  # the paper's alpha and delta
 EMA = {"ema": 0.995, "hue0-ema": 0.995}  # decay per batch: a horizon of ~200 batches, about 2 epochs
@@ -151,7 +158,7 @@ def main() -> None:
             elif name in EMA:
                 trainer = ema_trainer(net, cache, data, config, cpu, EMA[name])
             elif name in FRESH:
-                trainer = fresh_trainer(net, cache, data, config, cpu)
+                trainer = fresh_trainer(net, cache, data, config, cpu, HARD_NEGATIVES.get(name))
             else:
                 trainer = Trainer(net, cache, data, config, cpu)
             curve = [trainer.validate() or {}]
@@ -322,15 +329,17 @@ def proxy_anchor_trainer(net: Any, cache: Any, data: Any, config: Any, device: A
     return _ProxyAnchor(net, cache, data, config, device)
 
 
-def fresh_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any) -> Any:
+def fresh_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, hard: tuple[int, float] | None = None) -> Any:
     """vsearch's Trainer, each epoch on one of the cached views only (epoch e: view
     e mod views), so that no epoch sees a view an earlier one saw while there are
-    views left: fresh augmentation, paid for once in the cache."""
+    views left: fresh augmentation, paid for once in the cache. ``hard``: (k, extra),
+    see HARD_NEGATIVES."""
     from vsearch.training import Trainer
 
     per_view = len(cache["train_y"]) // config.views
+    base = Trainer if hard is None else hard_negative_class(*hard)
 
-    class _Fresh(Trainer):
+    class _Fresh(base):
         def run_epoch(self, quiet: bool) -> dict[str, float]:
             full = {k: self.cache[k] for k in ("train_x", "train_z", "train_y")}
             view = slice((self.epoch % config.views) * per_view, (self.epoch % config.views + 1) * per_view)
@@ -341,6 +350,28 @@ def fresh_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any) -> 
                 self.cache.update(full)
 
     return _Fresh(net, cache, data, config, device)
+
+
+def hard_negative_class(k: int, extra: float) -> Any:
+    """vsearch's Trainer whose loss makes each photo beat the k proxies nearest its
+    product's own (its look-alikes: the peppers, the red apples) by ``extra`` more
+    than the other proxies."""
+    import torch
+    import torch.nn.functional as F
+
+    from vsearch.training import Trainer
+
+    class _HardNegatives(Trainer):
+        def _cosines(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            cosines = super()._cosines(out, labels)
+            with torch.no_grad():
+                proxies = F.normalize(self._proxy_matrix(), dim=1)
+                near = proxies @ proxies.T
+                near.fill_diagonal_(-2.0)
+                look_alikes = near.topk(k, dim=1).indices[labels]
+            return cosines + torch.zeros_like(cosines).scatter_(1, look_alikes, extra)
+
+    return _HardNegatives
 
 
 def ema_trainer(net: Any, cache: Any, data: Any, config: Any, device: Any, decay: float) -> Any:
