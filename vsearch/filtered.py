@@ -146,10 +146,11 @@ class FilteredIVF:
         self._moved(ids, None, lists)
 
     def removed(self, ids: np.ndarray) -> None:
-        """``ids`` left the index (those it held)."""
+        """``ids`` left the index (those it held); nothing to do where no list map
+        was built (none is for an index without IVF at the top)."""
         self._moved(ids, self.lists.clear(ids) if self.lists is not None else None, None)
 
-    def forget(self) -> None:
+    def _forget(self) -> None:
         """Drop what was built: read again from the lists when next needed."""
         with self._lock:
             self.lists = None
@@ -169,7 +170,7 @@ class FilteredIVF:
         if self.lists is None:
             return  # nothing built yet: built from the lists when first needed
         if new is not None and not self.lists.set(ids, new, self.id_limit()):
-            self.forget()
+            self._forget()
             self.sparse_ids = True
             return
         if len(ids) <= FEW:

@@ -143,10 +143,9 @@ class VectorIndex:
         xb = np.ascontiguousarray(xb, dtype=np.float32)
         if not new:
             self.remove(ids)
-        ivf = self.index if isinstance(self.index, faiss.IndexIVF) else None
-        if ivf is None:
+        ivf = self.filtered.ivf
+        if ivf is None:  # no lists at the top: filtered search keeps nothing to update
             self.index.add_with_ids(xb, ids)
-            self.filtered.forget()
         else:  # assigned here (what add_with_ids does) so that the filter structures learn the lists
             lists = np.ascontiguousarray(ivf.quantizer.assign(xb, 1).ravel(), dtype=np.int64)
             ivf.add_core(len(ids), faiss.swig_ptr(xb), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
@@ -162,10 +161,7 @@ class VectorIndex:
         selector = faiss.IDSelectorArray(ids) if self._ivf_index is not None else faiss.IDSelectorBatch(ids)
         removed = int(self.index.remove_ids(selector))
         if removed:
-            if isinstance(self.index, faiss.IndexIVF):
-                self.filtered.removed(ids)
-            else:
-                self.filtered.forget()
+            self.filtered.removed(ids)
         self._changed()
         return removed
 
